@@ -1,0 +1,1 @@
+//! danceba-audio

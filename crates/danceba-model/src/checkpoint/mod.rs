@@ -1,0 +1,1 @@
+//! Torch `.pt` (zip + pickle) and safetensors checkpoint reading.

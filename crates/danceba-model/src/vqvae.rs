@@ -1,0 +1,1 @@
+//! SepVQVAER: codebooks, decoders (up, down, root) and encoders.

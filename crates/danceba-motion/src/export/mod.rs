@@ -1,0 +1,1 @@
+//! Exporters: npy, official pkl.npy, json, bvh, glb. Atomic writes.

@@ -1,0 +1,1 @@
+//! Renderers: mp4 through ffmpeg (GIF fallback), self-contained html viewer.
