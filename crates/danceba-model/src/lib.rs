@@ -6,5 +6,6 @@
 
 pub mod arch;
 pub mod checkpoint;
+pub mod device;
 pub mod gpt;
 pub mod vqvae;
