@@ -1,0 +1,94 @@
+//! Loading the golden tiny checkpoints (official torch.save layout) with our own reader.
+
+use std::path::PathBuf;
+
+use danceba_model::checkpoint::{self, PyValue};
+
+fn golden() -> PathBuf {
+    std::env::var_os("DANCEBA_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../../shared/golden"
+            ))
+        })
+}
+
+fn model(name: &str) -> PathBuf {
+    golden().join("model").join(name)
+}
+
+#[test]
+fn checkpoint_tiny_gpt_loads() {
+    let sd = checkpoint::load(&model("tiny_gpt.pt")).unwrap();
+    assert!(sd.tensors.keys().all(|k| !k.starts_with("module.")));
+    assert!(sd.ignored.is_empty(), "{:?}", sd.ignored);
+    assert!(sd.epoch.is_some());
+    let emb = &sd.tensors["gpt_base.tok_emb_up.weight"];
+    assert_eq!(emb.dims(), &[512, 64]);
+    assert_eq!(emb.dtype(), candle_core::DType::F32);
+    let ps = sd.tensors["gpt_base.position_scale"]
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(ps, 0.5);
+    let nbt = &sd.tensors["gpt_base.pos_emb.pos_emb_1.bn2.num_batches_tracked"];
+    assert_eq!(nbt.dtype(), candle_core::DType::I64);
+    assert_eq!(nbt.dims(), &[] as &[usize]);
+    let cfg = sd.config.as_ref().unwrap();
+    assert_eq!(cfg.class_name().as_deref(), Some("easydict.EasyDict"));
+    assert_eq!(
+        cfg.get_path("structure_generate.base.n_head")
+            .and_then(PyValue::as_i64),
+        Some(4)
+    );
+    assert_eq!(
+        cfg.get_path("structure_generate.base.n_embd")
+            .and_then(PyValue::as_i64),
+        Some(64)
+    );
+    // attention mask buffer is tril(ones)
+    let mask = sd.tensors["gpt_base.blocks.0.attn.mask"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(mask.len(), 29 * 29);
+    for i in 0..29 {
+        for j in 0..29 {
+            assert_eq!(mask[i * 29 + j], if j <= i { 1.0 } else { 0.0 });
+        }
+    }
+}
+
+#[test]
+fn checkpoint_tiny_gpt_legacy_lpe_loads_with_ignored_placeholders() {
+    let sd = checkpoint::load(&model("tiny_gpt_legacy_lpe.pt")).unwrap();
+    let mut ignored = sd.ignored.clone();
+    ignored.sort();
+    let expected: Vec<String> = (1..=3)
+        .flat_map(|i| {
+            ["weight", "bias"]
+                .into_iter()
+                .map(move |w| format!("gpt_base.pos_emb.pos_emb_{i}.linear1.{w}"))
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(ignored, expected);
+    // bn1 entries are real tensors
+    assert!(sd
+        .tensors
+        .contains_key("gpt_base.pos_emb.pos_emb_1.bn1.running_var"));
+}
+
+#[test]
+fn checkpoint_tiny_vqvae_loads() {
+    let sd = checkpoint::load(&model("tiny_vqvae.pt")).unwrap();
+    assert_eq!(
+        sd.tensors["vqvae_up.bottleneck.level_blocks.0.k"].dims(),
+        &[512, 32]
+    );
+    assert!(sd.config.is_some());
+    assert!(sd.epoch.is_some());
+}
