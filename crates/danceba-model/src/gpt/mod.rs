@@ -1,1 +1,317 @@
-//! The DanceBa GPT (`CrossCondGPT2`): LPE, base blocks, Mamba head blocks, sampler.
+//! The DanceBa GPT (`CrossCondGPT2`, reference §3): LPE, base blocks (temporal-gated causal
+//! attention), Mamba head blocks, and the windowed sampler (§3.7).
+//!
+//! All sizes come from [`GptArch`] (detected from the checkpoint). The forward pass is plain
+//! candle on any device; on the CPU the Mamba layers use the fused kernels of [`scan`] unless
+//! [`MambaImpl::Portable`] is selected.
+
+pub mod block_base;
+pub mod lpe;
+pub mod mamba;
+pub mod random;
+pub mod sampler;
+pub mod scan;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::arch::GptArch;
+use block_base::{tiled_causal_mask, BlockBase, Lin, RmsNorm};
+use lpe::Lpe;
+use mamba::BlockHead;
+pub use mamba::MambaImpl;
+pub use sampler::{GenerateOptions, SamplingPolicy, Tokens, DEFAULT_START};
+
+/// Errors of the GPT.
+#[derive(Debug, thiserror::Error)]
+pub enum GptError {
+    /// An input (condition, tokens, options) that the model cannot take; the message says what
+    /// was wrong.
+    #[error("invalid GPT input: {0}")]
+    Input(String),
+    /// A tensor operation or a weight lookup failed (e.g. a missing or mis-shaped key).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, GptError>;
+
+fn input_err<T>(msg: String) -> Result<T> {
+    Err(GptError::Input(msg))
+}
+
+/// Intermediate values of one forward pass, for parity tests.
+#[derive(Debug, Clone)]
+pub struct ForwardTrace {
+    /// LPE output before `position_scale` and before the `[:3t]` slice: (B, 3F', C).
+    pub lpe_out: Tensor,
+    /// After the base blocks: (B, 3t, C).
+    pub base_out: Tensor,
+    /// After the head's Mamba blocks (before its `block_base`): (B, 3t, C).
+    pub head_blocks_out: Tensor,
+    /// (B, t, vocab_up).
+    pub logits_up: Tensor,
+    /// (B, t, vocab_down).
+    pub logits_down: Tensor,
+}
+
+/// `CrossCondGPT2` with its weights.
+#[derive(Debug, Clone)]
+pub struct Gpt {
+    arch: GptArch,
+    device: Device,
+    dtype: DType,
+    tok_up: Tensor,
+    tok_down: Tensor,
+    cond_emb: Lin,
+    lpe: Lpe,
+    position_scale: f64,
+    base: Vec<BlockBase>,
+    head: Vec<BlockHead>,
+    head_base: BlockBase,
+    rms_f: RmsNorm,
+    head_up: Lin,
+    head_down: Lin,
+    mamba_impl: MambaImpl,
+}
+
+impl Gpt {
+    /// Loads the weights (keys without the `module.` prefix) with the sizes of `arch`.
+    /// A missing or mis-shaped key is an error naming it.
+    pub fn load(vb: VarBuilder, arch: &GptArch) -> Result<Self> {
+        let c = arch.n_embd;
+        if arch.n_head == 0 || !c.is_multiple_of(arch.n_head) {
+            return input_err(format!(
+                "n_embd {} is not divisible by n_head {}",
+                c, arch.n_head
+            ));
+        }
+        if arch.block_size < 2 {
+            return input_err(format!("block_size {} is too small", arch.block_size));
+        }
+        let gb = vb.pp("gpt_base");
+        let gh = vb.pp("gpt_head");
+        let position_scale = gb
+            .get((), "position_scale")?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+        let base = (0..arch.n_layer_base)
+            .map(|i| {
+                BlockBase::load(
+                    gb.pp(format!("blocks.{i}")),
+                    c,
+                    arch.n_head,
+                    arch.mlp_hidden,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let head = (0..arch.n_layer_head)
+            .map(|i| {
+                BlockHead::load(
+                    gh.pp(format!("blocks.{i}")),
+                    c,
+                    arch.gated_mlp_hidden,
+                    &arch.mamba,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let device = vb.device().clone();
+        let mamba_impl = if matches!(device, Device::Cpu) && vb.dtype() == DType::F32 {
+            MambaImpl::FusedCpu
+        } else {
+            MambaImpl::Portable
+        };
+        Ok(Self {
+            arch: arch.clone(),
+            device,
+            dtype: vb.dtype(),
+            tok_up: gb.get((arch.vocab_up, c), "tok_emb_up.weight")?,
+            tok_down: gb.get((arch.vocab_down, c), "tok_emb_down.weight")?,
+            cond_emb: Lin::load(&gb, "cond_emb", arch.n_music, c, true)?,
+            lpe: Lpe::load(gb.pp("pos_emb"), c, arch.lpe_bins)?,
+            position_scale,
+            base,
+            head,
+            head_base: BlockBase::load(gh.pp("block_base"), c, arch.n_head, arch.mlp_hidden)?,
+            rms_f: RmsNorm::load(&gh, "RMS_f", c)?,
+            head_up: Lin::load(&gh, "head_up", c, arch.vocab_up, false)?,
+            head_down: Lin::load(&gh, "head_down", c, arch.vocab_down, false)?,
+            mamba_impl,
+        })
+    }
+
+    /// The sizes this model was loaded with.
+    pub fn arch(&self) -> &GptArch {
+        &self.arch
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The trained `position_scale`.
+    pub fn position_scale(&self) -> f64 {
+        self.position_scale
+    }
+
+    /// Which Mamba implementation runs (fused on CPU f32 by default).
+    pub fn mamba_impl(&self) -> MambaImpl {
+        self.mamba_impl
+    }
+
+    /// Selects the Mamba implementation (`FusedCpu` falls back to `Portable` off the CPU).
+    pub fn set_mamba_impl(&mut self, imp: MambaImpl) {
+        self.mamba_impl = imp;
+    }
+
+    /// The largest window (tokens per stream) a forward pass accepts: `block_size`.
+    pub fn max_window(&self) -> usize {
+        self.arch.block_size
+    }
+
+    /// Checks the shapes and values of one forward's inputs and returns the host copy of the
+    /// condition, (B, t), and the token ids as u32 tensors.
+    fn check_inputs(
+        &self,
+        idx_up: &Tensor,
+        idx_down: &Tensor,
+        cond: &Tensor,
+    ) -> Result<(Vec<f32>, usize, usize, Tensor, Tensor)> {
+        let (b, t, w) = match cond.dims() {
+            [b, t, w] => (*b, *t, *w),
+            d => {
+                return input_err(format!(
+                    "the condition must be (batch, t, n_music), got shape {d:?}"
+                ))
+            }
+        };
+        if w != self.arch.n_music {
+            return input_err(format!(
+                "the condition has {w} columns but this model takes {} music features per row",
+                self.arch.n_music
+            ));
+        }
+        if b == 0 || t == 0 {
+            return input_err(format!("the condition is empty (shape {:?})", cond.dims()));
+        }
+        if t > self.arch.block_size {
+            return input_err(format!(
+                "a window of {t} positions exceeds the model's block_size {}",
+                self.arch.block_size
+            ));
+        }
+        let host = cond.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(i) = host.iter().position(|v| !v.is_finite()) {
+            return input_err(format!(
+                "the condition contains a non-finite value ({}) at batch {}, row {}, column {}",
+                host[i],
+                i / (t * w),
+                (i / w) % t,
+                i % w
+            ));
+        }
+        let check_idx = |idx: &Tensor, name: &str, vocab: usize| -> Result<Tensor> {
+            if idx.dims() != [b, t] {
+                return input_err(format!(
+                    "{name} token ids must be (batch {b}, t {t}) like the condition, got shape {:?}",
+                    idx.dims()
+                ));
+            }
+            let ids = match idx.dtype() {
+                DType::U32 | DType::U8 | DType::I64 => idx.to_dtype(DType::I64)?,
+                d => {
+                    return input_err(format!(
+                        "{name} token ids must be an integer tensor, got {d:?}"
+                    ))
+                }
+            };
+            let v = ids.flatten_all()?.to_vec1::<i64>()?;
+            if let Some(bad) = v.iter().find(|&&x| x < 0 || x as u64 >= vocab as u64) {
+                return input_err(format!(
+                    "{name} token id {bad} is outside the codebook of {vocab} entries"
+                ));
+            }
+            let v: Vec<u32> = v.iter().map(|&x| x as u32).collect();
+            Ok(Tensor::from_vec(v, (b, t), &self.device)?)
+        };
+        let up = check_idx(idx_up, "upper-body", self.arch.vocab_up)?;
+        let down = check_idx(idx_down, "lower-body", self.arch.vocab_down)?;
+        Ok((host, b, t, up, down))
+    }
+
+    /// Forward pass: `idx_up`, `idx_down` (B, t) integer token ids, `cond` (B, t, n_music).
+    /// Returns the logits (B, t, vocab_up) and (B, t, vocab_down).
+    pub fn forward(
+        &self,
+        idx_up: &Tensor,
+        idx_down: &Tensor,
+        cond: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let tr = self.forward_impl(idx_up, idx_down, cond, false)?;
+        Ok((tr.logits_up, tr.logits_down))
+    }
+
+    /// Forward pass keeping the intermediate values (see [`ForwardTrace`]).
+    pub fn forward_trace(
+        &self,
+        idx_up: &Tensor,
+        idx_down: &Tensor,
+        cond: &Tensor,
+    ) -> Result<ForwardTrace> {
+        self.forward_impl(idx_up, idx_down, cond, true)
+    }
+
+    fn forward_impl(
+        &self,
+        idx_up: &Tensor,
+        idx_down: &Tensor,
+        cond: &Tensor,
+        keep: bool,
+    ) -> Result<ForwardTrace> {
+        let (host, b, t, up, down) = self.check_inputs(idx_up, idx_down, cond)?;
+        let c = self.arch.n_embd;
+        let cond_t = Tensor::from_slice(&host, (b, t, self.arch.n_music), &self.device)?
+            .to_dtype(self.dtype)?;
+        let ce = self.cond_emb.forward(&cond_t)?;
+        let eu = self
+            .tok_up
+            .embedding(&up.flatten_all()?)?
+            .reshape((b, t, c))?;
+        let ed = self
+            .tok_down
+            .embedding(&down.flatten_all()?)?
+            .reshape((b, t, c))?;
+        let e = Tensor::cat(&[ce, eu, ed], 1)?;
+        let lpe_out = self.lpe.forward_host(&host, b, &self.device)?;
+        if lpe_out.dim(1)? < 3 * t {
+            return input_err(format!(
+                "the LPE gives {} rows for a window of {t}, fewer than the 3t needed",
+                lpe_out.dim(1)?
+            ));
+        }
+        let p = (lpe_out.narrow(1, 0, 3 * t)? * self.position_scale)?;
+        let mut x = (e + p)?;
+        let mask = tiled_causal_mask(t, &self.device)?.to_dtype(self.dtype)?;
+        for blk in &self.base {
+            x = blk.forward(&x, &mask)?;
+        }
+        let base_out = x.clone();
+        for blk in &self.head {
+            x = blk.forward(&x, t, self.mamba_impl)?;
+        }
+        let head_blocks_out = x.clone();
+        x = self.head_base.forward(&x, &mask)?;
+        let x = self.rms_f.forward(&x)?;
+        let logits_up = self.head_up.forward(&x.narrow(1, t, t)?)?;
+        let logits_down = self.head_down.forward(&x.narrow(1, 2 * t, t)?)?;
+        let empty = || Tensor::zeros(0, self.dtype, &self.device);
+        Ok(ForwardTrace {
+            lpe_out: if keep { lpe_out } else { empty()? },
+            base_out: if keep { base_out } else { empty()? },
+            head_blocks_out: if keep { head_blocks_out } else { empty()? },
+            logits_up,
+            logits_down,
+        })
+    }
+}

@@ -1,0 +1,170 @@
+//! `Block_Base` (temporal-gated causal attention, reference §3.4), and the small layers shared
+//! by the GPT: linear layers and RMSNorm.
+
+use candle_core::{Device, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::Result;
+
+/// RMSNorm epsilon of every norm in the GPT.
+pub const RMS_EPS: f32 = 1e-6;
+
+/// A linear layer `y = x·Wᵀ (+ b)` on the last dimension, with the weight stored transposed
+/// (in, out) and contiguous once at load time, and inputs of any rank flattened to one GEMM.
+#[derive(Debug, Clone)]
+pub struct Lin {
+    w_t: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Lin {
+    /// Loads `{name}.weight` (out, in) and, when `bias`, `{name}.bias` (out).
+    pub fn load(
+        vb: &VarBuilder,
+        name: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let vb = vb.pp(name);
+        let w = vb.get((out_dim, in_dim), "weight")?;
+        let b = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self {
+            w_t: w.t()?.contiguous()?,
+            b,
+        })
+    }
+
+    /// Output width.
+    pub fn out_dim(&self) -> usize {
+        self.w_t.dims()[1]
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let last = dims.len() - 1;
+        let rows: usize = dims[..last].iter().product();
+        let x2 = x.reshape((rows, dims[last]))?;
+        let mut y = x2.matmul(&self.w_t)?;
+        if let Some(b) = &self.b {
+            y = y.broadcast_add(b)?;
+        }
+        let mut out_dims = dims;
+        out_dims[last] = self.out_dim();
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+/// RMSNorm (weight only): `v · rsqrt(mean(v²) + 1e-6) · w`.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    w: Tensor,
+}
+
+impl RmsNorm {
+    pub fn load(vb: &VarBuilder, name: &str, dim: usize) -> Result<Self> {
+        Ok(Self {
+            w: vb.pp(name).get(dim, "weight")?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.w,
+            RMS_EPS,
+        )?)
+    }
+}
+
+/// The additive attention mask of a window of `t` positions per stream: allowed(i, j) ⇔
+/// (j mod t) ≤ (i mod t) over the 3t × 3t rows (the causal mask tiled 3×3).
+pub fn tiled_causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+    let n = 3 * t;
+    let mut m = vec![0f32; n * n];
+    for i in 0..n {
+        for j in 0..n {
+            if j % t > i % t {
+                m[i * n + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(m, (n, n), device)?)
+}
+
+/// `Block_Base`.
+#[derive(Debug, Clone)]
+pub struct BlockBase {
+    norm1: RmsNorm,
+    norm2: RmsNorm,
+    in_proj: Lin,
+    act_proj: Lin,
+    out_proj: Lin,
+    /// Fused query/key/value projection (C → 3C).
+    qkv: Lin,
+    proj: Lin,
+    fc1: Lin,
+    fc2: Lin,
+    n_head: usize,
+}
+
+impl BlockBase {
+    pub fn load(vb: VarBuilder, n_embd: usize, n_head: usize, mlp_hidden: usize) -> Result<Self> {
+        let c = n_embd;
+        let attn = vb.pp("attn");
+        let q = Lin::load(&attn, "query", c, c, true)?;
+        let k = Lin::load(&attn, "key", c, c, true)?;
+        let v = Lin::load(&attn, "value", c, c, true)?;
+        let qkv = Lin {
+            w_t: Tensor::cat(&[&q.w_t, &k.w_t, &v.w_t], 1)?.contiguous()?,
+            b: match (q.b, k.b, v.b) {
+                (Some(a), Some(b), Some(c)) => Some(Tensor::cat(&[a, b, c], 0)?),
+                _ => None,
+            },
+        };
+        Ok(Self {
+            norm1: RmsNorm::load(&vb, "norm1", c)?,
+            norm2: RmsNorm::load(&vb, "norm2", c)?,
+            in_proj: Lin::load(&vb, "in_proj", c, c, true)?,
+            act_proj: Lin::load(&vb, "act_proj", c, c, true)?,
+            out_proj: Lin::load(&vb, "out_proj", c, c, true)?,
+            qkv,
+            proj: Lin::load(&attn, "proj", c, c, true)?,
+            fc1: Lin::load(&vb, "mlp.0", c, mlp_hidden, true)?,
+            fc2: Lin::load(&vb, "mlp.2", mlp_hidden, c, true)?,
+            n_head,
+        })
+    }
+
+    /// `x`: (B, 3t, C); `mask`: (3t, 3t) additive mask from [`tiled_causal_mask`].
+    pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        let hd = c / self.n_head;
+        let a = self.norm1.forward(x)?;
+        let g = candle_nn::ops::silu(&self.act_proj.forward(&a)?)?;
+        let h = candle_nn::ops::silu(&self.in_proj.forward(&a)?)?;
+        let qkv = self.qkv.forward(&h)?; // (B, n, 3C)
+        let split = |i: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(D::Minus1, i * c, c)?
+                .reshape((b, n, self.n_head, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let s = (q.matmul(&k.t()?)? * scale)?;
+        let s = s.broadcast_add(mask)?;
+        let p = candle_nn::ops::softmax_last_dim(&s)?;
+        let o = p.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        let y = self.proj.forward(&o)?;
+        let x = (x + self.out_proj.forward(&(y * g)?)?)?;
+        let m = self.norm2.forward(&x)?;
+        let m = self.fc2.forward(&self.fc1.forward(&m)?.gelu_erf()?)?;
+        Ok((x + m)?)
+    }
+}

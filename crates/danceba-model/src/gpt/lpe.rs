@@ -1,0 +1,186 @@
+//! The LPE (`LPE_1`: three `LinearPhaseEmbedding_1` modules), reference §3.3.
+//!
+//! The STFT phase is computed on the CPU (candle has neither FFT nor atan2): a 512-point
+//! rectangular-window STFT with hop 256, centred with reflect padding, over the frame-major
+//! flattened condition. Frame 0 is real by symmetry and its phase is computed exactly
+//! (imaginary part +0, reference Appendix C); DC and Nyquist bins have an imaginary part of
+//! exactly +0 (quirk Q3).
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use rustfft::{num_complex::Complex, FftPlanner};
+
+use super::{GptError, Result};
+
+/// FFT size of the official `torch.stft` call.
+pub const N_FFT: usize = 512;
+/// Hop length of the official `torch.stft` call.
+pub const HOP: usize = 256;
+/// Number of STFT bins of a real 512-point FFT.
+pub const N_BINS: usize = N_FFT / 2 + 1;
+/// The crop length hard-coded in the official LPE (`seq_len = 29`, quirk Q4), independent of
+/// `block_size`.
+pub const LPE_SEQ_LEN: usize = 29;
+
+/// Phase of `(re, im)` for a bin whose imaginary part is exactly +0 (atan2(+0, re) semantics,
+/// with Re = ±0 mapped to 0 as in Appendix C).
+fn real_phase(re: f64) -> f32 {
+    if re < 0.0 {
+        std::f32::consts::PI
+    } else {
+        0.0
+    }
+}
+
+/// STFT phase of one flattened signal: returns `(phase, frames)` with `phase` frame-major,
+/// `frames × N_BINS` values in [−π, π].
+pub fn stft_phase(signal: &[f32]) -> Result<(Vec<f32>, usize)> {
+    let len = signal.len();
+    let pad = N_FFT / 2;
+    if len <= pad {
+        return Err(GptError::Input(format!(
+            "the LPE needs more than {pad} condition values per window (reflect padding), got {len}"
+        )));
+    }
+    let frames = 1 + len / HOP;
+    let at = |i: usize| -> f64 {
+        // index into the reflect-padded signal
+        let j = i as isize - pad as isize;
+        let k = if j < 0 {
+            (-j) as usize
+        } else if (j as usize) >= len {
+            2 * (len - 1) - j as usize
+        } else {
+            j as usize
+        };
+        signal[k] as f64
+    };
+    let mut planner = FftPlanner::<f64>::new();
+    let fft = planner.plan_fft_forward(N_FFT);
+    let mut buf = vec![Complex::new(0.0f64, 0.0f64); N_FFT];
+    let mut scratch = vec![Complex::new(0.0f64, 0.0f64); fft.get_inplace_scratch_len()];
+    let mut phase = Vec::with_capacity(frames * N_BINS);
+    for f in 0..frames {
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = Complex::new(at(f * HOP + i), 0.0);
+        }
+        fft.process_with_scratch(&mut buf, &mut scratch);
+        for (bin, c) in buf.iter().take(N_BINS).enumerate() {
+            let p = if f == 0 || bin == 0 || bin == N_BINS - 1 {
+                real_phase(c.re)
+            } else {
+                c.im.atan2(c.re) as f32
+            };
+            phase.push(p);
+        }
+    }
+    Ok((phase, frames))
+}
+
+/// One `LinearPhaseEmbedding_1`: `relu(BN_eval(linear2(phase)))`.
+#[derive(Debug, Clone)]
+struct PhaseEmbedding {
+    w_t: Tensor,   // (bins, C)
+    bias: Tensor,  // (C,)
+    scale: Tensor, // (C,) = γ / sqrt(var + eps)
+    shift: Tensor, // (C,) = β − mean·scale
+}
+
+impl PhaseEmbedding {
+    fn load(vb: VarBuilder, n_embd: usize) -> Result<Self> {
+        let w = vb.get((n_embd, N_BINS), "linear2.weight")?;
+        let bias = vb.get(n_embd, "linear2.bias")?;
+        let bn = vb.pp("bn2");
+        let gamma = bn.get(n_embd, "weight")?;
+        let beta = bn.get(n_embd, "bias")?;
+        let mean = bn.get(n_embd, "running_mean")?;
+        let var = bn.get(n_embd, "running_var")?;
+        let scale = gamma.div(&(var + 1e-5)?.sqrt()?)?;
+        let shift = (beta - mean.mul(&scale)?)?;
+        Ok(Self {
+            w_t: w.t()?.contiguous()?,
+            bias,
+            scale,
+            shift,
+        })
+    }
+
+    /// `phase`: (B·F', bins) → (B·F', C)
+    fn forward(&self, phase: &Tensor) -> Result<Tensor> {
+        let z = phase.matmul(&self.w_t)?.broadcast_add(&self.bias)?;
+        let z = z.broadcast_mul(&self.scale)?.broadcast_add(&self.shift)?;
+        Ok(z.relu()?)
+    }
+}
+
+/// The three LPE modules.
+#[derive(Debug, Clone)]
+pub struct Lpe {
+    mods: [PhaseEmbedding; 3],
+}
+
+impl Lpe {
+    pub(crate) fn load(vb: VarBuilder, n_embd: usize, lpe_bins: usize) -> Result<Self> {
+        if lpe_bins != N_BINS {
+            return Err(GptError::Input(format!(
+                "the LPE linear2 input width is {lpe_bins}, but the official 512-point STFT gives {N_BINS} bins"
+            )));
+        }
+        Ok(Self {
+            mods: [
+                PhaseEmbedding::load(vb.pp("pos_emb_1"), n_embd)?,
+                PhaseEmbedding::load(vb.pp("pos_emb_2"), n_embd)?,
+                PhaseEmbedding::load(vb.pp("pos_emb_3"), n_embd)?,
+            ],
+        })
+    }
+
+    /// Full (uncropped) STFT phase of each batch item, from host values of `cond` (B, t, n_music)
+    /// flattened frame-major. Returns (phase values B×F×bins, F).
+    pub(crate) fn phase_host(cond_host: &[f32], batch: usize) -> Result<(Vec<f32>, usize)> {
+        let per = cond_host.len() / batch.max(1);
+        let mut all = Vec::new();
+        let mut frames = 0;
+        for b in 0..batch {
+            let (p, f) = stft_phase(&cond_host[b * per..(b + 1) * per])?;
+            frames = f;
+            all.extend_from_slice(&p);
+        }
+        Ok((all, frames))
+    }
+
+    /// LPE output (B, 3F', C) (before `position_scale` and before the `[:3t]` slice), from the
+    /// host copy of the condition.
+    pub(crate) fn forward_host(
+        &self,
+        cond_host: &[f32],
+        batch: usize,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let (phase, frames) = Self::phase_host(cond_host, batch)?;
+        let (s0, fc) = if frames > LPE_SEQ_LEN {
+            ((frames - LPE_SEQ_LEN) / 2, LPE_SEQ_LEN)
+        } else {
+            (0, frames)
+        };
+        let phase = Tensor::from_vec(phase, (batch, frames, N_BINS), &Device::Cpu)?
+            .narrow(1, s0, fc)?
+            .to_device(device)?
+            .to_dtype(self.mods[0].w_t.dtype())?
+            .reshape((batch * fc, N_BINS))?;
+        let mut outs = Vec::with_capacity(3);
+        for m in self.mods.iter() {
+            let c = m.w_t.dim(1)?;
+            outs.push(m.forward(&phase)?.reshape((batch, fc, c))?);
+        }
+        Ok(Tensor::cat(&outs, 1)?)
+    }
+}
+
+/// The STFT phase as a tensor (B, F, bins), for tests and inspection.
+pub fn lpe_phase(cond: &Tensor) -> Result<Tensor> {
+    let (b, _, _) = cond.dims3()?;
+    let host = cond.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let (p, f) = Lpe::phase_host(&host, b)?;
+    Ok(Tensor::from_vec(p, (b, f, N_BINS), &Device::Cpu)?)
+}

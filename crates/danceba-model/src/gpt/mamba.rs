@@ -1,0 +1,270 @@
+//! Mamba (reference §3.5), the GatedMLP and `Block_Head` (three independent streams).
+//!
+//! Two implementations of the Mamba core: [`MambaImpl::Portable`] from standard candle ops
+//! (works on every device; the oracle), and [`MambaImpl::FusedCpu`], which runs the
+//! convolution, the selective scan and the gate in the Rust kernels of [`super::scan`].
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+
+use super::block_base::{Lin, RmsNorm};
+use super::scan;
+use super::Result;
+use crate::arch::MambaArch;
+
+/// Which Mamba implementation to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MambaImpl {
+    /// Standard candle ops on any device (the reference path in tests).
+    Portable,
+    /// Fused CPU kernels (f32 on the CPU device only; other devices/dtypes fall back to
+    /// `Portable`).
+    FusedCpu,
+}
+
+/// `softplus(v)` with PyTorch's threshold 20, from candle ops; `log1p` evaluated accurately
+/// as `log(1+e)·e/((1+e)−1)` (exact `e` where `1+e` rounds to 1).
+fn softplus_portable(v: &Tensor) -> Result<Tensor> {
+    let e = v.exp()?;
+    let u = (&e + 1.0)?;
+    let r = u.log()?.mul(&e)?.div(&(&u - 1.0)?)?;
+    let r = u.eq(1.0)?.where_cond(&e, &r)?;
+    Ok(v.gt(20.0)?.where_cond(v, &r)?)
+}
+
+/// One Mamba layer.
+#[derive(Debug, Clone)]
+pub struct Mamba {
+    d_inner: usize,
+    d_state: usize,
+    dt_rank: usize,
+    d_conv: usize,
+    in_proj: Lin,
+    conv_w: Tensor, // (d_inner, d_conv)
+    conv_b: Tensor, // (d_inner)
+    x_proj: Lin,
+    dt_proj: Lin, // no bias: the bias is added before the softplus
+    dt_bias: Tensor,
+    a: Tensor, // (d_inner, d_state) = −exp(A_log)
+    d_skip: Tensor,
+    out_proj: Lin,
+    host: Option<MambaHost>,
+}
+
+/// Host copies of the small per-channel parameters for the fused CPU kernels.
+#[derive(Debug, Clone)]
+struct MambaHost {
+    conv_w: Vec<f32>,
+    conv_b: Vec<f32>,
+    dt_bias: Vec<f32>,
+    a: Vec<f32>,
+    d_skip: Vec<f32>,
+}
+
+impl Mamba {
+    /// Loads a `mamba_*` module: `in_proj`, `conv1d`, `x_proj`, `dt_proj`, `A_log`, `D`,
+    /// `out_proj`.
+    pub fn load(vb: VarBuilder, n_embd: usize, arch: &MambaArch) -> Result<Self> {
+        let (di, ds, dr, dc) = (arch.d_inner, arch.d_state, arch.dt_rank, arch.d_conv);
+        let conv_w = vb.get((di, 1, dc), "conv1d.weight")?.reshape((di, dc))?;
+        let conv_b = vb.get(di, "conv1d.bias")?;
+        let dt_bias = vb.get(di, "dt_proj.bias")?;
+        let a = vb.get((di, ds), "A_log")?.exp()?.neg()?;
+        let d_skip = vb.get(di, "D")?;
+        let host = if matches!(vb.device(), Device::Cpu) {
+            let f = |t: &Tensor| -> Result<Vec<f32>> {
+                Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+            };
+            Some(MambaHost {
+                conv_w: f(&conv_w)?,
+                conv_b: f(&conv_b)?,
+                dt_bias: f(&dt_bias)?,
+                a: f(&a)?,
+                d_skip: f(&d_skip)?,
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            d_inner: di,
+            d_state: ds,
+            dt_rank: dr,
+            d_conv: dc,
+            in_proj: Lin::load(&vb, "in_proj", n_embd, 2 * di, false)?,
+            conv_w,
+            conv_b,
+            x_proj: Lin::load(&vb, "x_proj", di, dr + 2 * ds, false)?,
+            dt_proj: Lin::load(&vb, "dt_proj", dr, di, false)?,
+            dt_bias,
+            a,
+            d_skip,
+            out_proj: Lin::load(&vb, "out_proj", di, n_embd, false)?,
+            host,
+        })
+    }
+
+    /// Forward of one stream `x` (B, L, C) → (B, L, C), from a zero state.
+    pub fn forward(&self, x: &Tensor, imp: MambaImpl) -> Result<Tensor> {
+        match (imp, &self.host) {
+            (MambaImpl::FusedCpu, Some(host))
+                if x.dtype() == DType::F32 && matches!(x.device(), Device::Cpu) =>
+            {
+                self.forward_fused(x, host)
+            }
+            _ => self.forward_portable(x),
+        }
+    }
+
+    /// The reference math with standard candle ops.
+    pub fn forward_portable(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let (di, ds, dr) = (self.d_inner, self.d_state, self.dt_rank);
+        let xz = self.in_proj.forward(x)?;
+        let xs = xz.narrow(D::Minus1, 0, di)?;
+        let z = xz.narrow(D::Minus1, di, di)?;
+        // causal depthwise conv as shifted multiply-adds, zero history
+        let xp = xs.pad_with_zeros(1, self.d_conv - 1, 0)?;
+        let mut c = self
+            .conv_b
+            .reshape((1, 1, di))?
+            .broadcast_as((b, l, di))?
+            .contiguous()?;
+        for k in 0..self.d_conv {
+            let wk = self.conv_w.narrow(1, k, 1)?.reshape((1, 1, di))?;
+            c = (c + xp.narrow(1, k, l)?.broadcast_mul(&wk)?)?;
+        }
+        let u = candle_nn::ops::silu(&c)?;
+        let xd = self.x_proj.forward(&u)?;
+        let dt_r = xd.narrow(D::Minus1, 0, dr)?;
+        let bm = xd.narrow(D::Minus1, dr, ds)?;
+        let cm = xd.narrow(D::Minus1, dr + ds, ds)?;
+        let dpre = self.dt_proj.forward(&dt_r)?.broadcast_add(&self.dt_bias)?;
+        let delta = softplus_portable(&dpre)?;
+        let mut h = Tensor::zeros((b, di, ds), x.dtype(), x.device())?;
+        let mut ys = Vec::with_capacity(l);
+        for t in 0..l {
+            let dl = delta.narrow(1, t, 1)?.reshape((b, di, 1))?;
+            let ul = u.narrow(1, t, 1)?.reshape((b, di, 1))?;
+            let bl = bm.narrow(1, t, 1)?; // (b, 1, ds)
+            let cl = cm.narrow(1, t, 1)?;
+            let da = dl.broadcast_mul(&self.a)?.exp()?;
+            h = (da.mul(&h)? + dl.mul(&ul)?.broadcast_mul(&bl)?)?;
+            ys.push(h.broadcast_mul(&cl)?.sum(D::Minus1)?); // (b, di)
+        }
+        let y = Tensor::stack(&ys, 1)?; // (b, l, di)
+        let y = (y + u.broadcast_mul(&self.d_skip)?)?;
+        let y = y.mul(&candle_nn::ops::silu(&z)?)?;
+        self.out_proj.forward(&y)
+    }
+
+    fn forward_fused(&self, x: &Tensor, host: &MambaHost) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let (di, ds, dr) = (self.d_inner, self.d_state, self.dt_rank);
+        let xz = self.in_proj.forward(x)?;
+        let xz_h = xz.flatten_all()?.to_vec1::<f32>()?;
+        let u = scan::causal_conv_silu(&xz_h, b, l, 2 * di, 0, di, &host.conv_w, &host.conv_b);
+        let u_t = Tensor::from_slice(&u, (b, l, di), x.device())?;
+        let xd = self.x_proj.forward(&u_t)?;
+        let dpre = self.dt_proj.forward(&xd.narrow(D::Minus1, 0, dr)?)?;
+        let xd_h = xd.flatten_all()?.to_vec1::<f32>()?;
+        let dpre_h = dpre.flatten_all()?.to_vec1::<f32>()?;
+        let y = scan::selective_scan(&scan::ScanInputs {
+            batch: b,
+            len: l,
+            d: di,
+            n: ds,
+            u: &u,
+            delta_pre: &dpre_h,
+            delta_bias: &host.dt_bias,
+            a: &host.a,
+            bc: &xd_h,
+            bc_stride: dr + 2 * ds,
+            b_offset: dr,
+            c_offset: dr + ds,
+            d_skip: &host.d_skip,
+            z: &xz_h,
+            z_stride: 2 * di,
+            z_offset: di,
+        });
+        let y = Tensor::from_vec(y, (b, l, di), x.device())?;
+        self.out_proj.forward(&y)
+    }
+}
+
+/// `GatedMLP`: `fc2(v ⊙ silu(g))` with `[v, g] = fc1(x)`.
+#[derive(Debug, Clone)]
+pub struct GatedMlp {
+    fc1: Lin,
+    fc2: Lin,
+    hidden: usize,
+}
+
+impl GatedMlp {
+    pub fn load(vb: VarBuilder, n_embd: usize, hidden: usize) -> Result<Self> {
+        Ok(Self {
+            fc1: Lin::load(&vb, "fc1", n_embd, 2 * hidden, false)?,
+            fc2: Lin::load(&vb, "fc2", hidden, n_embd, false)?,
+            hidden,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.fc1.forward(x)?;
+        let v = h.narrow(D::Minus1, 0, self.hidden)?;
+        let g = h.narrow(D::Minus1, self.hidden, self.hidden)?;
+        self.fc2
+            .forward(&v.mul(&candle_nn::ops::silu(&g.contiguous()?)?)?)
+    }
+}
+
+/// One stream of a `Block_Head`: RMSNorm → Mamba → residual, RMSNorm → GatedMLP → residual.
+#[derive(Debug, Clone)]
+struct Stream {
+    norm_a: RmsNorm,
+    mamba: Mamba,
+    norm_b: RmsNorm,
+    mlp: GatedMlp,
+}
+
+impl Stream {
+    fn forward(&self, x: &Tensor, imp: MambaImpl) -> Result<Tensor> {
+        let x = (x + self.mamba.forward(&self.norm_a.forward(x)?, imp)?)?;
+        Ok((&x + self.mlp.forward(&self.norm_b.forward(&x)?)?)?)
+    }
+}
+
+/// `Block_Head`: three independent streams (music, up, down).
+#[derive(Debug, Clone)]
+pub struct BlockHead {
+    streams: [Stream; 3],
+}
+
+impl BlockHead {
+    pub fn load(
+        vb: VarBuilder,
+        n_embd: usize,
+        gated_hidden: usize,
+        arch: &MambaArch,
+    ) -> Result<Self> {
+        let stream = |i: usize| -> Result<Stream> {
+            Ok(Stream {
+                norm_a: RmsNorm::load(&vb, &format!("ln{}", 2 * i + 1), n_embd)?,
+                mamba: Mamba::load(vb.pp(format!("mamba_{}", i + 1)), n_embd, arch)?,
+                norm_b: RmsNorm::load(&vb, &format!("ln{}", 2 * i + 2), n_embd)?,
+                mlp: GatedMlp::load(vb.pp(format!("gate_mlp_{}", i + 1)), n_embd, gated_hidden)?,
+            })
+        };
+        Ok(Self {
+            streams: [stream(0)?, stream(1)?, stream(2)?],
+        })
+    }
+
+    /// `x`: (B, 3t, C) → (B, 3t, C).
+    pub fn forward(&self, x: &Tensor, t: usize, imp: MambaImpl) -> Result<Tensor> {
+        let mut outs = Vec::with_capacity(3);
+        for (i, s) in self.streams.iter().enumerate() {
+            outs.push(s.forward(&x.narrow(1, i * t, t)?.contiguous()?, imp)?);
+        }
+        Ok(Tensor::cat(&outs, 1)?)
+    }
+}

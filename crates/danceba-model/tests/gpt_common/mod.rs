@@ -1,0 +1,86 @@
+//! Shared helpers of the GPT tests: golden paths, the tiny golden model, comparisons.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use danceba_model::arch::{GptArch, MambaArch};
+use danceba_model::gpt::Gpt;
+
+pub fn golden_dir() -> PathBuf {
+    match std::env::var_os("DANCEBA_GOLDEN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/golden"
+        )),
+    }
+}
+
+pub fn load_st(name: &str) -> HashMap<String, Tensor> {
+    let p = golden_dir().join("model").join(name);
+    candle_core::safetensors::load(&p, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()))
+}
+
+pub fn tiny_arch() -> GptArch {
+    GptArch {
+        n_embd: 64,
+        n_head: 4,
+        n_layer_base: 2,
+        n_layer_head: 2,
+        vocab_up: 512,
+        vocab_down: 512,
+        n_music: 438,
+        block_size: 29,
+        mlp_hidden: 256,
+        gated_mlp_hidden: 128,
+        lpe_bins: 257,
+        mamba: MambaArch {
+            d_inner: 128,
+            d_state: 16,
+            dt_rank: 4,
+            d_conv: 4,
+        },
+    }
+}
+
+/// The tiny golden GPT's VarBuilder and arch.
+pub fn tiny_vb() -> (VarBuilder<'static>, GptArch) {
+    let p = "/tmp/gptwork/tiny_gpt.safetensors";
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(&[p], DType::F32, &Device::Cpu) }.unwrap();
+    (vb, tiny_arch())
+}
+
+pub fn tiny_gpt() -> Gpt {
+    let (vb, arch) = tiny_vb();
+    Gpt::load(vb, &arch).expect("load tiny gpt")
+}
+
+/// max |a − b| / max |b|
+pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = b
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+    let d = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    d / scale
+}
