@@ -1,0 +1,463 @@
+//! Decoding (symphonia) and essentia `MonoLoader` semantics: channel mean, then libsamplerate
+//! `SRC_SINC_MEDIUM_QUALITY` at the float32-rounded ratio, fed in 4096-sample chunks like
+//! essentia's streaming `Resample` (reference §1.1). Everything is streamed: the native-rate
+//! PCM of a file is never held whole.
+
+use std::fs::File;
+use std::path::Path;
+
+use symphonia::core::audio::{AudioBufferRef, SampleBuffer};
+use symphonia::core::codecs::{DecoderOptions, CODEC_TYPE_NULL};
+use symphonia::core::errors::Error as SymError;
+use symphonia::core::formats::FormatOptions;
+use symphonia::core::io::MediaSourceStream;
+use symphonia::core::meta::MetadataOptions;
+use symphonia::core::probe::Hint;
+
+use crate::AudioError;
+
+/// Human-readable list of what [`decode_file`] accepts.
+pub const SUPPORTED_FORMATS: &str = "WAV (PCM 8/16/24/32-bit integer, 32/64-bit float), FLAC, \
+MP3, Ogg Vorbis, AAC/ALAC in M4A/MP4, AIFF, CAF, MKV/WebM (Vorbis/FLAC/PCM)";
+
+/// Lowest and highest accepted input sample rates.
+pub const MIN_RATE: u32 = 8000;
+pub const MAX_RATE: u32 = 192_000;
+/// Sample rate of the features.
+pub const TARGET_RATE: u32 = 3840;
+/// essentia streaming Resample's preferred input chunk.
+pub const RESAMPLE_CHUNK: usize = 4096;
+
+/// Decoded PCM, interleaved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pcm {
+    pub samples: Vec<f32>,
+    pub channels: usize,
+    pub sample_rate: u32,
+}
+
+impl Pcm {
+    /// Number of frames (samples per channel).
+    pub fn frames(&self) -> usize {
+        self.samples.len().checked_div(self.channels).unwrap_or(0)
+    }
+    /// essentia MonoMixer 'mix': `(L+R)·0.5` for stereo, the mean of all channels otherwise.
+    pub fn to_mono(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.frames());
+        mix_to_mono(&self.samples, self.channels, &mut out);
+        out
+    }
+}
+
+/// Append the channel mean of interleaved `samples` to `out` (float32 arithmetic).
+pub fn mix_to_mono(samples: &[f32], channels: usize, out: &mut Vec<f32>) {
+    match channels {
+        0 => {}
+        1 => out.extend_from_slice(samples),
+        2 => out.extend(samples.chunks_exact(2).map(|c| (c[0] + c[1]) * 0.5)),
+        n => out.extend(samples.chunks_exact(n).map(|c| {
+            let mut s = 0.0f32;
+            for v in c {
+                s += v;
+            }
+            s / n as f32
+        })),
+    }
+}
+
+/// A streaming packet decoder over one file.
+struct Decoder {
+    path: std::path::PathBuf,
+    format: Box<dyn symphonia::core::formats::FormatReader>,
+    decoder: Box<dyn symphonia::core::codecs::Decoder>,
+    track_id: u32,
+    sample_buf: Option<SampleBuffer<f32>>,
+    rate: Option<u32>,
+    channels: Option<usize>,
+}
+
+impl Decoder {
+    fn open(path: &Path) -> Result<Self, AudioError> {
+        let pb = path.to_path_buf();
+        let meta = std::fs::metadata(path).map_err(|source| AudioError::Io {
+            path: pb.clone(),
+            source,
+        })?;
+        if meta.is_dir() {
+            return Err(AudioError::Io {
+                path: pb,
+                source: std::io::Error::other("is a directory, not an audio file"),
+            });
+        }
+        if meta.len() == 0 {
+            return Err(AudioError::EmptyFile { path: pb });
+        }
+        let file = File::open(path).map_err(|source| AudioError::Io {
+            path: pb.clone(),
+            source,
+        })?;
+        let mss = MediaSourceStream::new(Box::new(file), Default::default());
+        let mut hint = Hint::new();
+        if let Some(ext) = path.extension().and_then(|e| e.to_str()) {
+            hint.with_extension(ext);
+        }
+        let fmt_opts = FormatOptions {
+            enable_gapless: true,
+            ..Default::default()
+        };
+        let probed = symphonia::default::get_probe()
+            .format(&hint, mss, &fmt_opts, &MetadataOptions::default())
+            .map_err(|e| AudioError::UnsupportedFormat {
+                path: pb.clone(),
+                detail: e.to_string(),
+            })?;
+        let format = probed.format;
+        let track = format
+            .tracks()
+            .iter()
+            .find(|t| t.codec_params.codec != CODEC_TYPE_NULL)
+            .ok_or_else(|| AudioError::NoAudio { path: pb.clone() })?;
+        let track_id = track.id;
+        let rate = track.codec_params.sample_rate;
+        let codec_params = track.codec_params.clone();
+        if let Some(r) = rate {
+            if !(MIN_RATE..=MAX_RATE).contains(&r) {
+                return Err(AudioError::SampleRate { path: pb, rate: r });
+            }
+        }
+        let decoder = symphonia::default::get_codecs()
+            .make(&codec_params, &DecoderOptions::default())
+            .map_err(|e| AudioError::UnsupportedCodec {
+                path: pb.clone(),
+                detail: e.to_string(),
+            })?;
+        Ok(Decoder {
+            path: pb,
+            format,
+            decoder,
+            track_id,
+            sample_buf: None,
+            rate,
+            channels: codec_params.channels.map(|c| c.count()),
+        })
+    }
+
+    /// Decode the next packet into interleaved f32; `Ok(None)` at the end of the stream.
+    /// A corrupt packet is skipped; a truncated file ends the stream.
+    fn next(&mut self) -> Result<Option<(usize, u32)>, AudioError> {
+        let mut bad_packets = 0usize;
+        loop {
+            let packet = match self.format.next_packet() {
+                Ok(p) => p,
+                Err(SymError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    return Ok(None)
+                }
+                Err(SymError::IoError(e)) => {
+                    return Err(AudioError::Decode {
+                        path: self.path.clone(),
+                        detail: e.to_string(),
+                    })
+                }
+                Err(SymError::ResetRequired) => return Ok(None),
+                Err(e) => {
+                    return Err(AudioError::Decode {
+                        path: self.path.clone(),
+                        detail: e.to_string(),
+                    })
+                }
+            };
+            if packet.track_id() != self.track_id {
+                continue;
+            }
+            let decoded = match self.decoder.decode(&packet) {
+                Ok(d) => d,
+                Err(SymError::DecodeError(e)) => {
+                    bad_packets += 1;
+                    if bad_packets > 1000 {
+                        return Err(AudioError::Decode {
+                            path: self.path.clone(),
+                            detail: format!("too many corrupt packets ({e})"),
+                        });
+                    }
+                    continue;
+                }
+                Err(SymError::IoError(_)) => return Ok(None),
+                Err(e) => {
+                    return Err(AudioError::Decode {
+                        path: self.path.clone(),
+                        detail: e.to_string(),
+                    })
+                }
+            };
+            let spec = *decoded.spec();
+            let ch = spec.channels.count();
+            if ch == 0 {
+                return Err(AudioError::Decode {
+                    path: self.path.clone(),
+                    detail: "stream has no channels".into(),
+                });
+            }
+            let rate = spec.rate;
+            if !(MIN_RATE..=MAX_RATE).contains(&rate) {
+                return Err(AudioError::SampleRate {
+                    path: self.path.clone(),
+                    rate,
+                });
+            }
+            match self.rate {
+                Some(r) if r != rate => {
+                    return Err(AudioError::Decode {
+                        path: self.path.clone(),
+                        detail: format!("sample rate changes mid-stream ({r} Hz to {rate} Hz)"),
+                    })
+                }
+                _ => self.rate = Some(rate),
+            }
+            match self.channels {
+                Some(c) if c != ch => {
+                    return Err(AudioError::Decode {
+                        path: self.path.clone(),
+                        detail: format!("channel count changes mid-stream ({c} to {ch})"),
+                    })
+                }
+                _ => self.channels = Some(ch),
+            }
+            let frames = decoded.frames();
+            if frames == 0 {
+                continue;
+            }
+            let cap = decoded.capacity() as u64;
+            let need_new = match &self.sample_buf {
+                Some(b) => (b.capacity() as u64) < cap * ch as u64,
+                None => true,
+            };
+            if need_new {
+                self.sample_buf = Some(SampleBuffer::<f32>::new(cap, spec));
+            }
+            let Some(buf) = self.sample_buf.as_mut() else {
+                continue;
+            };
+            copy_into(buf, decoded);
+            return Ok(Some((ch, rate)));
+        }
+    }
+}
+
+impl Decoder {
+    /// Samples of the last decoded packet, interleaved.
+    fn samples(&self) -> &[f32] {
+        self.sample_buf.as_ref().map(|b| b.samples()).unwrap_or(&[])
+    }
+}
+
+fn copy_into(buf: &mut SampleBuffer<f32>, decoded: AudioBufferRef<'_>) {
+    buf.copy_interleaved_ref(decoded);
+}
+
+/// Decode a whole file to interleaved f32 PCM at its native rate.
+pub fn decode_file(path: &Path) -> Result<Pcm, AudioError> {
+    let mut dec = Decoder::open(path)?;
+    let mut samples = Vec::new();
+    let mut channels = 0;
+    let mut rate = 0;
+    while let Some((ch, r)) = dec.next()? {
+        samples.extend_from_slice(dec.samples());
+        channels = ch;
+        rate = r;
+    }
+    if samples.is_empty() {
+        return Err(AudioError::NoAudio {
+            path: path.to_path_buf(),
+        });
+    }
+    if let Some(i) = samples.iter().position(|v| !v.is_finite()) {
+        return Err(AudioError::NonFinite { index: i });
+    }
+    Ok(Pcm {
+        samples,
+        channels,
+        sample_rate: rate,
+    })
+}
+
+/// libsamplerate driven like essentia's streaming `Resample`.
+pub struct EssentiaResampler {
+    state: *mut libsamplerate_sys::SRC_STATE,
+    ratio: f64,
+    pending: Vec<f32>,
+    start: usize,
+    out: Vec<f32>,
+    scratch: Vec<f32>,
+    delay: f32,
+}
+
+// The SRC state is owned exclusively by this struct.
+unsafe impl Send for EssentiaResampler {}
+
+impl EssentiaResampler {
+    /// `in_rate → 3840 Hz`; the ratio is `f32(3840) / f32(in_rate)` as essentia computes it.
+    pub fn new(in_rate: u32) -> Result<Self, AudioError> {
+        let ratio = (TARGET_RATE as f32 / in_rate as f32) as f64;
+        let mut err: std::os::raw::c_int = 0;
+        // SAFETY: plain FFI constructor; the result is checked for null.
+        let state = unsafe {
+            libsamplerate_sys::src_new(
+                libsamplerate_sys::SRC_SINC_MEDIUM_QUALITY as i32,
+                1,
+                &mut err,
+            )
+        };
+        if state.is_null() || err != 0 {
+            return Err(AudioError::Resample(format!("src_new failed (code {err})")));
+        }
+        Ok(EssentiaResampler {
+            state,
+            ratio,
+            pending: Vec::new(),
+            start: 0,
+            out: Vec::new(),
+            scratch: Vec::new(),
+            delay: 0.0,
+        })
+    }
+
+    fn available(&self) -> usize {
+        self.pending.len() - self.start
+    }
+
+    fn process(&mut self, n_in: usize, out_space: usize, end: bool) -> Result<usize, AudioError> {
+        if self.scratch.len() < out_space {
+            self.scratch.resize(out_space, 0.0);
+        }
+        let input = &self.pending[self.start..self.start + n_in];
+        let mut data = libsamplerate_sys::SRC_DATA {
+            data_in: input.as_ptr(),
+            data_out: self.scratch.as_mut_ptr(),
+            input_frames: n_in as std::os::raw::c_long,
+            output_frames: out_space as std::os::raw::c_long,
+            input_frames_used: 0,
+            output_frames_gen: 0,
+            end_of_input: end as std::os::raw::c_int,
+            src_ratio: self.ratio,
+        };
+        // SAFETY: the pointers are valid for the given lengths for the duration of the call.
+        let err = unsafe { libsamplerate_sys::src_process(self.state, &mut data) };
+        if err != 0 {
+            return Err(AudioError::Resample(format!(
+                "src_process failed (code {err})"
+            )));
+        }
+        let used = data.input_frames_used.max(0) as usize;
+        let gen = data.output_frames_gen.max(0) as usize;
+        self.out
+            .extend_from_slice(&self.scratch[..gen.min(out_space)]);
+        self.delay =
+            (self.delay as f64 + (used as f32 as f64 * self.ratio - gen as f32 as f64)) as f32;
+        self.start += used;
+        if self.start > (1 << 16) {
+            self.pending.drain(..self.start);
+            self.start = 0;
+        }
+        Ok(used)
+    }
+
+    /// Feed mono samples at the input rate.
+    pub fn push(&mut self, samples: &[f32]) -> Result<(), AudioError> {
+        self.pending.extend_from_slice(samples);
+        while self.available() >= RESAMPLE_CHUNK {
+            let space = (self.ratio * RESAMPLE_CHUNK as f64) as usize + 100;
+            let used = self.process(RESAMPLE_CHUNK, space, false)?;
+            if used == 0 {
+                return Err(AudioError::Resample(
+                    "internal consumption problem while resampling".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Flush (essentia's last call with `end_of_input`), returning all output at 3840 Hz.
+    pub fn finish(mut self) -> Result<Vec<f32>, AudioError> {
+        let mut guard = 0;
+        while self.available() > 0 && guard < 4 {
+            let avail = self.available();
+            let space = (self.ratio * avail as f64 + 100.0 + (self.delay as i32) as f64) as i64;
+            let space = space.max(1) as usize;
+            let used = self.process(avail, space, true)?;
+            if used == 0 {
+                break;
+            }
+            guard += 1;
+        }
+        Ok(std::mem::take(&mut self.out))
+    }
+
+    /// Output produced so far.
+    pub fn output_len(&self) -> usize {
+        self.out.len()
+    }
+}
+
+impl Drop for EssentiaResampler {
+    fn drop(&mut self) {
+        if !self.state.is_null() {
+            // SAFETY: state was created by src_new and is deleted once.
+            unsafe {
+                libsamplerate_sys::src_delete(self.state);
+            }
+            self.state = std::ptr::null_mut();
+        }
+    }
+}
+
+/// Resample mono audio from `in_rate` to 3840 Hz as essentia's MonoLoader does.
+pub fn resample_to_3840(mono: &[f32], in_rate: u32) -> Result<Vec<f32>, AudioError> {
+    if in_rate == TARGET_RATE {
+        return Ok(mono.to_vec());
+    }
+    let mut r = EssentiaResampler::new(in_rate)?;
+    r.push(mono)?;
+    r.finish()
+}
+
+/// Decode, mix to mono and resample to 3840 Hz like `essentia.standard.MonoLoader(sampleRate=3840)`,
+/// streaming (bounded memory: only the 3840 Hz output is kept).
+pub fn load_mono_3840(path: &Path) -> Result<Vec<f32>, AudioError> {
+    let mut dec = Decoder::open(path)?;
+    let mut mono = Vec::new();
+    let mut resampler: Option<EssentiaResampler> = None;
+    let mut passthrough: Vec<f32> = Vec::new();
+    let mut seen = 0usize;
+    let mut any = false;
+    while let Some((ch, rate)) = dec.next()? {
+        let s = dec.samples();
+        any = true;
+        mono.clear();
+        mix_to_mono(s, ch, &mut mono);
+        if let Some(i) = s.iter().position(|v| !v.is_finite()) {
+            return Err(AudioError::NonFinite {
+                index: seen + i / ch,
+            });
+        }
+        seen += mono.len();
+        if rate == TARGET_RATE {
+            passthrough.extend_from_slice(&mono);
+            continue;
+        }
+        if resampler.is_none() {
+            resampler = Some(EssentiaResampler::new(rate)?);
+        }
+        if let Some(r) = resampler.as_mut() {
+            r.push(&mono)?;
+        }
+    }
+    if !any || seen == 0 {
+        return Err(AudioError::NoAudio {
+            path: path.to_path_buf(),
+        });
+    }
+    match resampler {
+        Some(r) => r.finish(),
+        None => Ok(passthrough),
+    }
+}
