@@ -20,6 +20,62 @@ pub enum MotionError {
     BadFps(f32),
 }
 
+/// Integrates the root velocity of a decoded pose (`pose_decoded`, `frames × 72`, joint 0 the
+/// per-frame root velocity, joints 1..23 relative to the root) into the root trajectory, exactly
+/// as the official `mc_gpt_all.eval` does (reference §4.4, Q15): sequential f32 adds, exclusive
+/// (`root[i] = Σ_{j<i} v[j]`), starting at the origin; the last velocity is unused. Joints 1..23
+/// are copied unchanged, so the result is the reference's `pose_root_integrated`.
+pub fn root_integrated(decoded: &[f32]) -> Result<Vec<f32>, MotionError> {
+    check_layout(decoded)?;
+    let w = NUM_JOINTS * 3;
+    let mut out = decoded.to_vec();
+    let mut root = [0f32; 3];
+    for f in 0..decoded.len() / w {
+        let row = f * w;
+        let v = [decoded[row], decoded[row + 1], decoded[row + 2]];
+        out[row..row + 3].copy_from_slice(&root);
+        for c in 0..3 {
+            root[c] += v[c];
+        }
+    }
+    Ok(out)
+}
+
+/// Turns a root-integrated pose (joint 0 absolute, joints 1..23 relative to it) into absolute
+/// positions as `visualizeAndWrite` does (reference §5 step 1): the root is added to joints
+/// 1..23 in f32, the root stays as it is.
+pub fn absolute_from_root_relative(root_relative: &[f32]) -> Result<Vec<f32>, MotionError> {
+    check_layout(root_relative)?;
+    let w = NUM_JOINTS * 3;
+    let mut out = root_relative.to_vec();
+    for row in out.chunks_exact_mut(w) {
+        let root = [row[0], row[1], row[2]];
+        for j in 1..NUM_JOINTS {
+            for c in 0..3 {
+                row[3 * j + c] += root[c];
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn check_layout(values: &[f32]) -> Result<(), MotionError> {
+    if !values.len().is_multiple_of(NUM_JOINTS * 3) {
+        return Err(MotionError::BadLength { len: values.len() });
+    }
+    if values.is_empty() {
+        return Err(MotionError::Empty);
+    }
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(MotionError::NotFinite {
+            frame: i / (NUM_JOINTS * 3),
+            joint: (i % (NUM_JOINTS * 3)) / 3,
+            value: values[i],
+        });
+    }
+    Ok(())
+}
+
 /// A dance: absolute joint positions (metres, y up), `frames × 24 × 3`, row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Motion {
@@ -35,22 +91,40 @@ impl Motion {
         if !(fps.is_finite() && fps > 0.0) {
             return Err(MotionError::BadFps(fps));
         }
-        if positions.len() % (NUM_JOINTS * 3) != 0 {
-            return Err(MotionError::BadLength {
-                len: positions.len(),
-            });
-        }
-        if positions.is_empty() {
-            return Err(MotionError::Empty);
-        }
-        if let Some(i) = positions.iter().position(|v| !v.is_finite()) {
-            return Err(MotionError::NotFinite {
-                frame: i / (NUM_JOINTS * 3),
-                joint: (i % (NUM_JOINTS * 3)) / 3,
-                value: positions[i],
-            });
-        }
+        check_layout(&positions)?;
         Ok(Self { fps, positions })
+    }
+
+    /// Builds the absolute motion from the VQ-VAE output (`pose_decoded`: joint 0 the root
+    /// velocity, joints 1..23 relative to the root): [`root_integrated`], then
+    /// [`absolute_from_root_relative`] (reference §4.4, §5 step 1).
+    pub fn from_decoded(decoded: &[f32], fps: f32) -> Result<Self, MotionError> {
+        let rel = root_integrated(decoded)?;
+        Self::new(absolute_from_root_relative(&rel)?, fps)
+    }
+
+    /// The inverse of [`absolute_from_root_relative`]: joints 1..23 relative to the root, the
+    /// root absolute (the layout the VQ-VAE encoder reads).
+    pub fn root_relative(&self) -> Vec<f32> {
+        let w = NUM_JOINTS * 3;
+        let mut out = self.positions.clone();
+        for row in out.chunks_exact_mut(w) {
+            let root = [row[0], row[1], row[2]];
+            for j in 1..NUM_JOINTS {
+                for c in 0..3 {
+                    row[3 * j + c] -= root[c];
+                }
+            }
+        }
+        out
+    }
+
+    /// Position of `joint` at `frame`, or `None` when either is out of range.
+    pub fn get(&self, frame: usize, joint: usize) -> Option<[f32; 3]> {
+        if joint >= NUM_JOINTS || frame >= self.frames() {
+            return None;
+        }
+        Some(self.joint(frame, joint))
     }
 
     /// Number of frames.
@@ -63,7 +137,8 @@ impl Motion {
         self.frames() as f32 / self.fps
     }
 
-    /// Position of `joint` at `frame`.
+    /// Position of `joint` at `frame`. Panics when either is out of range (use [`Motion::get`]
+    /// for indices that come from a user).
     pub fn joint(&self, frame: usize, joint: usize) -> [f32; 3] {
         let o = frame * NUM_JOINTS * 3 + joint * 3;
         [
