@@ -5,7 +5,7 @@ use std::path::PathBuf;
 /// Everything that can go wrong between an audio file and the feature matrix.
 #[derive(Debug, thiserror::Error)]
 pub enum AudioError {
-    #[error("cannot read {path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]

@@ -1,0 +1,235 @@
+//! `danceba features` end to end through the binary.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn golden_dir() -> PathBuf {
+    match std::env::var_os("DANCEBA_GOLDEN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/golden"
+        )),
+    }
+}
+
+fn danceba() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_danceba"))
+}
+
+fn golden_features(clip: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(
+        golden_dir()
+            .join("features")
+            .join(format!("{clip}.features.safetensors")),
+    )
+    .expect("golden features");
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("features").unwrap();
+    let data = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (t.shape().to_vec(), data)
+}
+
+fn max_rel_err_cols_0_51(ours: &[f32], gold: &[f32], rows: usize) -> f64 {
+    let mut worst = 0.0f64;
+    for c in 0..52 {
+        let mut e = 0.0f64;
+        let mut m = 0.0f64;
+        for r in 0..rows {
+            e = e.max((ours[r * 438 + c] as f64 - gold[r * 438 + c] as f64).abs());
+            m = m.max((gold[r * 438 + c] as f64).abs());
+        }
+        worst = worst.max(e / m.max(1e-12));
+    }
+    worst
+}
+
+#[test]
+fn features_to_npy_json_and_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let wav = golden_dir().join("audio/mono22k_mutilated_mime_12s.wav");
+    let (gshape, gold) = golden_features("mono22k_mutilated_mime_12s");
+    let rows = gshape[0];
+
+    // .npy
+    let npy = dir.path().join("f.npy");
+    let out = danceba()
+        .arg("features")
+        .arg(&wav)
+        .arg("-o")
+        .arg(&npy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let f = danceba_audio::MusicFeatures::from_npy(&npy).unwrap();
+    assert_eq!(f.rows, rows);
+    assert!(max_rel_err_cols_0_51(&f.data, &gold, rows) < 1e-4);
+
+    // .json (official layout) and --check reading it back
+    let json = dir.path().join("f.json");
+    let out = danceba()
+        .arg("features")
+        .arg(&wav)
+        .arg("-o")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(v["id"], "mono22k_mutilated_mime_12s");
+    assert_eq!(v["music_array"].as_array().unwrap().len(), rows);
+    assert_eq!(v["music_array"][0].as_array().unwrap().len(), 438);
+    let back = danceba_audio::MusicFeatures::from_official_json(&json).unwrap();
+    assert_eq!(back, f, "JSON round trip must be exact");
+    let out = danceba()
+        .arg("features")
+        .arg(&json)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("{rows} rows × 438 columns")),
+        "{text}"
+    );
+    for g in [
+        "mfcc",
+        "mfcc_delta",
+        "chroma_cqt",
+        "onset_env",
+        "beats_onehot",
+        "tempogram",
+    ] {
+        assert!(text.contains(g), "{text}");
+    }
+
+    // .safetensors with every stage
+    let st_path = dir.path().join("f.safetensors");
+    let out = danceba()
+        .arg("features")
+        .arg(&wav)
+        .arg("-o")
+        .arg(&st_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bytes = std::fs::read(&st_path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for key in [
+        "features",
+        "audio_3840hz",
+        "melspe_db",
+        "mfcc",
+        "mfcc_delta",
+        "harmonic",
+        "percussive",
+        "chroma_cqt",
+        "cqt_mag",
+        "tuning",
+        "onset_env",
+        "tempogram",
+        "beats_onehot",
+        "peaks_onehot",
+    ] {
+        assert!(st.tensor(key).is_ok(), "missing {key}");
+    }
+    assert_eq!(st.tensor("features").unwrap().shape(), &[rows, 438]);
+}
+
+#[test]
+fn refuses_to_overwrite_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let wav = golden_dir().join("audio/mono22k_mutilated_mime_12s.wav");
+    let npy = dir.path().join("f.npy");
+    std::fs::write(&npy, b"keep me").unwrap();
+    let out = danceba()
+        .arg("features")
+        .arg(&wav)
+        .arg("-o")
+        .arg(&npy)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    assert_eq!(std::fs::read(&npy).unwrap(), b"keep me");
+    let out = danceba()
+        .arg("features")
+        .arg(&wav)
+        .arg("-o")
+        .arg(&npy)
+        .arg("--force")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(danceba_audio::MusicFeatures::from_npy(&npy).is_ok());
+}
+
+#[test]
+fn clear_errors_for_bad_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let txt = dir.path().join("notes.txt");
+    std::fs::write(&txt, "this is not audio").unwrap();
+    let out_path = dir.path().join("x.npy");
+    let out = danceba()
+        .arg("features")
+        .arg(&txt)
+        .arg("-o")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Supported formats"), "{err}");
+    assert!(!out_path.exists(), "no partial output");
+
+    let wav = golden_dir().join("audio/mono22k_mutilated_mime_12s.wav");
+    let out = danceba()
+        .arg("features")
+        .arg(&wav)
+        .arg("-o")
+        .arg(dir.path().join("x.csv"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(".npy, .json or .safetensors"));
+
+    let out = danceba().arg("features").arg(&wav).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("-o"));
+
+    let bad_json = dir.path().join("bad.json");
+    std::fs::write(&bad_json, r#"{"id": "x", "music_array": [[1, 2, 3]]}"#).unwrap();
+    let out = danceba()
+        .arg("features")
+        .arg(&bad_json)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected 438"));
+}
