@@ -1,6 +1,6 @@
 //! Helpers shared by the motion/export tests: the golden-data location, golden tensors and a
 //! rigid synthetic dance.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::needless_range_loop)]
 
 use std::path::{Path, PathBuf};
 
