@@ -7,6 +7,8 @@
 //! official extractor does (`effects.hpss`, `onset.onset_strength(aggregate=np.median)`,
 //! `feature.tempogram`, `beat.beat_track`, `util.peak_pick(onset, 3, 3, 3, 5, 0.5, 10)`).
 
+#![allow(clippy::excessive_precision)]
+
 use danceba_audio::extract_features;
 use danceba_audio::rhythm::tempo;
 
