@@ -52,7 +52,7 @@ enum Node {
 
 const MAX_NODES: usize = 50_000_000;
 const MAX_DEPTH: usize = 200;
-const MAX_EXPANDED: usize = 20_000_000;
+const MAX_EXPANDED: usize = 2_000_000;
 
 struct Vm<'a> {
     data: &'a [u8],

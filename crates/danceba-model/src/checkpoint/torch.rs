@@ -18,6 +18,7 @@ pub(crate) fn load_torch(
     data: &[u8],
     device: &Device,
     dtype: DType,
+    release: &dyn Fn(usize, usize),
 ) -> Result<StateDict, CheckpointError> {
     let p = || path.to_path_buf();
     let archive =
@@ -94,6 +95,9 @@ pub(crate) fn load_torch(
             t
         };
         let t = t.to_device(device)?;
+        if let Ok(r) = Archive::data_range(data, entry) {
+            release(r.start, r.len());
+        }
         source_dtypes.insert(key.clone(), rec.dtype.torch_name().to_string());
         if tensors.insert(key.clone(), t).is_some() {
             return Err(CheckpointError::BadTensor {

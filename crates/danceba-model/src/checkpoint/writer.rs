@@ -405,3 +405,87 @@ where
     let f = w.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()
 }
+
+/// The storage dtype and little-endian bytes of a CPU tensor (f32, f16, bf16, f64, i64, i32,
+/// i16, u8).
+pub fn tensor_storage(t: &candle_core::Tensor) -> candle_core::Result<(StorageDtype, Vec<u8>)> {
+    use candle_core::DType;
+    let t = t.to_device(&candle_core::Device::Cpu)?.flatten_all()?;
+    fn bytes<T: Copy, const N: usize>(v: Vec<T>, f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+        v.into_iter().flat_map(f).collect()
+    }
+    Ok(match t.dtype() {
+        DType::F32 => (
+            StorageDtype::F32,
+            bytes(t.to_vec1::<f32>()?, f32::to_le_bytes),
+        ),
+        DType::F16 => (
+            StorageDtype::F16,
+            bytes(t.to_vec1::<half::f16>()?, half::f16::to_le_bytes),
+        ),
+        DType::BF16 => (
+            StorageDtype::BF16,
+            bytes(t.to_vec1::<half::bf16>()?, half::bf16::to_le_bytes),
+        ),
+        DType::F64 => (
+            StorageDtype::F64,
+            bytes(t.to_vec1::<f64>()?, f64::to_le_bytes),
+        ),
+        DType::I64 => (
+            StorageDtype::I64,
+            bytes(t.to_vec1::<i64>()?, i64::to_le_bytes),
+        ),
+        DType::I32 => (
+            StorageDtype::I32,
+            bytes(t.to_vec1::<i32>()?, i32::to_le_bytes),
+        ),
+        DType::I16 => (
+            StorageDtype::I16,
+            bytes(t.to_vec1::<i16>()?, i16::to_le_bytes),
+        ),
+        DType::U8 => (StorageDtype::U8, t.to_vec1::<u8>()?),
+        other => {
+            return Err(candle_core::Error::Msg(format!(
+                "cannot write dtype {other:?} to a torch checkpoint"
+            )))
+        }
+    })
+}
+
+/// Writes `{'model': OrderedDict(prefix + key → tensor), 'config': config, 'epoch': epoch}` in
+/// the official `torch.save` layout (one storage per tensor; `extra_model_entries` are spliced
+/// into the state dict as they are, e.g. `UninitializedParameter` placeholders).
+pub fn save_torch_checkpoint(
+    path: &Path,
+    tensors: &std::collections::BTreeMap<String, candle_core::Tensor>,
+    key_prefix: &str,
+    extra_model_entries: Vec<(PickleWrite, PickleWrite)>,
+    config: Option<PickleWrite>,
+    epoch: Option<i64>,
+) -> std::io::Result<()> {
+    let mut items = Vec::new();
+    let mut storages = Vec::new();
+    for (i, (k, t)) in tensors.iter().enumerate() {
+        let (dtype, bytes) = tensor_storage(t).map_err(std::io::Error::other)?;
+        let key = i.to_string();
+        items.push((
+            PickleWrite::Str(format!("{key_prefix}{k}")),
+            PickleWrite::tensor(&key, dtype, t.dims(), dtype.is_float()),
+        ));
+        storages.push((key, bytes));
+    }
+    items.extend(extra_model_entries);
+    let mut top = vec![(PickleWrite::str("model"), PickleWrite::OrderedDict(items))];
+    if let Some(c) = config {
+        top.push((PickleWrite::str("config"), c));
+    }
+    if let Some(e) = epoch {
+        top.push((PickleWrite::str("epoch"), PickleWrite::Int(e)));
+    }
+    let pkl = pickle_dumps(&PickleWrite::Dict(top));
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "archive".into());
+    write_torch_zip(path, &stem, &pkl, storages)
+}
