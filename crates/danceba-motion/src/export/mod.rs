@@ -7,6 +7,7 @@
 //! file is only replaced when `force` is set.
 
 pub mod bvh;
+pub mod glb;
 pub mod json;
 pub mod npy;
 pub mod rig;
@@ -59,6 +60,8 @@ pub enum Format {
     Json,
     /// Biovision hierarchy with solved joint rotations.
     Bvh,
+    /// glTF 2.0 binary with a skinned skeleton and its animation.
+    Glb,
 }
 
 impl Format {
@@ -69,17 +72,19 @@ impl Format {
             Format::OfficialNpy => "pkl.npy",
             Format::Json => "json",
             Format::Bvh => "bvh",
+            Format::Glb => "glb",
         }
     }
 
     /// Parses a format name as given on the command line (`npy`, `pkl.npy`/`official-npy`,
-    /// `json`, `bvh`).
+    /// `json`, `bvh`, `glb`).
     pub fn parse(name: &str) -> Option<Self> {
         match name.trim().to_ascii_lowercase().as_str() {
             "npy" => Some(Format::Npy),
             "pkl.npy" | "pkl" | "official-npy" | "official_npy" => Some(Format::OfficialNpy),
             "json" => Some(Format::Json),
             "bvh" => Some(Format::Bvh),
+            "glb" | "gltf" => Some(Format::Glb),
             _ => None,
         }
     }
@@ -98,6 +103,7 @@ pub fn export(
         Format::OfficialNpy => npy::write_official_npy(motion, path, force),
         Format::Json => json::write_json(motion, meta, path, force),
         Format::Bvh => bvh::write_bvh(motion, path, force),
+        Format::Glb => glb::write_glb(motion, path, force),
     }
 }
 
