@@ -1,1 +1,8 @@
 //! danceba: music in, 3D dance out. The `Pipeline` facade over the audio, model and motion crates.
+
+pub mod pipeline;
+
+pub use pipeline::{
+    read_features, Dance, InputKind, ModelFiles, Pipeline, PipelineError, PipelineOptions,
+    MOTION_FPS,
+};
