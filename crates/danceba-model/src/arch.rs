@@ -174,8 +174,26 @@ fn usize_at(config: Option<&PyValue>, path: &str) -> Option<usize> {
 #[serde(rename_all = "lowercase")]
 pub enum NHeadSource {
     Flag,
+    /// The `n_head` metadata of a converted safetensors file.
+    Metadata,
     Config,
     Default,
+}
+
+/// `n_head` for a loaded checkpoint: the flag, else the `n_head` metadata of a converted file,
+/// else the config, else [`DEFAULT_N_HEAD`].
+pub fn resolve_n_head_for(sd: &StateDict, flag: Option<usize>) -> (usize, NHeadSource) {
+    if flag.is_none() {
+        if let Some(n) = sd
+            .metadata
+            .get("n_head")
+            .and_then(|s| s.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+        {
+            return (n, NHeadSource::Metadata);
+        }
+    }
+    resolve_n_head(sd.config.as_ref(), flag)
 }
 
 /// `n_head` from a flag, else the checkpoint's config (`structure_generate.base.n_head`), else 12.
@@ -250,7 +268,8 @@ impl GptArch {
 
     /// [`GptArch::detect`] on a loaded checkpoint, using its config.
     pub fn from_state_dict(sd: &StateDict, n_head: Option<usize>) -> Result<GptArch, ArchError> {
-        GptArch::detect(&sd.shapes(), sd.config.as_ref(), n_head)
+        let (n, _) = resolve_n_head_for(sd, n_head);
+        GptArch::detect(&sd.shapes(), sd.config.as_ref(), Some(n))
     }
 }
 
@@ -622,7 +641,7 @@ pub fn inspect_state_dict(
     let kind = detect_kind(shapes.keys().chain(sd.ignored.iter()));
     match kind {
         ModelKind::Gpt => {
-            let arch = GptArch::detect(&shapes, sd.config.as_ref(), n_head)?;
+            let arch = GptArch::from_state_dict(sd, n_head)?;
             let audit = audit(&expected_gpt_keys(&arch), &shapes, &sd.ignored);
             Ok((kind, Some(DetectedArch::Gpt(arch)), audit))
         }
@@ -645,7 +664,7 @@ pub fn audit_gpt(sd: &StateDict, n_head: Option<usize>) -> Result<(GptArch, Audi
         });
     }
     let shapes = sd.shapes();
-    let arch = GptArch::detect(&shapes, sd.config.as_ref(), n_head)?;
+    let arch = GptArch::from_state_dict(sd, n_head)?;
     let audit = audit(&expected_gpt_keys(&arch), &shapes, &sd.ignored).into_result()?;
     Ok((arch, audit))
 }
@@ -663,4 +682,54 @@ pub fn audit_vqvae(sd: &StateDict) -> Result<(VqVaeArch, Audit), ArchError> {
     let arch = VqVaeArch::detect(&shapes, sd.config.as_ref())?;
     let audit = audit(&expected_vqvae_keys(&arch), &shapes, &sd.ignored).into_result()?;
     Ok((arch, audit))
+}
+
+/// Whether a key is a buffer rather than a trainable parameter (attention masks, BatchNorm
+/// statistics, VQ codebooks).
+pub fn is_buffer_key(key: &str) -> bool {
+    let key = crate::checkpoint::strip_module_prefix(key);
+    key.ends_with(".attn.mask")
+        || key.ends_with(".running_mean")
+        || key.ends_with(".running_var")
+        || key.ends_with(".num_batches_tracked")
+        || (key.contains(".bottleneck.") && key.ends_with(".k"))
+}
+
+/// Parameter and buffer counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParamCount {
+    /// Trainable parameters (all tensors except buffers and `skip`).
+    pub parameters: u64,
+    /// Values in buffers.
+    pub buffer_values: u64,
+    /// Parameters by module: the first two components of the key (`gpt_base.blocks`, ...).
+    pub per_module: std::collections::BTreeMap<String, u64>,
+}
+
+/// Counts parameters over a key/shape map, leaving out the keys in `skip` (e.g. the known
+/// legacy entries).
+pub fn count_parameters(shapes: &ShapeMap, skip: &[String]) -> ParamCount {
+    let mut c = ParamCount::default();
+    for (k, s) in shapes {
+        if skip.iter().any(|x| x == k) {
+            continue;
+        }
+        let n: u64 = s.iter().map(|&d| d as u64).product();
+        if is_buffer_key(k) {
+            c.buffer_values += n;
+        } else {
+            c.parameters += n;
+            let module: Vec<&str> = k.split('.').take(2).collect();
+            let module = if module.len() == 2
+                && !module[1].chars().all(|ch| ch.is_ascii_digit())
+                && k.split('.').count() > 2
+            {
+                module.join(".")
+            } else {
+                module[0].to_string()
+            };
+            *c.per_module.entry(module).or_default() += n;
+        }
+    }
+    c
 }

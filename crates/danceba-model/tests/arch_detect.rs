@@ -259,3 +259,17 @@ fn arch_missing_or_misshaped_key_in_checkpoint_is_an_error_naming_it() {
     let err = audit_gpt(&sd, None).unwrap_err().to_string();
     assert!(err.contains(key) && err.contains("[64, 63]"), "{err}");
 }
+
+#[test]
+fn arch_parameter_counts_match_reference_table() {
+    use danceba_model::arch::count_parameters;
+    let (gpt, vq) = manifest();
+    let g = count_parameters(&shapes(&gpt), &[]);
+    assert_eq!(g.parameters, 250_727_425);
+    assert_eq!(g.parameters + g.buffer_values, 250_737_923);
+    assert_eq!(g.per_module["gpt_base.blocks"], 53_148_672);
+    assert_eq!(g.per_module["gpt_head.blocks"], 186_209_280);
+    let v = count_parameters(&shapes(&vq), &[]);
+    assert_eq!(v.parameters, 65_068_619);
+    assert_eq!(v.buffer_values, 524_288);
+}

@@ -6,6 +6,7 @@
 //! checkpoints, which pickle an `easydict.EasyDict` and (in older files) never-materialised
 //! `UninitializedParameter`s beside the state dict, load without Python.
 
+pub mod convert;
 pub mod pickle;
 mod safetensors_io;
 mod torch;
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+pub use convert::{convert_checkpoint, sha256_file, ConvertError, ConvertReport};
 pub use pickle::PickleError;
 pub use safetensors_io::{save_safetensors, SafetensorsWriteOptions};
 pub use value::{PyValue, StorageDtype, TensorRecord};
