@@ -6,7 +6,7 @@
 use std::fs::File;
 use std::path::Path;
 
-use symphonia::core::audio::{AudioBufferRef, SampleBuffer};
+use symphonia::core::audio::{AudioBufferRef, SampleBuffer, SignalSpec};
 use symphonia::core::codecs::{DecoderOptions, CODEC_TYPE_NULL};
 use symphonia::core::errors::Error as SymError;
 use symphonia::core::formats::FormatOptions;
@@ -20,9 +20,10 @@ use crate::AudioError;
 pub const SUPPORTED_FORMATS: &str = "WAV (PCM 8/16/24/32-bit integer, 32/64-bit float), FLAC, \
 MP3, Ogg Vorbis, AAC/ALAC in M4A/MP4, AIFF, CAF, MKV/WebM (Vorbis/FLAC/PCM)";
 
-/// Lowest and highest accepted input sample rates.
-pub const MIN_RATE: u32 = 8000;
-pub const MAX_RATE: u32 = 192_000;
+/// Lowest and highest accepted input sample rates (the feature rate up to 384 kHz; 8–192 kHz
+/// is the tested range).
+pub const MIN_RATE: u32 = 3840;
+pub const MAX_RATE: u32 = 384_000;
 /// Sample rate of the features.
 pub const TARGET_RATE: u32 = 3840;
 /// essentia streaming Resample's preferred input chunk.
@@ -147,7 +148,16 @@ impl Decoder {
     fn next(&mut self) -> Result<Option<(usize, u32)>, AudioError> {
         let mut bad_packets = 0usize;
         loop {
-            let packet = match self.format.next_packet() {
+            // A malformed file must never bring the process down: a panic inside the demuxer or
+            // decoder (a bug there) becomes a decode error.
+            let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.format.next_packet()
+            }))
+            .map_err(|_| AudioError::Decode {
+                path: self.path.clone(),
+                detail: "the demuxer failed on malformed data".into(),
+            })?;
+            let packet = match next {
                 Ok(p) => p,
                 Err(SymError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     return Ok(None)
@@ -169,7 +179,16 @@ impl Decoder {
             if packet.track_id() != self.track_id {
                 continue;
             }
-            let decoded = match self.decoder.decode(&packet) {
+            let decoder = &mut self.decoder;
+            let sample_buf = &mut self.sample_buf;
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                decode_into(decoder.as_mut(), &packet, sample_buf)
+            }))
+            .map_err(|_| AudioError::Decode {
+                path: self.path.clone(),
+                detail: "the decoder failed on malformed data".into(),
+            })?;
+            let (spec, frames) = match result {
                 Ok(d) => d,
                 Err(SymError::DecodeError(e)) => {
                     bad_packets += 1;
@@ -189,7 +208,6 @@ impl Decoder {
                     })
                 }
             };
-            let spec = *decoded.spec();
             let ch = spec.channels.count();
             if ch == 0 {
                 return Err(AudioError::Decode {
@@ -222,22 +240,9 @@ impl Decoder {
                 }
                 _ => self.channels = Some(ch),
             }
-            let frames = decoded.frames();
             if frames == 0 {
                 continue;
             }
-            let cap = decoded.capacity() as u64;
-            let need_new = match &self.sample_buf {
-                Some(b) => (b.capacity() as u64) < cap * ch as u64,
-                None => true,
-            };
-            if need_new {
-                self.sample_buf = Some(SampleBuffer::<f32>::new(cap, spec));
-            }
-            let Some(buf) = self.sample_buf.as_mut() else {
-                continue;
-            };
-            copy_into(buf, decoded);
             return Ok(Some((ch, rate)));
         }
     }
@@ -250,8 +255,35 @@ impl Decoder {
     }
 }
 
-fn copy_into(buf: &mut SampleBuffer<f32>, decoded: AudioBufferRef<'_>) {
-    buf.copy_interleaved_ref(decoded);
+/// Decode one packet and copy its samples (interleaved f32) into `buf`.
+fn decode_into(
+    decoder: &mut dyn symphonia::core::codecs::Decoder,
+    packet: &symphonia::core::formats::Packet,
+    buf: &mut Option<SampleBuffer<f32>>,
+) -> Result<(SignalSpec, usize), SymError> {
+    let decoded: AudioBufferRef<'_> = decoder.decode(packet)?;
+    let spec = *decoded.spec();
+    let frames = decoded.frames();
+    let ch = spec.channels.count();
+    if frames == 0 || ch == 0 {
+        if let Some(b) = buf.as_mut() {
+            // leave an empty buffer behind so samples() is empty
+            b.clear();
+        }
+        return Ok((spec, frames));
+    }
+    let cap = decoded.capacity() as u64;
+    let fits = match buf {
+        Some(b) => b.capacity() >= cap as usize * ch && b.capacity() % ch == 0,
+        None => false,
+    };
+    if !fits {
+        *buf = Some(SampleBuffer::<f32>::new(cap, spec));
+    }
+    if let Some(b) = buf.as_mut() {
+        b.copy_interleaved_ref(decoded);
+    }
+    Ok((spec, frames))
 }
 
 /// Decode a whole file to interleaved f32 PCM at its native rate.

@@ -27,7 +27,7 @@ pub enum AudioError {
     Decode { path: PathBuf, detail: String },
     #[error("{path}: the file holds no audio samples")]
     NoAudio { path: PathBuf },
-    #[error("{path}: sample rate {rate} Hz is outside the supported range 8000..=192000 Hz")]
+    #[error("{path}: sample rate {rate} Hz is outside the supported range 3840..=384000 Hz")]
     SampleRate { path: PathBuf, rate: u32 },
     #[error("audio contains a non-finite sample (NaN or infinity) at sample {index}; the file is corrupt")]
     NonFinite { index: usize },
