@@ -20,6 +20,9 @@ pub enum MambaImpl {
     /// Fused CPU kernels (f32 on the CPU device only; other devices/dtypes fall back to
     /// `Portable`).
     FusedCpu,
+    /// Fused CUDA kernels of [`super::cuda_scan`] (builds with the `cuda` feature, tensors on a
+    /// CUDA device; `Portable` otherwise). `FusedCpu` on a CUDA device also selects them.
+    FusedCuda,
 }
 
 /// `softplus(v)` with PyTorch's threshold 20, from candle ops; `log1p` evaluated accurately
@@ -105,6 +108,13 @@ impl Mamba {
 
     /// Forward of one stream `x` (B, L, C) → (B, L, C), from a zero state.
     pub fn forward(&self, x: &Tensor, imp: MambaImpl) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if imp != MambaImpl::Portable
+            && x.device().is_cuda()
+            && super::cuda_scan::supports(self.d_state, x.dtype())
+        {
+            return self.forward_fused_cuda(x);
+        }
         match (imp, &self.host) {
             (MambaImpl::FusedCpu, Some(host))
                 if x.dtype() == DType::F32 && matches!(x.device(), Device::Cpu) =>
@@ -154,6 +164,32 @@ impl Mamba {
         let y = Tensor::stack(&ys, 1)?; // (b, l, di)
         let y = (y + u.broadcast_mul(&self.d_skip)?)?;
         let y = y.mul(&candle_nn::ops::silu(&z)?)?;
+        self.out_proj.forward(&y)
+    }
+
+    /// The fused CUDA path: in_proj, conv+SiLU kernel, x_proj, dt_proj, scan kernel, out_proj.
+    #[cfg(feature = "cuda")]
+    fn forward_fused_cuda(&self, x: &Tensor) -> Result<Tensor> {
+        use super::cuda_scan;
+        let (di, ds, dr) = (self.d_inner, self.d_state, self.dt_rank);
+        let xz = self.in_proj.forward(x)?.contiguous()?;
+        let u = cuda_scan::conv_silu(&xz, di, &self.conv_w, &self.conv_b)?;
+        let xd = self.x_proj.forward(&u)?.contiguous()?;
+        let dpre = self.dt_proj.forward(&xd.narrow(D::Minus1, 0, dr)?)?;
+        let y = cuda_scan::selective_scan(
+            &u,
+            &cuda_scan::ScanArgs {
+                delta_pre: &dpre,
+                delta_bias: &self.dt_bias,
+                a: &self.a,
+                bc: &xd,
+                b_offset: dr,
+                c_offset: dr + ds,
+                d_skip: &self.d_skip,
+                z: &xz,
+                z_offset: di,
+            },
+        )?;
         self.out_proj.forward(&y)
     }
 

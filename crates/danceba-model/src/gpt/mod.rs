@@ -6,6 +6,8 @@
 //! [`MambaImpl::Portable`] is selected.
 
 pub mod block_base;
+#[cfg(feature = "cuda")]
+pub mod cuda_scan;
 pub mod lpe;
 pub mod mamba;
 pub mod random;
@@ -118,6 +120,8 @@ impl Gpt {
         let device = vb.device().clone();
         let mamba_impl = if matches!(device, Device::Cpu) && vb.dtype() == DType::F32 {
             MambaImpl::FusedCpu
+        } else if cfg!(feature = "cuda") && device.is_cuda() {
+            MambaImpl::FusedCuda
         } else {
             MambaImpl::Portable
         };

@@ -230,3 +230,23 @@ pub fn random_gpt_weights(arch: &GptArch, seed: u64) -> Result<HashMap<String, T
     }
     Ok(out)
 }
+
+/// A real-size-layout GPT of `arch` with random weights ([`random_gpt_weights`]) on the CPU
+/// in f32.
+pub fn random_gpt(arch: &GptArch, seed: u64) -> Result<super::Gpt> {
+    let w = random_gpt_weights(arch, seed)?;
+    let vb = candle_nn::VarBuilder::from_tensors(w, DType::F32, &Device::Cpu);
+    super::Gpt::load(vb, arch)
+}
+
+/// [`random_gpt`] with its weights on `device` in `dtype` (e.g. for `danceba bench --device`).
+pub fn random_gpt_on(
+    arch: &GptArch,
+    seed: u64,
+    device: &Device,
+    dtype: DType,
+) -> Result<super::Gpt> {
+    let w = random_gpt_weights(arch, seed)?;
+    let vb = candle_nn::VarBuilder::from_tensors(w, dtype, device);
+    super::Gpt::load(vb, arch)
+}

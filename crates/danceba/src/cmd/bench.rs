@@ -1,9 +1,307 @@
-//! `danceba bench`
+//! `danceba bench`: speed of GPT generation steps (real-size model, random weights by
+//! default) and of music feature extraction.
+//!
+//! The GPT measurement runs the real sampler (`Gpt::generate_batch`) on random conditions of
+//! `28 + steps` rows and timestamps every step through the progress callback: steps 0..27 are
+//! the ramp (window t = 1..28), the following ones the steady state (t = 28).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use danceba_model::arch::GptArch;
+use danceba_model::gpt::random::{official_gpt_arch, random_gpt, random_gpt_on};
+use danceba_model::gpt::{GenerateOptions, Gpt, MambaImpl};
+use serde_json::json;
+
+/// Motion frames per generated token (60 fps, 8 frames per VQ-VAE token).
+const FRAMES_PER_STEP: f64 = 8.0;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum What {
+    /// GPT generation steps.
+    Gpt,
+    /// Music feature extraction from an audio file (`--audio`).
+    Features,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MambaArg {
+    /// Fused kernels of the device (CPU; CUDA with the `cuda` feature). The default.
+    Fused,
+    /// Standard candle ops (the reference path).
+    Portable,
+}
 
 /// Arguments of `danceba bench`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// What to measure, comma-separated: gpt, features.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "gpt")]
+    what: Vec<What>,
+    /// GPT checkpoint (.pt or .safetensors). Default: the real-size architecture with random
+    /// weights in the official layout.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Attention heads of the `--weights` checkpoint if its config does not say.
+    #[arg(long)]
+    n_head: Option<usize>,
+    /// Where to run the GPT: cpu, cuda, metal or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Precision of the GPT weights and activations: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Batch sizes to measure (songs advanced together), comma-separated, e.g. 1,8.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    batch: Vec<usize>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Steady-state steps (window t = 28) to time after the 28-step ramp.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Mamba implementation.
+    #[arg(long, value_enum, default_value = "fused")]
+    mamba: MambaArg,
+    /// Audio file for `--what features`.
+    #[arg(long)]
+    audio: Option<PathBuf>,
+    /// Times to repeat the feature extraction.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Seed of the random weights and inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`danceba bench` is not available in this build yet")
+/// Peak resident set size in MiB (Linux: VmHWM), if known.
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+fn parse_dtype(s: &str) -> anyhow::Result<DType> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" | "fp32" | "float32" => Ok(DType::F32),
+        "f16" | "fp16" | "float16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        _ => bail!("unknown --dtype {s:?}; choose f32, f16 or bf16"),
+    }
+}
+
+fn load_gpt(args: &Args, dev: &Device, dtype: DType) -> anyhow::Result<(Gpt, String)> {
+    match &args.weights {
+        Some(p) => {
+            let sd = danceba_model::checkpoint::load_on(p, dev, dtype)
+                .with_context(|| format!("reading the GPT checkpoint {}", p.display()))?;
+            let arch = GptArch::from_state_dict(&sd, args.n_head)
+                .with_context(|| format!("{} is not a DanceBa GPT checkpoint", p.display()))?;
+            let gpt = Gpt::load(sd.var_builder(dtype, dev), &arch)
+                .with_context(|| format!("loading the GPT from {}", p.display()))?;
+            Ok((gpt, p.display().to_string()))
+        }
+        None if matches!(dev, Device::Cpu) && dtype == DType::F32 => {
+            let gpt = random_gpt(&official_gpt_arch(), args.seed)
+                .context("building the real-size GPT with random weights")?;
+            Ok((gpt, "random (real-size official layout)".into()))
+        }
+        None => {
+            let gpt = random_gpt_on(&official_gpt_arch(), args.seed, dev, dtype)
+                .context("building the real-size GPT with random weights on the device")?;
+            Ok((gpt, "random (real-size official layout)".into()))
+        }
+    }
+}
+
+struct GptResult {
+    batch: usize,
+    ramp_s: f64,
+    steady_mean_s: f64,
+    steady_min_s: f64,
+    steady_steps: usize,
+}
+
+fn bench_gpt(gpt: &Gpt, batch: usize, steps: usize, seed: u64) -> anyhow::Result<GptResult> {
+    let arch = gpt.arch();
+    let ramp_len = arch.block_size.saturating_sub(1).max(1);
+    let rows = ramp_len + steps;
+    let mut conds = Vec::with_capacity(batch);
+    for i in 0..batch {
+        // deterministic pseudo-random features in [0, 1)
+        let mut s = seed
+            .wrapping_add(i as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            | 1;
+        let data: Vec<f32> = (0..rows * arch.n_music)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 24) as f32
+            })
+            .collect();
+        conds.push(Tensor::from_vec(data, (rows, arch.n_music), gpt.device())?);
+    }
+    let mut stamps = Vec::with_capacity(rows + 1);
+    stamps.push(Instant::now());
+    gpt.generate_batch(&conds, &GenerateOptions::default(), &mut |_, _| {
+        stamps.push(Instant::now())
+    })
+    .context("running the sampler")?;
+    let dt: Vec<f64> = stamps
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    let ramp_s: f64 = dt[..ramp_len.min(dt.len())].iter().sum();
+    let steady = &dt[ramp_len.min(dt.len())..];
+    let (mean, min) = if steady.is_empty() {
+        (f64::NAN, f64::NAN)
+    } else {
+        (
+            steady.iter().sum::<f64>() / steady.len() as f64,
+            steady.iter().copied().fold(f64::INFINITY, f64::min),
+        )
+    };
+    Ok(GptResult {
+        batch,
+        ramp_s,
+        steady_mean_s: mean,
+        steady_min_s: min,
+        steady_steps: steady.len(),
+    })
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(n) = args.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // read by rayon's global pool and by candle's CPU kernels at first use
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    if args.batch.contains(&0) {
+        bail!("batch sizes must be at least 1");
+    }
+    if args.what.contains(&What::Features) && args.audio.is_none() {
+        bail!("`--what features` needs an audio file: pass --audio PATH");
+    }
+    let choice: danceba_model::device::DeviceChoice = args.device.parse()?;
+    let device = danceba_model::device::open(choice).context("opening the --device")?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let mut report = json!({
+        "machine": { "cpu": cpu_name(), "logical_cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) },
+        "threads": threads,
+        "device": danceba_model::device::describe(&device),
+        "dtype": format!("{dtype:?}").to_lowercase(),
+        "build": if cfg!(debug_assertions) { "debug" } else { "release" },
+    });
+    if args.what.contains(&What::Gpt) {
+        let t0 = Instant::now();
+        let (mut gpt, source) = load_gpt(&args, &device, dtype)?;
+        let load_s = t0.elapsed().as_secs_f64();
+        gpt.set_mamba_impl(match args.mamba {
+            MambaArg::Fused if device.is_cuda() => MambaImpl::FusedCuda,
+            MambaArg::Fused => MambaImpl::FusedCpu,
+            MambaArg::Portable => MambaImpl::Portable,
+        });
+        if !args.json {
+            println!(
+                "GPT: {source}, n_embd {}, {} + {} layers; mamba {:?}; {threads} threads; load {load_s:.2} s",
+                gpt.arch().n_embd,
+                gpt.arch().n_layer_base,
+                gpt.arch().n_layer_head,
+                gpt.mamba_impl()
+            );
+        }
+        let mut runs = Vec::new();
+        for &b in &args.batch {
+            let r = bench_gpt(&gpt, b, args.steps.max(1), args.seed)?;
+            let fps = FRAMES_PER_STEP * b as f64 / r.steady_mean_s;
+            if !args.json {
+                println!(
+                    "batch {b}: steady step (t=28) {:.3} s mean, {:.3} s min over {} steps; ramp (t=1..28) {:.2} s; {:.1} motion frames/s ({:.2}× real time at 60 fps)",
+                    r.steady_mean_s, r.steady_min_s, r.steady_steps, r.ramp_s, fps, fps / 60.0
+                );
+            }
+            runs.push(json!({
+                "batch": r.batch,
+                "steady_step_s": r.steady_mean_s,
+                "steady_step_min_s": r.steady_min_s,
+                "steady_steps_timed": r.steady_steps,
+                "ramp_s": r.ramp_s,
+                "motion_frames_per_s": fps,
+            }));
+        }
+        report["gpt"] = json!({
+            "weights": source,
+            "mamba": format!("{:?}", gpt.mamba_impl()),
+            "load_s": load_s,
+            "runs": runs,
+        });
+    }
+    if args.what.contains(&What::Features) {
+        let audio = args.audio.as_ref().context("--audio is required")?;
+        let mut times = Vec::new();
+        let mut rows = 0;
+        for _ in 0..args.repeat.max(1) {
+            let t0 = Instant::now();
+            let f = danceba_audio::features_from_file(audio)
+                .with_context(|| format!("extracting features from {}", audio.display()))?;
+            times.push(t0.elapsed().as_secs_f64());
+            rows = f.rows;
+        }
+        let best = times.iter().copied().fold(f64::INFINITY, f64::min);
+        let audio_s = rows as f64 / 7.5;
+        let per_minute = if audio_s > 0.0 {
+            best * 60.0 / audio_s
+        } else {
+            f64::NAN
+        };
+        if !args.json {
+            println!(
+                "features: {} ({rows} rows ≈ {audio_s:.1} s of audio): {best:.3} s best of {}; {per_minute:.2} s per 60 s of audio",
+                audio.display(),
+                times.len()
+            );
+        }
+        report["features"] = json!({
+            "audio": audio.display().to_string(),
+            "rows": rows,
+            "audio_s": audio_s,
+            "best_s": best,
+            "s_per_60s_audio": per_minute,
+        });
+    }
+    let rss = peak_rss_mib();
+    report["peak_rss_mib"] = json!(rss);
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else if let Some(r) = rss {
+        println!("peak RSS {r:.0} MiB");
+    }
+    Ok(())
 }

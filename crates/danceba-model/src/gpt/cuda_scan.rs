@@ -1,0 +1,342 @@
+//! Fused CUDA kernels of the Mamba layer (feature `cuda`): the causal depthwise convolution with
+//! SiLU in one launch, and softplus(Δ) + selective scan + D skip + SiLU(z) gate in another, in
+//! place of the portable path's few hundred small launches per layer. The kernels
+//! (`cuda_scan.cu`) are compiled to PTX by the crate's build script and loaded once per device.
+//! Storage dtypes f32, f16, bf16; the arithmetic and the scan state are f32.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor,
+};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cuda_scan.ptx"));
+const MODULE: &str = "danceba_mamba_cuda_scan";
+
+/// The largest `d_state` the scan kernel holds in registers (8 states per lane).
+pub const MAX_D_STATE: usize = 256;
+
+/// Whether the fused kernels can run a layer with this `d_state` in this dtype.
+pub fn supports(d_state: usize, dtype: DType) -> bool {
+    (1..=MAX_D_STATE).contains(&d_state) && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
+fn as_i32(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what} = {v} exceeds i32")))
+}
+
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+        None => bail!("fused CUDA Mamba: {what} must be contiguous"),
+    }
+}
+
+/// Checks that `t` is a contiguous CUDA tensor of `dtype` with `elems` elements.
+fn check(t: &Tensor, dtype: DType, elems: usize, what: &str) -> Result<()> {
+    if !t.device().is_cuda() {
+        bail!("fused CUDA Mamba: {what} is not on a CUDA device");
+    }
+    if t.dtype() != dtype {
+        bail!(
+            "fused CUDA Mamba: {what} is {:?}, expected {dtype:?}",
+            t.dtype()
+        );
+    }
+    if t.elem_count() != elems {
+        bail!(
+            "fused CUDA Mamba: {what} has shape {:?}, expected {elems} elements",
+            t.dims()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `f` with the CUDA storage and layout of `t`.
+fn with_cuda<R>(t: &Tensor, what: &str, f: impl FnOnce(&CudaStorage, &Layout) -> Result<R>) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cuda(cs) => f(cs, l),
+        _ => bail!("fused CUDA Mamba: {what} is not on a CUDA device"),
+    }
+}
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        d => bail!("the fused CUDA Mamba kernels take f32, f16 or bf16, not {d:?}"),
+    })
+}
+
+struct ConvSilu<'a> {
+    w: &'a Tensor,
+    b: &'a Tensor,
+    batch: usize,
+    len: usize,
+    d: usize,
+    k: usize,
+    stride: usize,
+}
+
+impl ConvSilu<'_> {
+    fn launch<T: CudaDType + DeviceRepr>(&self, xz: &CudaStorage, xl: &Layout) -> Result<CudaStorage> {
+        let dev = xz.device().clone();
+        let x = view::<T>(xz, xl, "in_proj output")?;
+        let n = self.batch * self.len * self.d;
+        let (batch, len, d, k, stride) = (
+            as_i32(self.batch, "batch")?,
+            as_i32(self.len, "len")?,
+            as_i32(self.d, "d_inner")?,
+            as_i32(self.k, "d_conv")?,
+            as_i32(self.stride, "row stride")?,
+        );
+        as_i32(n, "batch·len·d_inner")?;
+        let name = format!("mamba_conv_silu_{}", suffix(T::DTYPE)?);
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        // SAFETY: every element is written by the kernel below.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        with_cuda(self.w, "conv weight", |ws, wl| {
+            with_cuda(self.b, "conv bias", |bs, bl| {
+                let w = view::<T>(ws, wl, "conv weight")?;
+                let b = view::<T>(bs, bl, "conv bias")?;
+                let mut lb = func.builder();
+                lb.arg(&x).arg(&w).arg(&b).arg(&out);
+                lb.arg(&batch).arg(&len).arg(&d).arg(&k).arg(&stride);
+                let cfg = LaunchConfig::for_num_elems(n as u32);
+                // SAFETY: argument types and counts match the kernel's signature; the views
+                // cover every index the kernel reads (checked shapes).
+                unsafe { lb.launch(cfg) }.w()?;
+                Ok(())
+            })
+        })?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+}
+
+impl CustomOp1 for ConvSilu<'_> {
+    fn name(&self) -> &'static str {
+        "danceba-mamba-conv-silu"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("the fused CUDA Mamba convolution runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let out = match s.dtype() {
+            DType::F32 => self.launch::<f32>(s, l)?,
+            DType::F16 => self.launch::<half::f16>(s, l)?,
+            DType::BF16 => self.launch::<half::bf16>(s, l)?,
+            d => bail!("the fused CUDA Mamba kernels take f32, f16 or bf16, not {d:?}"),
+        };
+        Ok((out, Shape::from((self.batch, self.len, self.d))))
+    }
+}
+
+/// Causal depthwise convolution (kernel `w`: (d, K), zero history) plus `bias` (d), then SiLU,
+/// over the first `d` columns of `xz` (B, L, S ≥ d). Returns (B, L, d).
+pub fn conv_silu(xz: &Tensor, d: usize, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (batch, len, stride) = xz.dims3()?;
+    if d == 0 || d > stride {
+        bail!("fused CUDA Mamba: {d} channels do not fit rows of {stride}");
+    }
+    let k = w.elem_count() / d;
+    let dt = xz.dtype();
+    check(w, dt, d * k, "conv weight")?;
+    check(bias, dt, d, "conv bias")?;
+    if k == 0 {
+        bail!("fused CUDA Mamba: empty convolution kernel");
+    }
+    let xz = xz.contiguous()?;
+    let (w, bias) = (w.contiguous()?, bias.contiguous()?);
+    xz.apply_op1_no_bwd(&ConvSilu {
+        w: &w,
+        b: &bias,
+        batch,
+        len,
+        d,
+        k,
+        stride,
+    })
+}
+
+/// Inputs of [`selective_scan`] besides `u`.
+pub struct ScanArgs<'a> {
+    /// Δ before its bias and the softplus: (B, L, d).
+    pub delta_pre: &'a Tensor,
+    /// (d).
+    pub delta_bias: &'a Tensor,
+    /// A = −exp(A_log): (d, n).
+    pub a: &'a Tensor,
+    /// The x_proj output (B, L, S): B at columns `b_offset..+n`, C at `c_offset..+n`.
+    pub bc: &'a Tensor,
+    pub b_offset: usize,
+    pub c_offset: usize,
+    /// The D skip: (d).
+    pub d_skip: &'a Tensor,
+    /// The in_proj output (B, L, S'): z at columns `z_offset..+d`.
+    pub z: &'a Tensor,
+    pub z_offset: usize,
+}
+
+struct Scan<'a> {
+    args: &'a ScanArgs<'a>,
+    batch: usize,
+    len: usize,
+    d: usize,
+    n: usize,
+    bc_stride: usize,
+    z_stride: usize,
+}
+
+impl Scan<'_> {
+    fn launch<T: CudaDType + DeviceRepr>(&self, us: &CudaStorage, ul: &Layout) -> Result<CudaStorage> {
+        let dev = us.device().clone();
+        let u = view::<T>(us, ul, "u")?;
+        let a = self.args;
+        let total = self.batch * self.len * self.d;
+        as_i32(total, "batch·len·d_inner")?;
+        as_i32(self.batch * self.len * self.bc_stride, "x_proj output size")?;
+        as_i32(self.batch * self.len * self.z_stride, "in_proj output size")?;
+        let ints = [
+            as_i32(self.bc_stride, "x_proj width")?,
+            as_i32(a.b_offset, "B offset")?,
+            as_i32(a.c_offset, "C offset")?,
+            as_i32(self.z_stride, "in_proj width")?,
+            as_i32(a.z_offset, "z offset")?,
+            as_i32(self.batch, "batch")?,
+            as_i32(self.len, "len")?,
+            as_i32(self.d, "d_inner")?,
+            as_i32(self.n, "d_state")?,
+        ];
+        let warps = self.batch * self.d;
+        let threads = warps
+            .checked_mul(32)
+            .filter(|&t| t <= u32::MAX as usize)
+            .ok_or_else(|| candle_core::Error::Msg("fused CUDA Mamba: too many channels".into()))?;
+        let name = format!("mamba_scan_{}", suffix(T::DTYPE)?);
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        // SAFETY: every element is written by the kernel below (lane 0 of each channel's warp
+        // writes all its positions).
+        let out = unsafe { dev.alloc::<T>(total)? };
+        with_cuda(a.delta_pre, "delta", |s1, l1| {
+            with_cuda(a.delta_bias, "delta bias", |s2, l2| {
+                with_cuda(a.a, "A", |s3, l3| {
+                    with_cuda(a.bc, "x_proj output", |s4, l4| {
+                        with_cuda(a.d_skip, "D", |s5, l5| {
+                            with_cuda(a.z, "in_proj output", |s6, l6| {
+                                let dpre = view::<T>(s1, l1, "delta")?;
+                                let dbias = view::<T>(s2, l2, "delta bias")?;
+                                let av = view::<T>(s3, l3, "A")?;
+                                let bc = view::<T>(s4, l4, "x_proj output")?;
+                                let dsk = view::<T>(s5, l5, "D")?;
+                                let z = view::<T>(s6, l6, "in_proj output")?;
+                                let mut lb = func.builder();
+                                lb.arg(&u).arg(&dpre).arg(&dbias).arg(&av).arg(&bc);
+                                lb.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]);
+                                lb.arg(&dsk).arg(&z).arg(&ints[3]).arg(&ints[4]).arg(&out);
+                                lb.arg(&ints[5]).arg(&ints[6]).arg(&ints[7]).arg(&ints[8]);
+                                const BLOCK: u32 = 128;
+                                let cfg = LaunchConfig {
+                                    grid_dim: ((threads as u32).div_ceil(BLOCK), 1, 1),
+                                    block_dim: (BLOCK, 1, 1),
+                                    shared_mem_bytes: 0,
+                                };
+                                // SAFETY: argument types and counts match the kernel's
+                                // signature; the views cover every index it reads (checked
+                                // shapes and offsets).
+                                unsafe { lb.launch(cfg) }.w()?;
+                                Ok(())
+                            })
+                        })
+                    })
+                })
+            })
+        })?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+}
+
+impl CustomOp1 for Scan<'_> {
+    fn name(&self) -> &'static str {
+        "danceba-mamba-selective-scan"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("the fused CUDA selective scan runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let out = match s.dtype() {
+            DType::F32 => self.launch::<f32>(s, l)?,
+            DType::F16 => self.launch::<half::f16>(s, l)?,
+            DType::BF16 => self.launch::<half::bf16>(s, l)?,
+            d => bail!("the fused CUDA Mamba kernels take f32, f16 or bf16, not {d:?}"),
+        };
+        Ok((out, Shape::from((self.batch, self.len, self.d))))
+    }
+}
+
+/// `y = (C·h_t + D·u) ⊙ SiLU(z)` with `h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t u_t` from `h_0 = 0`
+/// and `Δ = softplus(delta_pre + delta_bias)`, for `u` (B, L, d). Returns (B, L, d).
+pub fn selective_scan(u: &Tensor, args: &ScanArgs) -> Result<Tensor> {
+    let (batch, len, d) = u.dims3()?;
+    let dt = u.dtype();
+    let n = args.a.elem_count() / d.max(1);
+    if !supports(n, dt) {
+        bail!("fused CUDA Mamba: d_state {n} / {dt:?} is not supported (at most {MAX_D_STATE})");
+    }
+    check(args.a, dt, d * n, "A")?;
+    check(args.delta_pre, dt, batch * len * d, "delta")?;
+    check(args.delta_bias, dt, d, "delta bias")?;
+    check(args.d_skip, dt, d, "D")?;
+    let (b2, l2, bc_stride) = args.bc.dims3()?;
+    let (b3, l3, z_stride) = args.z.dims3()?;
+    if (b2, l2) != (batch, len) || (b3, l3) != (batch, len) {
+        bail!(
+            "fused CUDA Mamba: x_proj {:?} / in_proj {:?} outputs do not match u {:?}",
+            args.bc.dims(),
+            args.z.dims(),
+            u.dims()
+        );
+    }
+    if args.b_offset + n > bc_stride || args.c_offset + n > bc_stride {
+        bail!("fused CUDA Mamba: B/C columns exceed the x_proj width {bc_stride}");
+    }
+    if args.z_offset + d > z_stride {
+        bail!("fused CUDA Mamba: z columns exceed the in_proj width {z_stride}");
+    }
+    check(args.bc, dt, batch * len * bc_stride, "x_proj output")?;
+    check(args.z, dt, batch * len * z_stride, "in_proj output")?;
+    let (dpre, dbias, a, bc, dsk, z) = (
+        args.delta_pre.contiguous()?,
+        args.delta_bias.contiguous()?,
+        args.a.contiguous()?,
+        args.bc.contiguous()?,
+        args.d_skip.contiguous()?,
+        args.z.contiguous()?,
+    );
+    let c = ScanArgs {
+        delta_pre: &dpre,
+        delta_bias: &dbias,
+        a: &a,
+        bc: &bc,
+        b_offset: args.b_offset,
+        c_offset: args.c_offset,
+        d_skip: &dsk,
+        z: &z,
+        z_offset: args.z_offset,
+    };
+    u.contiguous()?.apply_op1_no_bwd(&Scan {
+        args: &c,
+        batch,
+        len,
+        d,
+        n,
+        bc_stride,
+        z_stride,
+    })
+}
