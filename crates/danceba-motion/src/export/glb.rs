@@ -257,7 +257,9 @@ pub fn glb_bytes(motion: &Motion) -> Result<Vec<u8>, ExportError> {
         .collect();
     let a_time = b.floats(&times, "SCALAR", None, true);
     let mut root_t = Vec::with_capacity(frames * 3);
-    let mut rots: Vec<Vec<f32>> = vec![Vec::with_capacity(frames * 4); NUM_JOINTS];
+    let mut rots: Vec<Vec<f32>> = (0..NUM_JOINTS)
+        .map(|_| Vec::with_capacity(frames * 4))
+        .collect();
     let mut prev = [[1.0f64, 0.0, 0.0, 0.0]; NUM_JOINTS];
     for f in 0..frames {
         let fr = rig.solve(motion, f);
@@ -291,14 +293,14 @@ pub fn glb_bytes(motion: &Motion) -> Result<Vec<u8>, ExportError> {
 
     // Nodes 0..24 are the joints (node index = joint index); 24 is the skinned mesh.
     let mut nodes = Vec::with_capacity(NUM_JOINTS + 1);
-    for j in 0..NUM_JOINTS {
+    for (j, name) in JOINT_NAMES.iter().enumerate() {
         let t = if j == 0 {
             motion.joint(0, 0).map(|v| v as f64)
         } else {
             rig.offsets[j]
         };
         let mut n = json!({
-            "name": JOINT_NAMES[j],
+            "name": name,
             "translation": [t[0] as f32, t[1] as f32, t[2] as f32],
         });
         if !rig.children[j].is_empty() {
