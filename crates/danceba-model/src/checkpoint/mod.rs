@@ -126,24 +126,23 @@ pub fn load_on(path: &Path, device: &Device, dtype: DType) -> Result<StateDict, 
         path: path.to_path_buf(),
         source,
     })?;
-    match sniff(path, &mmap)? {
-        FileFormat::TorchZip => {
-            // Once a storage is copied out, hand its pages back to the page cache so that peak
-            // memory stays near one copy of the model (file pages count towards RSS).
-            let release = |start: usize, len: usize| {
-                #[cfg(unix)]
-                // SAFETY: read-only file mapping: dropped pages are re-read from the file if
-                // touched again, so no data is lost and no live reference is invalidated.
-                unsafe {
-                    let _ =
-                        mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len);
-                }
-                #[cfg(not(unix))]
-                let _ = (start, len);
-            };
-            torch::load_torch(path, &mmap, device, dtype, &release)
+    // Once a storage is copied out, hand its pages back to the page cache so that peak
+    // memory stays near one copy of the model (file pages count towards RSS).
+    let release = |start: usize, len: usize| {
+        #[cfg(unix)]
+        // SAFETY: read-only file mapping: dropped pages are re-read from the file if
+        // touched again, so no data is lost and no live reference is invalidated.
+        unsafe {
+            let _ = mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len);
         }
-        FileFormat::Safetensors => safetensors_io::load_safetensors(path, &mmap, device, dtype),
+        #[cfg(not(unix))]
+        let _ = (start, len);
+    };
+    match sniff(path, &mmap)? {
+        FileFormat::TorchZip => torch::load_torch(path, &mmap, device, dtype, &release),
+        FileFormat::Safetensors => {
+            safetensors_io::load_safetensors(path, &mmap, device, dtype, &release)
+        }
     }
 }
 
@@ -156,7 +155,9 @@ pub fn load_from_bytes(
 ) -> Result<StateDict, CheckpointError> {
     match sniff(source, data)? {
         FileFormat::TorchZip => torch::load_torch(source, data, device, dtype, &|_, _| {}),
-        FileFormat::Safetensors => safetensors_io::load_safetensors(source, data, device, dtype),
+        FileFormat::Safetensors => {
+            safetensors_io::load_safetensors(source, data, device, dtype, &|_, _| {})
+        }
     }
 }
 

@@ -14,6 +14,7 @@ pub(crate) fn load_safetensors(
     data: &[u8],
     device: &Device,
     dtype: DType,
+    release: &dyn Fn(usize, usize),
 ) -> Result<StateDict, CheckpointError> {
     let p = || path.to_path_buf();
     let st = SafeTensors::deserialize(data).map_err(|e| CheckpointError::Safetensors {
@@ -58,6 +59,8 @@ pub(crate) fn load_safetensors(
             t
         };
         let t = t.to_device(device)?;
+        let start = (view.data().as_ptr() as usize).saturating_sub(data.as_ptr() as usize);
+        release(start, view.data().len());
         let key = super::strip_module_prefix(name).to_string();
         source_dtypes.insert(key.clone(), tname.to_string());
         tensors.insert(key, t);
