@@ -9,11 +9,13 @@ use super::Result;
 /// RMSNorm epsilon of every norm in the GPT.
 pub const RMS_EPS: f32 = 1e-6;
 
-/// A linear layer `y = x·Wᵀ (+ b)` on the last dimension, with the weight stored transposed
-/// (in, out) and contiguous once at load time, and inputs of any rank flattened to one GEMM.
+/// A linear layer `y = x·Wᵀ (+ b)` on the last dimension, with inputs of any rank flattened to
+/// one GEMM. The weight stays in the checkpoint's (out, in) layout and is used through a
+/// transposed view: no copy at load time, and candle's CPU GEMM measured 3–4× faster on the
+/// wide layers of a step this way than with a contiguous (in, out) copy.
 #[derive(Debug, Clone)]
 pub struct Lin {
-    w_t: Tensor,
+    w: Tensor,
     b: Option<Tensor>,
 }
 
@@ -33,15 +35,12 @@ impl Lin {
         } else {
             None
         };
-        Ok(Self {
-            w_t: w.t()?.contiguous()?,
-            b,
-        })
+        Ok(Self { w, b })
     }
 
     /// Output width.
     pub fn out_dim(&self) -> usize {
-        self.w_t.dims()[1]
+        self.w.dims()[0]
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -49,7 +48,7 @@ impl Lin {
         let last = dims.len() - 1;
         let rows: usize = dims[..last].iter().product();
         let x2 = x.reshape((rows, dims[last]))?;
-        let mut y = x2.matmul(&self.w_t)?;
+        let mut y = x2.matmul(&self.w.t()?)?;
         if let Some(b) = &self.b {
             y = y.broadcast_add(b)?;
         }
@@ -120,7 +119,7 @@ impl BlockBase {
         let k = Lin::load(&attn, "key", c, c, true)?;
         let v = Lin::load(&attn, "value", c, c, true)?;
         let qkv = Lin {
-            w_t: Tensor::cat(&[&q.w_t, &k.w_t, &v.w_t], 1)?.contiguous()?,
+            w: Tensor::cat(&[&q.w, &k.w, &v.w], 0)?,
             b: match (q.b, k.b, v.b) {
                 (Some(a), Some(b), Some(c)) => Some(Tensor::cat(&[a, b, c], 0)?),
                 _ => None,

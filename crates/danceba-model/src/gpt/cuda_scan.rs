@@ -5,10 +5,13 @@
 //! Storage dtypes f32, f16, bf16; the arithmetic and the scan state are f32.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor,
+    WithDType,
 };
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cuda_scan.ptx"));
@@ -54,7 +57,11 @@ fn check(t: &Tensor, dtype: DType, elems: usize, what: &str) -> Result<()> {
 }
 
 /// Runs `f` with the CUDA storage and layout of `t`.
-fn with_cuda<R>(t: &Tensor, what: &str, f: impl FnOnce(&CudaStorage, &Layout) -> Result<R>) -> Result<R> {
+fn with_cuda<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&CudaStorage, &Layout) -> Result<R>,
+) -> Result<R> {
     let (s, l) = t.storage_and_layout();
     match &*s {
         Storage::Cuda(cs) => f(cs, l),
@@ -82,7 +89,11 @@ struct ConvSilu<'a> {
 }
 
 impl ConvSilu<'_> {
-    fn launch<T: CudaDType + DeviceRepr>(&self, xz: &CudaStorage, xl: &Layout) -> Result<CudaStorage> {
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
+        xz: &CudaStorage,
+        xl: &Layout,
+    ) -> Result<CudaStorage> {
         let dev = xz.device().clone();
         let x = view::<T>(xz, xl, "in_proj output")?;
         let n = self.batch * self.len * self.d;
@@ -193,7 +204,11 @@ struct Scan<'a> {
 }
 
 impl Scan<'_> {
-    fn launch<T: CudaDType + DeviceRepr>(&self, us: &CudaStorage, ul: &Layout) -> Result<CudaStorage> {
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
+        us: &CudaStorage,
+        ul: &Layout,
+    ) -> Result<CudaStorage> {
         let dev = us.device().clone();
         let u = view::<T>(us, ul, "u")?;
         let a = self.args;

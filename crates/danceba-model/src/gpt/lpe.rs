@@ -80,7 +80,7 @@ pub fn stft_phase(signal: &[f32]) -> Result<(Vec<f32>, usize)> {
 /// One `LinearPhaseEmbedding_1`: `relu(BN_eval(linear2(phase)))`.
 #[derive(Debug, Clone)]
 struct PhaseEmbedding {
-    w_t: Tensor,   // (bins, C)
+    w: Tensor,     // (C, bins)
     bias: Tensor,  // (C,)
     scale: Tensor, // (C,) = γ / sqrt(var + eps)
     shift: Tensor, // (C,) = β − mean·scale
@@ -98,7 +98,7 @@ impl PhaseEmbedding {
         let scale = gamma.div(&(var + 1e-5)?.sqrt()?)?;
         let shift = (beta - mean.mul(&scale)?)?;
         Ok(Self {
-            w_t: w.t()?.contiguous()?,
+            w,
             bias,
             scale,
             shift,
@@ -107,7 +107,7 @@ impl PhaseEmbedding {
 
     /// `phase`: (B·F', bins) → (B·F', C)
     fn forward(&self, phase: &Tensor) -> Result<Tensor> {
-        let z = phase.matmul(&self.w_t)?.broadcast_add(&self.bias)?;
+        let z = phase.matmul(&self.w.t()?)?.broadcast_add(&self.bias)?;
         let z = z.broadcast_mul(&self.scale)?.broadcast_add(&self.shift)?;
         Ok(z.relu()?)
     }
@@ -166,11 +166,11 @@ impl Lpe {
         let phase = Tensor::from_vec(phase, (batch, frames, N_BINS), &Device::Cpu)?
             .narrow(1, s0, fc)?
             .to_device(device)?
-            .to_dtype(self.mods[0].w_t.dtype())?
+            .to_dtype(self.mods[0].w.dtype())?
             .reshape((batch * fc, N_BINS))?;
         let mut outs = Vec::with_capacity(3);
         for m in self.mods.iter() {
-            let c = m.w_t.dim(1)?;
+            let c = m.w.dim(0)?;
             outs.push(m.forward(&phase)?.reshape((batch, fc, c))?);
         }
         Ok(Tensor::cat(&outs, 1)?)
