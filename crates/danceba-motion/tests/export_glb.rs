@@ -180,13 +180,11 @@ fn glb_structure_and_animation_reproduce_the_motion() {
     }
 }
 
-fn validator_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("gltf-validator")
+fn node_cache(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(name)
 }
 
-/// Installs the npm package `gltf-validator` into a cache under target/ (once) and returns the
-/// report of `file`, or `None` (with a message) where Node.js/npm are absent.
-fn validate(file: &Path) -> Option<Value> {
+fn have_node() -> bool {
     let have = |cmd: &str| {
         Command::new(cmd)
             .arg("--version")
@@ -194,28 +192,46 @@ fn validate(file: &Path) -> Option<Value> {
             .map(|o| o.status.success())
             .unwrap_or(false)
     };
-    if !have("node") || !have("npm") {
-        eprintln!("SKIPPED: node/npm not found; the Khronos glTF validator was not run");
-        return None;
-    }
-    let dir = validator_dir();
+    have("node") && have("npm")
+}
+
+/// `npm install` of `package` into a cache directory under target/ (once); returns the directory.
+fn npm_package(cache: &str, package: &str, check: &str) -> PathBuf {
+    let dir = node_cache(cache);
     if !dir
-        .join("node_modules/gltf-validator/package.json")
+        .join("node_modules")
+        .join(check)
+        .join("package.json")
         .exists()
     {
         std::fs::create_dir_all(&dir).unwrap();
         let out = Command::new("npm")
             .args(["install", "--no-audit", "--no-fund", "--prefix"])
             .arg(&dir)
-            .arg("gltf-validator@2.0.0-dev.3.10")
+            .arg(package)
             .output()
             .expect("run npm");
         assert!(
             out.status.success(),
-            "npm install gltf-validator failed: {}",
+            "npm install {package} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    dir
+}
+
+/// Installs the npm package `gltf-validator` into a cache under target/ (once) and returns the
+/// report of `file`, or `None` (with a message) where Node.js/npm are absent.
+fn validate(file: &Path) -> Option<Value> {
+    if !have_node() {
+        eprintln!("SKIPPED: node/npm not found; the Khronos glTF validator was not run");
+        return None;
+    }
+    let dir = npm_package(
+        "gltf-validator",
+        "gltf-validator@2.0.0-dev.3.10",
+        "gltf-validator",
+    );
     let script = r#"
 const fs = require('fs');
 const v = require(process.argv[1]);
@@ -258,6 +274,78 @@ fn glb_passes_the_khronos_validator() {
         }
         assert_eq!(issues["numErrors"], 0, "{name}: {}", issues["messages"]);
         assert_eq!(issues["numWarnings"], 0, "{name}: {}", issues["messages"]);
+    }
+}
+
+#[test]
+fn glb_loads_and_plays_in_three_js() {
+    if !have_node() {
+        eprintln!("SKIPPED: node/npm not found; three.js was not run");
+        return;
+    }
+    let dir = npm_package("threejs", "three@0.187.0", "three");
+    let tmp = tempfile::tempdir().unwrap();
+    let m = rigid_dance(120);
+    let file = tmp.path().join("d.glb");
+    glb::write_glb(&m, &file, false).unwrap();
+    // An ES module next to node_modules so that `import 'three'` resolves.
+    let script = dir.join("danceba_load_glb.mjs");
+    std::fs::write(
+        &script,
+        r#"
+import fs from 'fs';
+import * as THREE from 'three';
+import { GLTFLoader } from 'three/examples/jsm/loaders/GLTFLoader.js';
+const buf = fs.readFileSync(process.argv[2]);
+const ab = buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.byteLength);
+new GLTFLoader().parse(ab, '', (gltf) => {
+  let skinned = 0, bones = 0;
+  gltf.scene.traverse(o => { if (o.isSkinnedMesh) skinned++; if (o.isBone) bones++; });
+  const clip = gltf.animations[0];
+  const mixer = new THREE.AnimationMixer(gltf.scene);
+  mixer.clipAction(clip).play();
+  mixer.setTime(1.0);
+  gltf.scene.updateMatrixWorld(true);
+  const pos = {};
+  for (const name of ['pelvis', 'head', 'left_wrist', 'right_foot']) {
+    const p = new THREE.Vector3();
+    gltf.scene.getObjectByName(name).getWorldPosition(p);
+    pos[name] = [p.x, p.y, p.z];
+  }
+  console.log(JSON.stringify({skinned, bones, duration: clip.duration, pos}));
+}, (e) => { console.error(e); process.exit(1); });
+"#,
+    )
+    .unwrap();
+    let out = Command::new("node")
+        .arg(&script)
+        .arg(&file)
+        .output()
+        .expect("run node");
+    assert!(
+        out.status.success(),
+        "three.js could not load the glb: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["skinned"], 1);
+    assert_eq!(r["bones"], NUM_JOINTS);
+    assert!((r["duration"].as_f64().unwrap() - 119.0 / 60.0).abs() < 1e-5);
+    // At t = 1 s (frame 60) the animated bones sit on the motion's joints.
+    for (name, j) in [
+        ("pelvis", 0),
+        ("head", 15),
+        ("left_wrist", 20),
+        ("right_foot", 11),
+    ] {
+        let want = m.joint(60, j);
+        for c in 0..3 {
+            let got = r["pos"][name][c].as_f64().unwrap();
+            assert!(
+                (got - want[c] as f64).abs() < 1e-4,
+                "{name}: {got} vs {want:?}"
+            );
+        }
     }
 }
 
