@@ -1,0 +1,161 @@
+//! `danceba render` end to end through the binary.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use danceba_motion::export::json::TokenStreams;
+use danceba_motion::export::{self, Format, MotionMeta};
+use danceba_motion::Motion;
+
+fn golden_dir() -> PathBuf {
+    match std::env::var_os("DANCEBA_GOLDEN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/golden"
+        )),
+    }
+}
+
+fn danceba() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_danceba"))
+}
+
+/// A short motion: the first second of the golden absolute pose.
+fn motion() -> Motion {
+    let bytes = std::fs::read(
+        golden_dir().join("model/mono22k_mutilated_mime_12s.pipeline.safetensors"),
+    )
+    .unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("pose_absolute").unwrap();
+    let v: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .take(60 * 72)
+        .collect();
+    Motion::new(v, 60.0).unwrap()
+}
+
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn render_reexports_a_json_motion() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = motion();
+    let meta = MotionMeta {
+        tokens: Some(TokenStreams {
+            up: vec![423; 8],
+            down: vec![12; 8],
+        }),
+        audio: Some("missing.mp3".into()),
+        ..Default::default()
+    };
+    let input = dir.path().join("dance.json");
+    export::export(&m, &meta, Format::Json, &input, false).unwrap();
+    let out = dir.path().join("out");
+    let (ok, err) = run(danceba()
+        .arg("render")
+        .arg(&input)
+        .arg("-o")
+        .arg(&out)
+        .args(["--formats", "npy,pkl.npy,json,bvh,glb,html"]));
+    assert!(ok, "{err}");
+    for ext in ["npy", "pkl.npy", "json", "bvh", "glb", "html"] {
+        let p = out.join(format!("dance.{ext}"));
+        assert!(p.is_file(), "{} missing; {err}", p.display());
+    }
+    // The re-exported json keeps the motion and the tokens.
+    let (back, meta2) = export::read_motion(&out.join("dance.json"), 60.0).unwrap();
+    assert_eq!(back, m);
+    assert_eq!(meta2.tokens, meta.tokens);
+    let (npy, _) = export::read_motion(&out.join("dance.npy"), 60.0).unwrap();
+    assert_eq!(npy, m);
+    let bvh = std::fs::read_to_string(out.join("dance.bvh")).unwrap();
+    assert!(bvh.contains("Frames: 60"));
+
+    // Again without --force: refused before anything is written, files unchanged.
+    let before = std::fs::read(out.join("dance.glb")).unwrap();
+    let (ok, err) = run(danceba()
+        .arg("render")
+        .arg(&input)
+        .arg("-o")
+        .arg(&out)
+        .args(["--formats", "glb"]));
+    assert!(!ok);
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read(out.join("dance.glb")).unwrap(), before);
+    let (ok, err) = run(danceba()
+        .arg("render")
+        .arg(&input)
+        .arg("-o")
+        .arg(&out)
+        .args(["--formats", "glb", "--force"]));
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn render_npy_to_video() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("d.npy");
+    export::export(&motion(), &MotionMeta::default(), Format::Npy, &input, false).unwrap();
+    let (ok, err) = run(danceba()
+        .arg("render")
+        .arg(&input)
+        .arg("-o")
+        .arg(dir.path())
+        .args(["--formats", "mp4", "--quiet"]));
+    assert!(ok, "{err}");
+    // mp4 with ffmpeg, else the GIF fallback.
+    assert!(
+        dir.path().join("d.mp4").is_file() || dir.path().join("d.gif").is_file(),
+        "{err}"
+    );
+}
+
+#[test]
+fn render_rejects_bad_input_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    // A .npy of the wrong shape.
+    let bad = dir.path().join("bad.npy");
+    let mut h = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 71), }".to_string();
+    while (10 + h.len() + 1) % 64 != 0 {
+        h.push(' ');
+    }
+    h.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(h.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(h.as_bytes());
+    bytes.extend_from_slice(&[0u8; 2 * 71 * 4]);
+    std::fs::write(&bad, bytes).unwrap();
+    let (ok, err) = run(danceba().arg("render").arg(&bad).arg("-o").arg(&out));
+    assert!(!ok);
+    assert!(err.contains("(frames, 72)"), "{err}");
+    assert!(!out.exists(), "nothing may be created for a bad input");
+    // Unknown format, missing file, unwritable output directory.
+    let good = dir.path().join("good.npy");
+    export::export(&motion(), &MotionMeta::default(), Format::Npy, &good, false).unwrap();
+    let (ok, err) = run(danceba()
+        .arg("render")
+        .arg(&good)
+        .args(["--formats", "fbx"]));
+    assert!(!ok && err.contains("choose from"), "{err}");
+    let (ok, err) = run(danceba().arg("render").arg(dir.path().join("nope.json")));
+    assert!(!ok && err.contains("nope.json"), "{err}");
+    let file_as_dir = dir.path().join("plain");
+    std::fs::write(&file_as_dir, b"x").unwrap();
+    let (ok, err) = run(danceba()
+        .arg("render")
+        .arg(&good)
+        .arg("-o")
+        .arg(file_as_dir.join("sub")));
+    assert!(!ok && err.contains("output directory"), "{err}");
+}
