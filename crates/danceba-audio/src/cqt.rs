@@ -2,6 +2,7 @@
 //! piptrack tuning estimate, resampy `kaiser_fast` 2:1 octave down-sampling, sparse FFT filter
 //! bank, CQT magnitude and chroma folding with inf-norm.
 
+use rayon::prelude::*;
 use rustfft::num_complex::Complex;
 use rustfft::FftPlanner;
 
@@ -189,6 +190,10 @@ pub fn half_band_taps() -> Vec<f64> {
 
 /// `librosa.resample(y, 2, 1, res_type='kaiser_fast', scale=True)`: resampy 2:1 followed by
 /// zero padding to `ceil(n/2)` and division by `sqrt(0.5)` (in float32).
+///
+/// Each output accumulates into a float32 register, left wing first, each product formed in
+/// float64 (numba's `y[t] += weight * x[...]`). Outputs are independent, so they are computed in
+/// parallel and eight at a time (same per-output operation order).
 pub fn resample_half(y: &[f32], taps: &[f64]) -> Vec<f32> {
     let n = y.len();
     let n_out = n / 2;
@@ -197,7 +202,7 @@ pub fn resample_half(y: &[f32], taps: &[f64]) -> Vec<f32> {
     let right_max = nwin - 2; // (12289 - 256) // 256 = 47
     let mut out = vec![0.0f32; n.div_ceil(2)];
     let scale = 0.5f64.sqrt() as f32;
-    for (t, o) in out.iter_mut().enumerate().take(n_out) {
+    let one = |t: usize| -> f32 {
         let c = 2 * t;
         let mut acc = 0.0f32;
         let imax = (c + 1).min(left_max);
@@ -208,8 +213,45 @@ pub fn resample_half(y: &[f32], taps: &[f64]) -> Vec<f32> {
         for k in 0..kmax {
             acc = (acc as f64 + taps[k + 1] * y[c + k + 1] as f64) as f32;
         }
-        *o = acc;
-    }
+        acc
+    };
+    const LANES: usize = 8;
+    const BLOCK: usize = 4096;
+    out[..n_out]
+        .par_chunks_mut(BLOCK)
+        .enumerate()
+        .for_each(|(bi, chunk)| {
+            let t0 = bi * BLOCK;
+            let mut j = 0;
+            while j < chunk.len() {
+                let t = t0 + j;
+                let c = 2 * t;
+                // Full-width interior block: every lane uses all 48 left and 47 right taps.
+                let interior = j + LANES <= chunk.len()
+                    && c + 1 >= left_max
+                    && 2 * (t + LANES - 1) + 1 + right_max <= n;
+                if interior {
+                    let mut acc = [0.0f32; LANES];
+                    for i in 0..left_max {
+                        let h = taps[i];
+                        for l in 0..LANES {
+                            acc[l] = (acc[l] as f64 + h * y[c + 2 * l - i] as f64) as f32;
+                        }
+                    }
+                    for k in 0..right_max {
+                        let h = taps[k + 1];
+                        for l in 0..LANES {
+                            acc[l] = (acc[l] as f64 + h * y[c + 2 * l + k + 1] as f64) as f32;
+                        }
+                    }
+                    chunk[j..j + LANES].copy_from_slice(&acc);
+                    j += LANES;
+                } else {
+                    chunk[j] = one(t);
+                    j += 1;
+                }
+            }
+        });
     for o in out.iter_mut() {
         *o /= scale;
     }
@@ -359,49 +401,64 @@ pub fn cqt_magnitude(y: &[f32], sr: f64, tuning: f64, n_octaves: usize) -> Resul
     }
     let taps = half_band_taps();
     let (basis0, n_fft) = cqt_filter_fft(sr, fmin_t, bpo, bpo)?;
-    let mut responses: Vec<Vec<Complex<f32>>> = Vec::with_capacity(n_octaves); // each 36 × F_i
-    let mut frames: Vec<usize> = Vec::with_capacity(n_octaves);
-    let mut my_y: Vec<f32> = y.to_vec();
-    let mut hop = hop0;
-    for i in 0..n_octaves {
-        if i > 0 {
-            if my_y.len() < 2 {
-                return Err(AudioError::InvalidFeatures(format!(
-                    "input signal length={} is too short for {n_octaves}-octave CQT",
-                    y.len()
-                )));
-            }
-            my_y = resample_half(&my_y, &taps);
-            hop /= 2;
+    // The octave signals: y, then repeated 2:1 down-sampling.
+    let mut signals: Vec<Vec<f32>> = Vec::with_capacity(n_octaves);
+    signals.push(y.to_vec());
+    for _ in 1..n_octaves {
+        let prev = &signals[signals.len() - 1];
+        if prev.len() < 2 {
+            return Err(AudioError::InvalidFeatures(format!(
+                "input signal length={} is too short for {n_octaves}-octave CQT",
+                y.len()
+            )));
         }
-        // fft_basis *= sqrt(2^i) in complex64 arithmetic.
-        let s32 = (2.0f64.powi(i as i32)).sqrt() as f32;
-        let d = stft(&my_y, n_fft, hop, None);
-        let nf = d.n_frames;
-        let mut r = vec![Complex::new(0.0f32, 0.0); bpo * nf];
-        for j in 0..bpo {
-            let (a0, a1) = (basis0.indptr[j], basis0.indptr[j + 1]);
-            let out = &mut r[j * nf..(j + 1) * nf];
-            for nz in a0..a1 {
-                let col = basis0.indices[nz];
-                let v = basis0.values[nz];
-                let a = if i == 0 {
-                    v
-                } else {
-                    Complex::new(v.re * s32, v.im * s32)
-                };
-                for (f, o) in out.iter_mut().enumerate() {
-                    let x = d.data[f * d.n_bins + col];
-                    let re = a.re * x.re - a.im * x.im;
-                    let im = a.re * x.im + a.im * x.re;
-                    o.re += re;
-                    o.im += im;
+        let next = resample_half(prev, &taps);
+        signals.push(next);
+    }
+    // The filter bank is the same for every octave (frequencies and rates scale together),
+    // multiplied by sqrt(2^i) in complex64 arithmetic.
+    let results: Vec<(Vec<Complex<f32>>, usize)> = signals
+        .par_iter()
+        .enumerate()
+        .map(|(i, my_y)| {
+            let hop = hop0 >> i;
+            let s32 = (2.0f64.powi(i as i32)).sqrt() as f32;
+            let d = stft(my_y, n_fft, hop, None);
+            let nf = d.n_frames;
+            let nb = d.n_bins;
+            // bins-major copy so the inner loop is contiguous
+            let mut dt = vec![Complex::new(0.0f32, 0.0); nb * nf];
+            for f in 0..nf {
+                for k in 0..nb {
+                    dt[k * nf + f] = d.data[f * nb + k];
                 }
             }
-        }
-        responses.push(r);
-        frames.push(nf);
-    }
+            let mut r = vec![Complex::new(0.0f32, 0.0); bpo * nf];
+            for j in 0..bpo {
+                let (a0, a1) = (basis0.indptr[j], basis0.indptr[j + 1]);
+                let out = &mut r[j * nf..(j + 1) * nf];
+                for nz in a0..a1 {
+                    let col = basis0.indices[nz];
+                    let v = basis0.values[nz];
+                    let a = if i == 0 {
+                        v
+                    } else {
+                        Complex::new(v.re * s32, v.im * s32)
+                    };
+                    let xs = &dt[col * nf..(col + 1) * nf];
+                    for (o, x) in out.iter_mut().zip(xs) {
+                        let re = a.re * x.re - a.im * x.im;
+                        let im = a.re * x.im + a.im * x.re;
+                        o.re += re;
+                        o.im += im;
+                    }
+                }
+            }
+            (r, nf)
+        })
+        .collect();
+    let frames: Vec<usize> = results.iter().map(|r| r.1).collect();
+    let responses: Vec<Vec<Complex<f32>>> = results.into_iter().map(|r| r.0).collect();
     let max_col = frames.iter().copied().min().unwrap_or(0);
     let lengths = constant_q_lengths(sr, fmin, n_bins, bpo);
     let mut out = Mat::zeros(n_bins, max_col);

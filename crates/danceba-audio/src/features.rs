@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::cqt::{chroma_from_cqt, cqt_magnitude, estimate_tuning, N_OCTAVES};
-use crate::hpss::hpss;
+use crate::hpss::hpss_from_stft;
 use crate::mel::{mel_filterbank, mel_power, power_to_db_ref_max};
 use crate::mfcc::{delta_width3, mfcc};
 use crate::rhythm::{beat_track, onset_strength, peak_pick, tempogram};
@@ -91,8 +91,13 @@ pub fn validate_audio(audio: &[f32]) -> Result<(), AudioError> {
 pub fn melspectrogram_db(audio: &[f32], sr: f64) -> Mat {
     let w = hann_periodic(2048);
     let spec = stft(audio, 2048, HOP, Some(&w));
+    melspectrogram_db_from_stft(&spec, sr)
+}
+
+/// [`melspectrogram_db`] from the signal's STFT (2048/512/hann, centred).
+pub fn melspectrogram_db_from_stft(spec: &crate::stft::Stft, sr: f64) -> Mat {
     let bank = mel_filterbank(sr, 2048, 128, 0.0, sr / 2.0);
-    let mut m = mel_power(&spec, &bank);
+    let mut m = mel_power(spec, &bank);
     power_to_db_ref_max(&mut m);
     m
 }
@@ -102,8 +107,13 @@ pub fn extract_features(audio_3840: &[f32]) -> Result<FeatureStages, AudioError>
     validate_audio(audio_3840)?;
     let sr = SAMPLE_RATE as f64;
     let l = frame_count(audio_3840.len());
-    let (melspe_db, (harmonic, percussive)) =
-        rayon::join(|| melspectrogram_db(audio_3840, sr), || hpss(audio_3840));
+    // melspectrogram and HPSS share the same STFT (2048/512/hann, centred, reflect).
+    let spec = stft(audio_3840, 2048, HOP, Some(&hann_periodic(2048)));
+    let (melspe_db, (harmonic, percussive)) = rayon::join(
+        || melspectrogram_db_from_stft(&spec, sr),
+        || hpss_from_stft(&spec, audio_3840.len()),
+    );
+    drop(spec);
     let mfcc_m = mfcc(&melspe_db, N_MFCC);
     let mfcc_delta = delta_width3(&mfcc_m)?;
     let (cqt_res, onset_env) = rayon::join(

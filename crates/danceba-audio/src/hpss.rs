@@ -110,11 +110,16 @@ pub fn soft_masks(h: f32, p: f32) -> (f32, f32) {
 pub fn hpss(y: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let w = hann_periodic(2048);
     let x = stft(y, 2048, 512, Some(&w));
-    let (xh, xp) = hpss_spectrogram(&x);
-    let mut yh = istft(&xh, 512, &w);
-    let mut yp = istft(&xp, 512, &w);
-    yh.resize(y.len(), 0.0);
-    yp.resize(y.len(), 0.0);
+    hpss_from_stft(&x, y.len())
+}
+
+/// [`hpss`] from the signal's STFT (2048/512/hann, centred) and its length.
+pub fn hpss_from_stft(x: &Stft, n: usize) -> (Vec<f32>, Vec<f32>) {
+    let w = hann_periodic(2 * (x.n_bins - 1));
+    let (xh, xp) = hpss_spectrogram(x);
+    let (mut yh, mut yp) = rayon::join(|| istft(&xh, 512, &w), || istft(&xp, 512, &w));
+    yh.resize(n, 0.0);
+    yp.resize(n, 0.0);
     (yh, yp)
 }
 
