@@ -127,7 +127,7 @@ fn render_rejects_bad_input_clearly() {
     // A .npy of the wrong shape.
     let bad = dir.path().join("bad.npy");
     let mut h = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 71), }".to_string();
-    while (10 + h.len() + 1) % 64 != 0 {
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(' ');
     }
     h.push('\n');
