@@ -1,6 +1,7 @@
 //! danceba: music in, 3D dance out. The `Pipeline` facade over the audio, model and motion crates.
 
 pub mod pipeline;
+pub mod weights;
 
 pub use pipeline::{
     read_features, Dance, InputKind, ModelFiles, Pipeline, PipelineError, PipelineOptions,
