@@ -719,15 +719,7 @@ pub fn count_parameters(shapes: &ShapeMap, skip: &[String]) -> ParamCount {
             c.buffer_values += n;
         } else {
             c.parameters += n;
-            let module: Vec<&str> = k.split('.').take(2).collect();
-            let module = if module.len() == 2
-                && !module[1].chars().all(|ch| ch.is_ascii_digit())
-                && k.split('.').count() > 2
-            {
-                module.join(".")
-            } else {
-                module[0].to_string()
-            };
+            let module = k.split('.').take(2).collect::<Vec<_>>().join(".");
             *c.per_module.entry(module).or_default() += n;
         }
     }

@@ -161,6 +161,31 @@ pub fn load_from_bytes(
     }
 }
 
+/// Decides the container of a file on disk from its first bytes.
+pub fn sniff_file(path: &Path) -> Result<FileFormat, CheckpointError> {
+    use std::io::Read;
+    let io = |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut head = Vec::with_capacity(16);
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(16)
+        .read_to_end(&mut head)
+        .map_err(io)?;
+    if head.len() >= 9 && head[8] == b'{' {
+        // the header-length check needs the file size
+        let len = std::fs::metadata(path).map_err(io)?.len();
+        let mut n = [0u8; 8];
+        n.copy_from_slice(&head[..8]);
+        if u64::from_le_bytes(n) <= len.saturating_sub(8) {
+            return Ok(FileFormat::Safetensors);
+        }
+    }
+    sniff(path, &head)
+}
+
 /// Decides the container of a file from its first bytes.
 pub fn sniff(path: &Path, data: &[u8]) -> Result<FileFormat, CheckpointError> {
     if data.is_empty() {

@@ -1,0 +1,178 @@
+//! `danceba inspect` and `danceba convert` end to end on the golden tiny checkpoints.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn golden() -> PathBuf {
+    std::env::var_os("DANCEBA_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../../shared/golden"
+            ))
+        })
+}
+
+fn model(name: &str) -> PathBuf {
+    golden().join("model").join(name)
+}
+
+fn danceba(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_danceba"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn inspect_json(path: &Path) -> serde_json::Value {
+    let (ok, out, err) = danceba(&["inspect", path.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+#[test]
+fn cli_inspect_gpt_json() {
+    let v = inspect_json(&model("tiny_gpt_legacy_lpe.pt"));
+    assert_eq!(v["kind"], "gpt");
+    assert!(v["epoch"].is_i64());
+    let a = &v["architecture"];
+    assert_eq!(a["n_embd"], 64);
+    assert_eq!(a["n_head"], 4);
+    assert_eq!(a["n_layer_base"], 2);
+    assert_eq!(a["n_layer_head"], 2);
+    assert_eq!(a["mamba"]["d_state"], 16);
+    assert_eq!(v["n_head_source"], "config");
+    assert!(v["parameters"].as_u64().unwrap() > 0);
+    assert_eq!(v["missing"].as_array().unwrap().len(), 0);
+    assert_eq!(v["unexpected"].as_array().unwrap().len(), 0);
+    let ignored = v["ignored"].as_array().unwrap();
+    assert_eq!(ignored.len(), 21);
+    assert!(ignored
+        .iter()
+        .any(|k| k == "gpt_base.pos_emb.pos_emb_1.linear1.weight"));
+    // the flag overrides the config
+    let (ok, out, err) = danceba(&[
+        "inspect",
+        model("tiny_gpt.pt").to_str().unwrap(),
+        "--json",
+        "--n-head",
+        "8",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["architecture"]["n_head"], 8);
+    assert_eq!(v["n_head_source"], "flag");
+}
+
+#[test]
+fn cli_inspect_vqvae_text() {
+    let (ok, out, err) = danceba(&["inspect", model("tiny_vqvae.pt").to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("kind:          vqvae"), "{out}");
+    assert!(
+        out.contains("width 32, emb_width 32, codebook 512"),
+        "{out}"
+    );
+    assert!(out.contains("audit:         ok"), "{out}");
+}
+
+#[test]
+fn cli_inspect_bad_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("song.pt");
+    std::fs::write(&p, b"RIFF\0\0\0\0WAVEfmt hello hello hello").unwrap();
+    let (ok, _, err) = danceba(&["inspect", p.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("not a checkpoint"), "{err}");
+}
+
+#[test]
+fn cli_convert_then_inspect() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("weights");
+    let gpt = model("tiny_gpt_legacy_lpe.pt");
+    let vq = model("tiny_vqvae.pt");
+    let args = |force: bool, dtype: &str| {
+        let mut a = vec![
+            "convert".to_string(),
+            "--gpt".into(),
+            gpt.display().to_string(),
+            "--vqvae".into(),
+            vq.display().to_string(),
+            "-o".into(),
+            out.display().to_string(),
+            "--dtype".into(),
+            dtype.into(),
+        ];
+        if force {
+            a.push("--force".into());
+        }
+        a
+    };
+    let run = |a: Vec<String>| danceba(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let (ok, _, err) = run(args(false, "f32"));
+    assert!(ok, "{err}");
+    let g = inspect_json(&out.join("gpt.safetensors"));
+    assert_eq!(g["kind"], "gpt");
+    assert_eq!(g["format"], "safetensors");
+    assert_eq!(g["architecture"]["n_head"], 4);
+    assert_eq!(g["metadata"]["dtype"], "f32");
+    assert_eq!(g["missing"].as_array().unwrap().len(), 0);
+    let orig = inspect_json(&gpt);
+    assert_eq!(g["architecture"], orig["architecture"]);
+    assert_eq!(g["parameters"], orig["parameters"]);
+    assert_eq!(g["epoch"], orig["epoch"]);
+    let v = inspect_json(&out.join("vqvae.safetensors"));
+    assert_eq!(v["kind"], "vqvae");
+    assert_eq!(v["architecture"]["l_bins"], 512);
+
+    // refuses to overwrite, then overwrites with --force in bf16
+    let (ok, _, err) = run(args(false, "f32"));
+    assert!(!ok && err.contains("--force"), "{err}");
+    let (ok, _, err) = run(args(true, "bf16"));
+    assert!(ok, "{err}");
+    let g = inspect_json(&out.join("gpt.safetensors"));
+    assert_eq!(g["metadata"]["dtype"], "bf16");
+    assert!(g["dtypes"]["bfloat16"].as_u64().unwrap() > 0);
+    // only the two outputs, no temporary leftovers
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["gpt.safetensors", "vqvae.safetensors"]);
+}
+
+#[test]
+fn cli_convert_single_and_wrong_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let (ok, _, err) = danceba(&[
+        "convert",
+        "--vqvae",
+        model("tiny_vqvae.pt").to_str().unwrap(),
+        "-o",
+        out,
+    ]);
+    assert!(ok, "{err}");
+    assert!(dir.path().join("vqvae.safetensors").exists());
+    assert!(!dir.path().join("gpt.safetensors").exists());
+    // a VQ-VAE given as --gpt is refused with a clear message and leaves nothing behind
+    let (ok, _, err) = danceba(&[
+        "convert",
+        "--gpt",
+        model("tiny_vqvae.pt").to_str().unwrap(),
+        "-o",
+        out,
+    ]);
+    assert!(!ok && err.contains("expected gpt"), "{err}");
+    assert!(!dir.path().join("gpt.safetensors").exists());
+    let (ok, _, err) = danceba(&["convert", "-o", out]);
+    assert!(!ok && err.contains("nothing to convert"), "{err}");
+}
