@@ -87,6 +87,18 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// CPU time (user + system) of this process in seconds, if known (Linux: /proc/self/stat,
+/// assuming the usual 100 ticks per second).
+fn process_cpu_s() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // fields after the parenthesised command name; utime and stime are fields 14 and 15
+    let rest = s.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ut: f64 = f.get(11)?.parse().ok()?;
+    let st: f64 = f.get(12)?.parse().ok()?;
+    Some((ut + st) / 100.0)
+}
+
 fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -138,6 +150,8 @@ struct GptResult {
     steady_mean_s: f64,
     steady_min_s: f64,
     steady_steps: usize,
+    /// CPU seconds (all threads) per steady step, if known.
+    steady_cpu_s: Option<f64>,
 }
 
 fn bench_gpt(gpt: &Gpt, batch: usize, steps: usize, seed: u64) -> anyhow::Result<GptResult> {
@@ -162,11 +176,20 @@ fn bench_gpt(gpt: &Gpt, batch: usize, steps: usize, seed: u64) -> anyhow::Result
         conds.push(Tensor::from_vec(data, (rows, arch.n_music), gpt.device())?);
     }
     let mut stamps = Vec::with_capacity(rows + 1);
+    let mut cpu = Vec::with_capacity(rows + 1);
     stamps.push(Instant::now());
+    cpu.push(process_cpu_s());
     gpt.generate_batch(&conds, &GenerateOptions::default(), &mut |_, _| {
-        stamps.push(Instant::now())
+        stamps.push(Instant::now());
+        cpu.push(process_cpu_s());
     })
     .context("running the sampler")?;
+    let steady_cpu_s = match (cpu.get(ramp_len), cpu.last()) {
+        (Some(Some(a)), Some(Some(b))) if cpu.len() > ramp_len + 1 => {
+            Some((b - a) / (cpu.len() - 1 - ramp_len) as f64)
+        }
+        _ => None,
+    };
     let dt: Vec<f64> = stamps
         .windows(2)
         .map(|w| (w[1] - w[0]).as_secs_f64())
@@ -187,6 +210,7 @@ fn bench_gpt(gpt: &Gpt, batch: usize, steps: usize, seed: u64) -> anyhow::Result
         steady_mean_s: mean,
         steady_min_s: min,
         steady_steps: steady.len(),
+        steady_cpu_s,
     })
 }
 
@@ -243,8 +267,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let fps = FRAMES_PER_STEP * b as f64 / r.steady_mean_s;
             if !args.json {
                 println!(
-                    "batch {b}: steady step (t=28) {:.3} s mean, {:.3} s min over {} steps; ramp (t=1..28) {:.2} s; {:.1} motion frames/s ({:.2}× real time at 60 fps)",
-                    r.steady_mean_s, r.steady_min_s, r.steady_steps, r.ramp_s, fps, fps / 60.0
+                    "batch {b}: steady step (t=28) {:.3} s mean, {:.3} s min over {} steps ({} CPU s per step); ramp (t=1..28) {:.2} s; {:.1} motion frames/s ({:.2}× real time at 60 fps)",
+                    r.steady_mean_s,
+                    r.steady_min_s,
+                    r.steady_steps,
+                    r.steady_cpu_s.map_or("?".into(), |c| format!("{c:.3}")),
+                    r.ramp_s,
+                    fps,
+                    fps / 60.0
                 );
             }
             runs.push(json!({
@@ -252,6 +282,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "steady_step_s": r.steady_mean_s,
                 "steady_step_min_s": r.steady_min_s,
                 "steady_steps_timed": r.steady_steps,
+                "steady_step_cpu_s": r.steady_cpu_s,
                 "ramp_s": r.ramp_s,
                 "motion_frames_per_s": fps,
             }));
@@ -295,6 +326,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "best_s": best,
             "s_per_60s_audio": per_minute,
         });
+    }
+    if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
+        // the machine may be shared: say how busy it was
+        report["loadavg_1min"] = json!(l
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok()));
     }
     let rss = peak_rss_mib();
     report["peak_rss_mib"] = json!(rss);
