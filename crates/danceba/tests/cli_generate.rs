@@ -1,0 +1,444 @@
+//! End-to-end tests of `danceba generate`: the real binary on the golden clips with the tiny golden
+//! checkpoints.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::SafeTensors;
+
+fn golden() -> PathBuf {
+    match std::env::var_os("DANCEBA_GOLDEN") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/golden"),
+    }
+}
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_danceba"));
+    // No weights from the environment of whoever runs the tests.
+    c.env_remove("DANCEBA_WEIGHTS");
+    c
+}
+
+fn tiny() -> [String; 4] {
+    let m = golden().join("model");
+    [
+        "--gpt".into(),
+        m.join("tiny_gpt.pt").display().to_string(),
+        "--vqvae".into(),
+        m.join("tiny_vqvae.pt").display().to_string(),
+    ]
+}
+
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("run danceba");
+    assert!(
+        out.status.success(),
+        "danceba failed: {}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run danceba");
+    assert!(!out.status.success(), "danceba unexpectedly succeeded");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "panic: {err}");
+    err
+}
+
+fn read_f32(st: &SafeTensors, key: &str) -> Vec<f32> {
+    let v = st.tensor(key).unwrap();
+    v.data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn read_i64(st: &SafeTensors, key: &str) -> Vec<i64> {
+    let v = st.tensor(key).unwrap();
+    v.data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+struct GoldenPipeline {
+    up: Vec<i64>,
+    down: Vec<i64>,
+    margin_up: Vec<f32>,
+    margin_down: Vec<f32>,
+    pose_absolute: Vec<f32>,
+}
+
+fn golden_pipeline(clip: &str) -> GoldenPipeline {
+    let bytes = std::fs::read(golden().join(format!("model/{clip}.pipeline.safetensors"))).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    GoldenPipeline {
+        up: read_i64(&st, "tokens_up"),
+        down: read_i64(&st, "tokens_down"),
+        margin_up: read_f32(&st, "margin_up"),
+        margin_down: read_f32(&st, "margin_down"),
+        pose_absolute: read_f32(&st, "pose_absolute"),
+    }
+}
+
+fn json_tokens(path: &Path) -> (Vec<i64>, Vec<i64>) {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let get = |k: &str| -> Vec<i64> {
+        v["tokens"][k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect()
+    };
+    (get("up"), get("down"))
+}
+
+/// Steps whose golden margin exceeds 1e-3 must give the golden token; returns the match rate
+/// over all steps.
+fn compare_tokens(g: &GoldenPipeline, up: &[i64], down: &[i64], strict: bool, what: &str) -> f64 {
+    assert_eq!(up.len(), g.up.len(), "{what}: token count");
+    assert_eq!(down.len(), g.down.len(), "{what}: token count");
+    assert_eq!((up[0], down[0]), (423, 12), "{what}: start tokens");
+    let mut same = 0;
+    let mut decisive_mismatch = Vec::new();
+    for k in 0..g.margin_up.len() {
+        for (mine, gold, margin, s) in [
+            (up[k + 1], g.up[k + 1], g.margin_up[k], "up"),
+            (down[k + 1], g.down[k + 1], g.margin_down[k], "down"),
+        ] {
+            if mine == gold {
+                same += 1;
+            } else if margin > 1e-3 {
+                decisive_mismatch.push((k, s, mine, gold, margin));
+            }
+        }
+    }
+    let rate = same as f64 / (2 * g.margin_up.len()) as f64;
+    eprintln!(
+        "{what}: {:.2} % of tokens equal the golden ones",
+        rate * 100.0
+    );
+    if strict {
+        assert!(
+            decisive_mismatch.is_empty(),
+            "{what}: tokens differ at decisive steps (step, stream, ours, golden, margin): {decisive_mismatch:?}"
+        );
+    }
+    rate
+}
+
+fn read_npy_f32(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(&b[..6], b"\x93NUMPY");
+    let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
+    let header = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
+    assert!(header.contains("'<f4'"), "{header}");
+    let shape_s = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
+    let shape: Vec<usize> = shape_s
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    let data = b[10 + hlen..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    (shape, data)
+}
+
+const PIPELINE_CLIPS: [&str; 3] = [
+    "electronic_motion_20s",
+    "mono22k_mutilated_mime_12s",
+    "rock_armygeddon_20s",
+];
+
+#[test]
+fn from_golden_features_the_pipeline_matches_the_official_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let inputs: Vec<PathBuf> = PIPELINE_CLIPS
+        .iter()
+        .map(|c| golden().join(format!("features/{c}.features.safetensors")))
+        .collect();
+    // All three songs in one batched run.
+    let out = run_ok(
+        bin()
+            .arg("generate")
+            .args(&inputs)
+            .args(tiny())
+            .args(["--formats", "json,npy", "--json", "-o"])
+            .arg(dir.path()),
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json summary");
+    assert_eq!(summary["dances"].as_array().unwrap().len(), 3);
+    for clip in PIPELINE_CLIPS {
+        let g = golden_pipeline(clip);
+        let (up, down) = json_tokens(&dir.path().join(format!("{clip}.features.json")));
+        compare_tokens(&g, &up, &down, true, clip);
+        if up.iter().zip(&g.up).all(|(a, b)| a == b)
+            && down.iter().zip(&g.down).all(|(a, b)| a == b)
+        {
+            let (shape, pos) = read_npy_f32(&dir.path().join(format!("{clip}.features.npy")));
+            assert_eq!(shape, vec![g.pose_absolute.len() / 72, 72]);
+            let err = pos
+                .iter()
+                .zip(&g.pose_absolute)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(err < 1e-4, "{clip}: pose_absolute differs by {err}");
+        }
+    }
+}
+
+fn ffprobe_streams(path: &Path) -> Option<serde_json::Value> {
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-print_format",
+            "json",
+            "-show_streams",
+            "-show_format",
+        ])
+        .arg(path)
+        .output()
+        .ok()?;
+    assert!(out.status.success(), "ffprobe failed on {}", path.display());
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+fn audio_seconds(path: &Path) -> Option<f64> {
+    let v = ffprobe_streams(path)?;
+    v["format"]["duration"].as_str()?.parse().ok()
+}
+
+#[test]
+fn every_golden_clip_gives_every_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let audio_dir = golden().join("audio");
+    let mut inputs: Vec<PathBuf> = std::fs::read_dir(&audio_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e != "md"))
+        .collect();
+    inputs.sort();
+    assert_eq!(inputs.len(), 5);
+    run_ok(
+        bin()
+            .arg("generate")
+            .args(&inputs)
+            .args(tiny())
+            .args(["--quiet", "-o"])
+            .arg(dir.path()),
+    );
+    let have_ffprobe = Command::new("ffprobe").arg("-version").output().is_ok();
+    for input in &inputs {
+        let stem = input.file_stem().unwrap().to_string_lossy().into_owned();
+        for ext in ["npy", "json", "bvh", "glb", "html"] {
+            let p = dir.path().join(format!("{stem}.{ext}"));
+            assert!(
+                p.metadata().map(|m| m.len() > 0).unwrap_or(false),
+                "missing {}",
+                p.display()
+            );
+        }
+        let mp4 = dir.path().join(format!("{stem}.mp4"));
+        if !have_ffprobe {
+            eprintln!("ffmpeg/ffprobe not installed: mp4 checks skipped");
+            continue;
+        }
+        let v = ffprobe_streams(&mp4).unwrap();
+        let streams = v["streams"].as_array().unwrap();
+        let video = streams
+            .iter()
+            .find(|s| s["codec_type"] == "video")
+            .expect("video stream");
+        assert_eq!(video["width"], 960);
+        assert_eq!(video["height"], 540);
+        assert_eq!(video["r_frame_rate"], "60/1");
+        let audio = streams
+            .iter()
+            .find(|s| s["codec_type"] == "audio")
+            .expect("audio stream");
+        let got: f64 = audio["duration"].as_str().unwrap().parse().unwrap();
+        let want = audio_seconds(input).unwrap();
+        assert!(
+            (got - want).abs() <= 0.2,
+            "{stem}: audio {got} s, song {want} s"
+        );
+        // Lossless inputs reproduce the official tokens end to end; lossy ones are reported.
+        if let Some(clip) = PIPELINE_CLIPS.iter().find(|c| **c == stem) {
+            let g = golden_pipeline(clip);
+            let (up, down) = json_tokens(&dir.path().join(format!("{stem}.json")));
+            let lossless = input.extension().is_some_and(|e| e == "wav" || e == "flac");
+            compare_tokens(&g, &up, &down, lossless, &format!("{stem} from audio"));
+        }
+    }
+}
+
+#[test]
+fn without_ffmpeg_the_video_falls_back_to_a_gif() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = golden().join("audio/mono22k_mutilated_mime_12s.wav");
+    let empty = tempfile::tempdir().unwrap();
+    let out = run_ok(
+        bin()
+            .env("PATH", empty.path())
+            .arg("generate")
+            .arg(&input)
+            .args(tiny())
+            .args(["--formats", "mp4", "--max-seconds", "3", "-o"])
+            .arg(dir.path()),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("GIF"), "the fallback is announced: {err}");
+    let gif = dir.path().join("mono22k_mutilated_mime_12s.gif");
+    let bytes = std::fs::read(&gif).expect("gif written");
+    assert_eq!(&bytes[..6], b"GIF89a");
+    assert!(!dir.path().join("mono22k_mutilated_mime_12s.mp4").exists());
+}
+
+#[test]
+fn feature_json_and_audio_give_the_same_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = golden().join("audio/rock_armygeddon_20s.wav");
+    let feats = dir.path().join("rock_feats.json");
+    run_ok(bin().arg("features").arg(&input).arg("-o").arg(&feats));
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    run_ok(
+        bin()
+            .arg("generate")
+            .arg(&input)
+            .args(tiny())
+            .args(["--formats", "json", "--quiet", "-o"])
+            .arg(&a),
+    );
+    run_ok(
+        bin()
+            .arg("generate")
+            .arg(&feats)
+            .args(tiny())
+            .args(["--formats", "json", "--quiet", "-o"])
+            .arg(&b),
+    );
+    let ta = json_tokens(&a.join("rock_armygeddon_20s.json"));
+    let tb = json_tokens(&b.join("rock_feats.json"));
+    assert_eq!(ta, tb);
+}
+
+#[test]
+fn user_errors_say_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = golden().join("model");
+    let song = golden().join("audio/mono22k_mutilated_mime_12s.wav");
+
+    // No weights anywhere: names the download command.
+    let home = tempfile::tempdir().unwrap();
+    let err = run_err(
+        bin()
+            .env("HF_HOME", home.path())
+            .env("HOME", home.path())
+            .env("XDG_CACHE_HOME", home.path())
+            .arg("generate")
+            .arg(&song)
+            .arg("-o")
+            .arg(dir.path()),
+    );
+    assert!(err.contains("danceba download"), "{err}");
+
+    // A VQ-VAE given as the GPT.
+    let err = run_err(
+        bin()
+            .arg("generate")
+            .arg(&song)
+            .arg("--gpt")
+            .arg(m.join("tiny_vqvae.pt"))
+            .arg("--vqvae")
+            .arg(m.join("tiny_vqvae.pt"))
+            .args(["--formats", "npy", "-o"])
+            .arg(dir.path()),
+    );
+    assert!(err.to_lowercase().contains("vq"), "{err}");
+
+    // Unreadable audio.
+    let bogus = dir.path().join("notes.mp3");
+    std::fs::write(&bogus, b"this is not audio").unwrap();
+    let err = run_err(
+        bin()
+            .arg("generate")
+            .arg(&bogus)
+            .args(tiny())
+            .args(["--formats", "npy", "-o"])
+            .arg(dir.path()),
+    );
+    assert!(err.contains("notes.mp3"), "{err}");
+    assert!(!dir.path().join("notes.npy").exists());
+
+    // An output directory that cannot be created (a file is in the way).
+    let blocker = dir.path().join("blocker");
+    std::fs::write(&blocker, b"x").unwrap();
+    let err = run_err(
+        bin()
+            .arg("generate")
+            .arg(&song)
+            .args(tiny())
+            .args(["--formats", "npy", "-o"])
+            .arg(blocker.join("out")),
+    );
+    assert!(err.contains("output directory"), "{err}");
+
+    // Unknown format.
+    let err = run_err(
+        bin()
+            .arg("generate")
+            .arg(&song)
+            .args(tiny())
+            .args(["--formats", "npy,fbx", "-o"])
+            .arg(dir.path()),
+    );
+    assert!(err.contains("fbx") && err.contains("glb"), "{err}");
+
+    // Existing outputs are not overwritten without --force, and are untouched.
+    let out = dir.path().join("existing");
+    std::fs::create_dir_all(&out).unwrap();
+    let target = out.join("mono22k_mutilated_mime_12s.npy");
+    std::fs::write(&target, b"keep me").unwrap();
+    let err = run_err(
+        bin()
+            .arg("generate")
+            .arg(&song)
+            .args(tiny())
+            .args(["--formats", "npy", "-o"])
+            .arg(&out),
+    );
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
+    run_ok(
+        bin()
+            .arg("generate")
+            .arg(&song)
+            .args(tiny())
+            .args([
+                "--formats",
+                "npy",
+                "--force",
+                "--quiet",
+                "--max-seconds",
+                "2",
+                "-o",
+            ])
+            .arg(&out),
+    );
+    assert_ne!(std::fs::read(&target).unwrap(), b"keep me");
+}
