@@ -453,43 +453,90 @@ pub fn resample_to_3840(mono: &[f32], in_rate: u32) -> Result<Vec<f32>, AudioErr
 }
 
 /// Decode, mix to mono and resample to 3840 Hz like `essentia.standard.MonoLoader(sampleRate=3840)`,
-/// streaming (bounded memory: only the 3840 Hz output is kept).
+/// streaming (bounded memory: only the 3840 Hz output is kept). Decoding and mixing run on the
+/// calling thread while libsamplerate runs on a second one, fed through a bounded channel.
 pub fn load_mono_3840(path: &Path) -> Result<Vec<f32>, AudioError> {
     let mut dec = Decoder::open(path)?;
-    let mut mono = Vec::new();
-    let mut resampler: Option<EssentiaResampler> = None;
-    let mut passthrough: Vec<f32> = Vec::new();
-    let mut seen = 0usize;
-    let mut any = false;
-    while let Some((ch, rate)) = dec.next()? {
-        let s = dec.samples();
-        any = true;
-        mono.clear();
-        mix_to_mono(s, ch, &mut mono);
-        if let Some(i) = s.iter().position(|v| !v.is_finite()) {
-            return Err(AudioError::NonFinite {
-                index: seen + i / ch,
-            });
-        }
-        seen += mono.len();
-        if rate == TARGET_RATE {
-            passthrough.extend_from_slice(&mono);
-            continue;
-        }
-        if resampler.is_none() {
-            resampler = Some(EssentiaResampler::new(rate)?);
-        }
-        if let Some(r) = resampler.as_mut() {
-            r.push(&mono)?;
-        }
-    }
-    if !any || seen == 0 {
+    let Some((ch, rate)) = dec.next()? else {
         return Err(AudioError::NoAudio {
             path: path.to_path_buf(),
         });
+    };
+    let mut mono = Vec::new();
+    let mut seen = 0usize;
+    // Mix the current packet to mono, checking for non-finite samples.
+    let mix = |dec: &Decoder, ch: usize, seen: &mut usize, mono: &mut Vec<f32>| {
+        let s = dec.samples();
+        if let Some(i) = s.iter().position(|v| !v.is_finite()) {
+            return Err(AudioError::NonFinite {
+                index: *seen + i / ch.max(1),
+            });
+        }
+        mono.clear();
+        mix_to_mono(s, ch, mono);
+        *seen += mono.len();
+        Ok(())
+    };
+    mix(&dec, ch, &mut seen, &mut mono)?;
+    if rate == TARGET_RATE {
+        let mut out = mono.clone();
+        while let Some((ch, _)) = dec.next()? {
+            mix(&dec, ch, &mut seen, &mut mono)?;
+            out.extend_from_slice(&mono);
+        }
+        if out.is_empty() {
+            return Err(AudioError::NoAudio {
+                path: path.to_path_buf(),
+            });
+        }
+        return Ok(out);
     }
-    match resampler {
-        Some(r) => r.finish(),
-        None => Ok(passthrough),
-    }
+    let mut resampler = EssentiaResampler::new(rate)?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<f32>>(32);
+    std::thread::scope(|scope| {
+        let worker = scope.spawn(move || -> Result<Vec<f32>, AudioError> {
+            for chunk in rx {
+                resampler.push(&chunk)?;
+            }
+            resampler.finish()
+        });
+        let mut decode_result: Result<(), AudioError> = Ok(());
+        let mut pending = std::mem::take(&mut mono);
+        loop {
+            // Batch small packets to keep channel traffic low.
+            if pending.len() >= 8192 {
+                if tx.send(std::mem::take(&mut pending)).is_err() {
+                    break; // the resampler failed; its error is reported below
+                }
+            }
+            match dec.next() {
+                Ok(Some((ch, _))) => {
+                    if let Err(e) = mix(&dec, ch, &mut seen, &mut mono) {
+                        decode_result = Err(e);
+                        break;
+                    }
+                    pending.extend_from_slice(&mono);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    decode_result = Err(e);
+                    break;
+                }
+            }
+        }
+        if decode_result.is_ok() && !pending.is_empty() {
+            let _ = tx.send(pending);
+        }
+        drop(tx);
+        let resampled = worker
+            .join()
+            .map_err(|_| AudioError::Resample("the resampling thread failed".into()))?;
+        decode_result?;
+        if seen == 0 {
+            return Err(AudioError::NoAudio {
+                path: path.to_path_buf(),
+            });
+        }
+        resampled
+    })
 }
