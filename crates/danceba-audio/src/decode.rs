@@ -504,10 +504,9 @@ pub fn load_mono_3840(path: &Path) -> Result<Vec<f32>, AudioError> {
         let mut pending = std::mem::take(&mut mono);
         loop {
             // Batch small packets to keep channel traffic low.
-            if pending.len() >= 8192 {
-                if tx.send(std::mem::take(&mut pending)).is_err() {
-                    break; // the resampler failed; its error is reported below
-                }
+            // (a failed send means the resampler failed; its error is reported below)
+            if pending.len() >= 8192 && tx.send(std::mem::take(&mut pending)).is_err() {
+                break;
             }
             match dec.next() {
                 Ok(Some((ch, _))) => {
