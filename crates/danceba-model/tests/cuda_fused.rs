@@ -1,0 +1,273 @@
+//! The CUDA device (feature `cuda`, needs a GPU): the fused CUDA Mamba kernels against the
+//! portable path on the GPU and on the CPU, and the tiny golden model's forward passes,
+//! teacher-forced step logits and free-running greedy tokens on the GPU.
+#![cfg(feature = "cuda")]
+
+mod gpt_common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use danceba_model::arch::{GptArch, MambaArch};
+use danceba_model::gpt::mamba::Mamba;
+use danceba_model::gpt::sampler::window;
+use danceba_model::gpt::{GenerateOptions, Gpt, MambaImpl};
+use gpt_common::{golden_dir, load_st, rel_err};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const TOL: f32 = 1e-4;
+
+fn cuda() -> Device {
+    Device::new_cuda(0).expect("these tests need a CUDA GPU")
+}
+
+fn uniform(rng: &mut StdRng, shape: &[usize], lo: f32, hi: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.gen_range(lo..hi)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// A real-size Mamba layer with weights at the official initialisation's scales.
+fn random_mamba_weights(rng: &mut StdRng, c: usize, a: &MambaArch) -> HashMap<String, Tensor> {
+    let (di, ds, dr, dc) = (a.d_inner, a.d_state, a.dt_rank, a.d_conv);
+    let k = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
+    let mut w = HashMap::new();
+    w.insert(
+        "in_proj.weight".into(),
+        uniform(rng, &[2 * di, c], -k(c), k(c)),
+    );
+    w.insert(
+        "conv1d.weight".into(),
+        uniform(rng, &[di, 1, dc], -k(dc), k(dc)),
+    );
+    w.insert("conv1d.bias".into(), uniform(rng, &[di], -k(dc), k(dc)));
+    w.insert(
+        "x_proj.weight".into(),
+        uniform(rng, &[dr + 2 * ds, di], -k(di), k(di)),
+    );
+    let dts = (dr as f32).powf(-0.5);
+    w.insert("dt_proj.weight".into(), uniform(rng, &[di, dr], -dts, dts));
+    // inverse softplus of Δ log-uniform in [1e-3, 1e-1]
+    let bias: Vec<f32> = (0..di)
+        .map(|_| {
+            let dt = (rng.gen_range(1e-3f32.ln()..1e-1f32.ln())).exp();
+            dt + (-(-dt).exp_m1()).ln()
+        })
+        .collect();
+    w.insert(
+        "dt_proj.bias".into(),
+        Tensor::from_vec(bias, di, &Device::Cpu).unwrap(),
+    );
+    let alog: Vec<f32> = (0..di * ds).map(|i| ((i % ds) as f32 + 1.0).ln()).collect();
+    w.insert(
+        "A_log".into(),
+        Tensor::from_vec(alog, (di, ds), &Device::Cpu).unwrap(),
+    );
+    w.insert("D".into(), uniform(rng, &[di], 0.5, 1.5));
+    w.insert(
+        "out_proj.weight".into(),
+        uniform(rng, &[c, di], -k(di), k(di)),
+    );
+    w
+}
+
+fn load_mamba(
+    w: &HashMap<String, Tensor>,
+    c: usize,
+    a: &MambaArch,
+    dt: DType,
+    dev: &Device,
+) -> Mamba {
+    let vb = VarBuilder::from_tensors(w.clone(), dt, dev);
+    Mamba::load(vb, c, a).unwrap()
+}
+
+#[test]
+fn fused_cuda_mamba_matches_portable_at_real_size() {
+    let (c, arch) = (
+        768,
+        MambaArch {
+            d_inner: 3072,
+            d_state: 128,
+            dt_rank: 48,
+            d_conv: 4,
+        },
+    );
+    let dev = cuda();
+    let mut rng = StdRng::seed_from_u64(7);
+    for (batch, len) in [(1, 1), (1, 5), (1, 28), (3, 28), (8, 17)] {
+        let w = random_mamba_weights(&mut rng, c, &arch);
+        let x = uniform(&mut rng, &[batch, len, c], -2.0, 2.0);
+        let cpu = load_mamba(&w, c, &arch, DType::F32, &Device::Cpu);
+        let want = cpu.forward(&x, MambaImpl::Portable).unwrap();
+        let gpu = load_mamba(&w, c, &arch, DType::F32, &dev);
+        let xg = x.to_device(&dev).unwrap();
+        let fused = gpu.forward(&xg, MambaImpl::FusedCuda).unwrap();
+        let portable = gpu.forward(&xg, MambaImpl::Portable).unwrap();
+        let (ef, ep, efp) = (
+            rel_err(&fused, &want),
+            rel_err(&portable, &want),
+            rel_err(&fused, &portable),
+        );
+        println!("f32 B={batch} L={len}: fused vs CPU {ef:e}, portable vs CPU {ep:e}, fused vs portable {efp:e}");
+        assert!(fused
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|v| v.is_finite()));
+        assert!(ef <= TOL && ep <= TOL && efp <= TOL, "B={batch} L={len}");
+        for dt in [DType::BF16, DType::F16] {
+            let g = load_mamba(&w, c, &arch, dt, &dev);
+            let xr = xg.to_dtype(dt).unwrap();
+            let f = g.forward(&xr, MambaImpl::FusedCuda).unwrap();
+            let p = g.forward(&xr, MambaImpl::Portable).unwrap();
+            let (e1, e2) = (rel_err(&f, &want), rel_err(&p, &want));
+            println!(
+                "{dt:?} B={batch} L={len}: fused vs CPU f32 {e1:e}, portable vs CPU f32 {e2:e}"
+            );
+            // reduced-precision storage of weights and activations; the fused kernel keeps
+            // the state in f32, so it must not be worse than the portable path by much
+            assert!(
+                e1 <= 5e-2 && e1 <= 2.0 * e2 + 1e-2,
+                "{dt:?} B={batch} L={len}"
+            );
+        }
+    }
+}
+
+fn tiny_gpt_on(dev: &Device) -> Gpt {
+    let p = golden_dir().join("model").join("tiny_gpt.pt");
+    let sd = danceba_model::checkpoint::load_on(&p, dev, DType::F32).unwrap();
+    let arch = GptArch::from_state_dict(&sd, None).unwrap();
+    Gpt::load(sd.var_builder(DType::F32, dev), &arch).unwrap()
+}
+
+#[test]
+fn tiny_golden_forward_on_cuda() {
+    let dev = cuda();
+    let g = load_st("gpt_forward.safetensors");
+    let mut gpt = tiny_gpt_on(&dev);
+    assert_eq!(gpt.mamba_impl(), MambaImpl::FusedCuda);
+    for imp in [MambaImpl::FusedCuda, MambaImpl::Portable] {
+        gpt.set_mamba_impl(imp);
+        for t in [1, 4, 17, 18, 28] {
+            let k = |n: &str| g[&format!("t{t}.{n}")].to_device(&dev).unwrap();
+            let tr = gpt
+                .forward_trace(&k("idx_up"), &k("idx_down"), &k("cond"))
+                .unwrap();
+            for (name, got) in [
+                ("head_blocks_out", &tr.head_blocks_out),
+                ("logits_up", &tr.logits_up),
+                ("logits_down", &tr.logits_down),
+            ] {
+                let e = rel_err(
+                    &got.to_device(&Device::Cpu).unwrap(),
+                    &g[&format!("t{t}.{name}")],
+                );
+                println!("{imp:?} t={t} {name}: rel err {e:e}");
+                assert!(e <= TOL, "{imp:?} t={t} {name}: rel err {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn tiny_golden_pipelines_on_cuda() {
+    let dev = cuda();
+    let gpt = tiny_gpt_on(&dev);
+    let dir = golden_dir().join("model");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".pipeline.safetensors"))
+        .collect();
+    names.sort();
+    assert!(
+        !names.is_empty(),
+        "no pipeline goldens in {}",
+        dir.display()
+    );
+    for name in names {
+        let g = load_st(&name);
+        let toks = |k: &str| -> Vec<u32> {
+            g[k].to_vec1::<i64>()
+                .unwrap()
+                .iter()
+                .map(|&v| v as u32)
+                .collect()
+        };
+        let (up, down) = (toks("tokens_up"), toks("tokens_down"));
+        let margin_up = g["margin_up"].to_vec1::<f32>().unwrap();
+        let margin_down = g["margin_down"].to_vec1::<f32>().unwrap();
+        let cond = g["cond"].squeeze(0).unwrap();
+        let n = cond.dim(0).unwrap();
+        // teacher forcing: the golden tokens fed back, every step's last logits compared
+        let ids = |v: &[u32]| Tensor::from_slice(v, (1, v.len()), &dev).unwrap();
+        let mut worst = 0f32;
+        for k in 0..n {
+            let (s, t) = window(k, gpt.arch().block_size);
+            let c = cond
+                .narrow(0, s, t)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
+                .to_device(&dev)
+                .unwrap();
+            let (lu, ld) = gpt
+                .forward(&ids(&up[s..s + t]), &ids(&down[s..s + t]), &c)
+                .unwrap();
+            let lu = lu
+                .get(0)
+                .unwrap()
+                .get(t - 1)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap();
+            let ld = ld
+                .get(0)
+                .unwrap()
+                .get(t - 1)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap();
+            let eu = rel_err(&lu, &g["step_logits_up"].get(k).unwrap());
+            let ed = rel_err(&ld, &g["step_logits_down"].get(k).unwrap());
+            assert!(
+                eu <= TOL && ed <= TOL,
+                "{name} step {k}: rel err up {eu} down {ed}"
+            );
+            worst = worst.max(eu).max(ed);
+        }
+        // free running: identical tokens wherever the golden margin is decisive
+        let got = gpt
+            .generate(
+                &cond.to_device(&dev).unwrap(),
+                &GenerateOptions::default(),
+                &mut |_, _| {},
+            )
+            .unwrap();
+        assert_eq!(got.up.len(), n + 1);
+        let mut same = 0;
+        let mut first_diff = None;
+        for k in 0..n {
+            let ok = got.up[k + 1] == up[k + 1] && got.down[k + 1] == down[k + 1];
+            if ok {
+                same += 1;
+            } else if first_diff.is_none() {
+                first_diff = Some(k);
+            }
+        }
+        if let Some(k) = first_diff {
+            let m = margin_up[k].min(margin_down[k]);
+            assert!(
+                m <= 1e-3,
+                "{name}: token differs at decisive step {k} (margin {m})"
+            );
+        }
+        println!("{name}: {n} steps, teacher-forced worst rel err {worst:e}, free-running tokens identical {same}/{n}");
+    }
+}
