@@ -573,3 +573,20 @@ fn checkpoint_errors_are_typed() {
     let e = checkpoint::load(&dir.path().join("nope.pt")).unwrap_err();
     assert!(matches!(e, CheckpointError::Io { .. }), "{e}");
 }
+
+#[test]
+fn checkpoint_pickle_memory_bombs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // millions of DUPs (no new objects, only stack growth) and millions of new objects
+    for (name, op) in [("dup", b'2'), ("lists", b']')] {
+        let mut raw = vec![b'N'];
+        raw.extend(std::iter::repeat_n(op, 3_000_000));
+        let p = dir.path().join(format!("{name}.pt"));
+        write_torch_zip(&p, "archive", &pickle_dumps(&PickleWrite::Raw(raw)), vec![]).unwrap();
+        let e = load_err(&p);
+        assert!(
+            e.contains("too large") || e.contains("too many"),
+            "{name}: {e}"
+        );
+    }
+}

@@ -50,7 +50,9 @@ enum Node {
     },
 }
 
-const MAX_NODES: usize = 50_000_000;
+/// Far above what a checkpoint needs (~10k for the official GPT), far below a memory hazard.
+const MAX_NODES: usize = 2_000_000;
+const MAX_STACK: usize = 2_000_000;
 const MAX_DEPTH: usize = 200;
 const MAX_EXPANDED: usize = 2_000_000;
 
@@ -150,6 +152,12 @@ impl<'a> Vm<'a> {
     }
     fn push(&mut self, n: Node) -> Result<(), PickleError> {
         let id = self.alloc(n)?;
+        self.push_id(id)
+    }
+    fn push_id(&mut self, id: Id) -> Result<(), PickleError> {
+        if self.stack.len() >= MAX_STACK {
+            return Err(PickleError::TooLarge("stack too deep"));
+        }
         self.stack.push(id);
         Ok(())
     }
@@ -193,7 +201,7 @@ impl<'a> Vm<'a> {
             .memo
             .get(&idx)
             .ok_or_else(|| self.err(format!("memo key {idx} not found")))?;
-        self.stack.push(id);
+        self.push_id(id)?;
         Ok(())
     }
 
@@ -404,7 +412,7 @@ impl<'a> Vm<'a> {
                 }
                 b'2' => {
                     let t = self.top()?;
-                    self.stack.push(t)
+                    self.push_id(t)?
                 }
                 b'p' => {
                     let s = self.line_str()?;
@@ -474,20 +482,20 @@ impl<'a> Vm<'a> {
                     let args = self.pop()?;
                     let func = self.pop()?;
                     let id = self.reduce(func, args)?;
-                    self.stack.push(id)
+                    self.push_id(id)?
                 }
                 0x81 => {
                     let args = self.pop()?;
                     let cls = self.pop()?;
                     let id = self.reduce(cls, args)?;
-                    self.stack.push(id)
+                    self.push_id(id)?
                 }
                 0x92 => {
                     let _kwargs = self.pop()?;
                     let args = self.pop()?;
                     let cls = self.pop()?;
                     let id = self.reduce(cls, args)?;
-                    self.stack.push(id)
+                    self.push_id(id)?
                 }
                 b'o' => {
                     let mut items = self.pop_mark()?;
