@@ -119,11 +119,11 @@ fn npy_reader_accepts_other_layouts_and_rejects_bad_files() {
             Err(ExportError::Format { .. })
         ));
     }
-    // The official pickled file is recognised and refused with a hint.
-    let official = dir.path().join("x.pkl.npy");
-    npy::write_official_npy(&golden_motion(), &official, false).unwrap();
-    let e = npy::read_npy(&official, 60.0).unwrap_err();
-    assert!(e.to_string().contains("pickled"), "{e}");
+    // A pickled object array that is not the official layout is refused with a reason.
+    let other = raw_npy("|O", "()", b"\x80\x03]q\x00.");
+    std::fs::write(&p, other).unwrap();
+    let e = npy::read_npy(&p, 60.0).unwrap_err();
+    assert!(e.to_string().contains("pred_position"), "{e}");
     // Missing file.
     assert!(matches!(
         npy::read_npy(&dir.path().join("missing.npy"), 60.0),
@@ -157,6 +157,45 @@ fn official_npy_holds_the_pickled_dict() {
     assert!(key < at);
     assert_eq!(pickle[at - 5], b'B');
     assert_eq!(&pickle[at - 4..at], &(data.len() as u32).to_le_bytes());
+}
+
+#[test]
+fn official_npy_reads_back_ours_and_numpys() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = golden_motion();
+    let p = dir.path().join("x.pkl.npy");
+    npy::write_official_npy(&m, &p, false).unwrap();
+    assert_eq!(npy::read_npy(&p, 60.0).unwrap(), m);
+    let (back, _) = export::read_motion(&p, 60.0).unwrap();
+    assert_eq!(back, m);
+    // Files written by numpy itself (protocol 4 / numpy 2, protocol 3 / numpy 1.x layout).
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/");
+    for name in [
+        "numpy2_protocol4_f32.pkl.npy",
+        "numpy_protocol3_f64.pkl.npy",
+    ] {
+        let m = npy::read_npy(std::path::Path::new(&format!("{data}{name}")), 60.0).unwrap();
+        assert_eq!(m.frames(), 2, "{name}");
+        for (i, v) in m.positions.iter().enumerate() {
+            let want = (i as f32 * 0.01 - 0.5) as f64;
+            assert!((*v as f64 - want).abs() < 1e-6, "{name}[{i}] = {v}");
+        }
+    }
+    // Corrupted bytes anywhere give an error or a motion, never a panic.
+    let fx = std::fs::read(format!("{data}numpy2_protocol4_f32.pkl.npy")).unwrap();
+    for i in 0..fx.len() {
+        for v in [0u8, 0x80, 0xff, b'(', b'.', b'h'] {
+            let mut b = fx.clone();
+            b[i] = v;
+            let _ = npy::read_npy_bytes(&b, 60.0);
+        }
+    }
+    // Truncations of a valid file are errors, never panics.
+    let bytes = std::fs::read(&p).unwrap();
+    for cut in [11, 100, 130, 200, 400, bytes.len() - 1] {
+        std::fs::write(&p, &bytes[..cut]).unwrap();
+        assert!(npy::read_npy(&p, 60.0).is_err(), "cut {cut}");
+    }
 }
 
 #[test]

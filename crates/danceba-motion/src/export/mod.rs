@@ -10,6 +10,7 @@ pub mod bvh;
 pub mod glb;
 pub mod json;
 pub mod npy;
+mod pickle;
 pub mod rig;
 pub mod rotation;
 
@@ -176,7 +177,8 @@ pub(crate) fn format_err(path: &Path, message: impl Into<String>) -> ExportError
 }
 
 /// Reads a motion back from a `.npy` (plain `(F, 72)`, `(F, 24, 3)` or `(1, F, 72)` float32 /
-/// float64) or our `.json`. The `.npy` carries no frame rate: `npy_fps` is used (60 for DanceBa).
+/// float64, or the official `.pkl.npy`) or our `.json`. A `.npy` carries no frame rate:
+/// `npy_fps` is used (60 for DanceBa).
 pub fn read_motion(path: &Path, npy_fps: f32) -> Result<(crate::Motion, MotionMeta), ExportError> {
     let lower = path.to_string_lossy().to_ascii_lowercase();
     if lower.ends_with(".json") {

@@ -160,11 +160,23 @@ pub fn write_official_npy(motion: &Motion, path: &Path, force: bool) -> Result<(
     write_atomic(path, &official_npy_bytes(motion)?, force)
 }
 
-/// Reads a numeric `.npy` of absolute positions: float32 or float64, little-endian, C order,
-/// shape `(F, 72)`, `(F, 24, 3)` or `(1, F, 72)`.
+/// Reads a `.npy` of absolute positions: float32 or float64, little-endian, C order, shape
+/// `(F, 72)`, `(F, 24, 3)` or `(1, F, 72)`; or the official `.pkl.npy` (`{'pred_position': A}`).
 pub fn read_npy(path: &Path, fps: f32) -> Result<Motion, ExportError> {
     let bytes = read_file(path)?;
     parse_npy(&bytes, fps).map_err(|e| match e {
+        NpyError::Format(m) => format_err(path, m),
+        NpyError::Motion(source) => ExportError::Motion {
+            path: path.to_path_buf(),
+            source,
+        },
+    })
+}
+
+/// Like [`read_npy`], from bytes in memory (errors name the file as `<memory>`).
+pub fn read_npy_bytes(bytes: &[u8], fps: f32) -> Result<Motion, ExportError> {
+    let path = Path::new("<memory>");
+    parse_npy(bytes, fps).map_err(|e| match e {
         NpyError::Format(m) => format_err(path, m),
         NpyError::Motion(source) => ExportError::Motion {
             path: path.to_path_buf(),
@@ -204,10 +216,8 @@ fn parse_npy(bytes: &[u8], fps: f32) -> Result<Motion, NpyError> {
     let descr = dict_value(header, "descr").ok_or_else(|| fmt("the .npy header has no 'descr'"))?;
     let descr = descr.trim_matches(|c| c == '\'' || c == '"');
     if descr.contains('O') {
-        return Err(fmt(
-            "this .npy holds pickled Python objects (like the official .pkl.npy); read the plain \
-             positions .npy or the .json instead",
-        ));
+        // The official `.pkl.npy`: a pickled 0-d object array holding {'pred_position': A}.
+        return parse_official(data, fps);
     }
     if dict_value(header, "fortran_order").map(|v| v.starts_with("True")) == Some(true) {
         return Err(fmt("Fortran-ordered .npy files are not supported"));
@@ -215,17 +225,25 @@ fn parse_npy(bytes: &[u8], fps: f32) -> Result<Motion, NpyError> {
     let shape_text =
         dict_value(header, "shape").ok_or_else(|| fmt("the .npy header has no 'shape'"))?;
     let shape = parse_shape(shape_text).ok_or_else(|| fmt("cannot parse the .npy shape"))?;
-    let frames = match shape.as_slice() {
-        [f, 72] => *f,
-        [f, 24, 3] => *f,
-        [1, f, 72] => *f,
-        _ => {
-            return Err(NpyError::Format(format!(
-                "shape {shape:?} is not a motion: expected (frames, 72), (frames, 24, 3) or \
-                 (1, frames, 72)"
-            )))
-        }
-    };
+    let frames = motion_frames(&shape)?;
+    let values = decode_floats(descr, frames, data)?;
+    Motion::new(values, fps).map_err(NpyError::Motion)
+}
+
+/// The frame count of a motion array of this shape.
+fn motion_frames(shape: &[usize]) -> Result<usize, NpyError> {
+    match shape {
+        [f, 72] | [f, 24, 3] | [1, f, 72] => Ok(*f),
+        _ => Err(NpyError::Format(format!(
+            "shape {shape:?} is not a motion: expected (frames, 72), (frames, 24, 3) or \
+             (1, frames, 72)"
+        ))),
+    }
+}
+
+/// Reads `frames × 72` little-endian float32/float64 values.
+fn decode_floats(descr: &str, frames: usize, data: &[u8]) -> Result<Vec<f32>, NpyError> {
+    let fmt = |m: &str| NpyError::Format(m.to_string());
     let n = frames
         .checked_mul(NUM_JOINTS * 3)
         .ok_or_else(|| fmt("shape too large"))?;
@@ -264,6 +282,45 @@ fn parse_npy(bytes: &[u8], fps: f32) -> Result<Motion, NpyError> {
             )))
         }
     };
+    Ok(values)
+}
+
+/// Reads the official `{'pred_position': A}` pickle (protocol 3 or 4, numpy 1.x or 2.x).
+fn parse_official(pickled: &[u8], fps: f32) -> Result<Motion, NpyError> {
+    use super::pickle::{self, V};
+    let not_official = |why: String| {
+        NpyError::Format(format!(
+            "this .npy holds pickled Python objects but not the official \
+             {{'pred_position': array}} layout ({why})"
+        ))
+    };
+    let top = pickle::load(pickled).map_err(not_official)?;
+    let outer = pickle::ndarray(&top).map_err(not_official)?;
+    let V::List(items) = &*outer.data else {
+        return Err(not_official("no object list".into()));
+    };
+    let [item] = items.as_slice() else {
+        return Err(not_official("not a single object".into()));
+    };
+    let V::Dict(pairs) = &**item else {
+        return Err(not_official("the object is not a dict".into()));
+    };
+    let value = pairs
+        .iter()
+        .find(|(k, _)| matches!(&**k, V::Str(s) if s == "pred_position"))
+        .map(|(_, v)| v.clone())
+        .ok_or_else(|| not_official("no 'pred_position' key".into()))?;
+    let arr = pickle::ndarray(&value).map_err(not_official)?;
+    if arr.fortran {
+        return Err(NpyError::Format(
+            "Fortran-ordered arrays are not supported".into(),
+        ));
+    }
+    let frames = motion_frames(&arr.shape)?;
+    let V::Bytes(data) = &*arr.data else {
+        return Err(not_official("'pred_position' has no raw data".into()));
+    };
+    let values = decode_floats(&arr.dtype, frames, data)?;
     Motion::new(values, fps).map_err(NpyError::Motion)
 }
 

@@ -18,8 +18,9 @@ danceba render song.npy -o out/ --formats mp4 --audio song.mp3\n  \
 danceba render song.json -o out/ --formats npy,pkl.npy,json,bvh,glb,mp4,html --force"
 )]
 pub struct Args {
-    /// A motion written by danceba: a .json (positions, tokens and settings) or a .npy of
-    /// absolute joint positions, shape (frames, 72), (frames, 24, 3) or (1, frames, 72).
+    /// A motion: a .json written by danceba (positions, tokens and settings), a .npy of absolute
+    /// joint positions, shape (frames, 72), (frames, 24, 3) or (1, frames, 72), or an official
+    /// DanceBa `<name>.pkl.npy` ({'pred_position': array}).
     pub input: PathBuf,
     /// Output directory (created if missing). Files are named after the input:
     /// `<stem>.<format>`.
