@@ -7,7 +7,7 @@
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use danceba_model::gpt::random::{official_gpt_arch, random_gpt};
-use danceba_model::gpt::scan::{selective_scan_with, ScanInputs};
+use danceba_model::gpt::scan::{selective_scan_with, ScanInputs, ScanKernel};
 use danceba_model::gpt::MambaImpl;
 
 fn lcg(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
@@ -51,8 +51,9 @@ fn scan(c: &mut Criterion) {
     };
     let mut g = c.benchmark_group("scan_L28_D3072_N128");
     g.sample_size(20);
-    g.bench_function("simd", |b| b.iter(|| selective_scan_with(&p, true)));
-    g.bench_function("loop", |b| b.iter(|| selective_scan_with(&p, false)));
+    for k in [ScanKernel::Best, ScanKernel::Avx2, ScanKernel::Loop] {
+        g.bench_function(format!("{k:?}"), |b| b.iter(|| selective_scan_with(&p, k)));
+    }
     g.finish();
 }
 

@@ -242,6 +242,107 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{silu, softplus, ScanInputs};
+    use std::arch::x86_64::*;
+
+    /// 16-lane version of [`super::fast_exp`] (same polynomial and range reduction).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp16(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-87.336_54)),
+            _mm512_set1_ps(88.376_26),
+        );
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_2e-4);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.398_199_9e-3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666_666_5e-1));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
+        let r2 = _mm512_mul_ps(r, r);
+        let y = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
+        let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        _mm512_mul_ps(y, _mm512_castsi512_ps(e))
+    }
+
+    /// Requires `p.n % 16 == 0` and `h.len() == p.n`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn scan_channel(
+        p: &ScanInputs,
+        bi: usize,
+        c: usize,
+        h: &mut [f32],
+        y: &mut [f32],
+    ) {
+        let n = p.n;
+        let a = &p.a[c * n..(c + 1) * n];
+        assert!(h.len() == n && n.is_multiple_of(16));
+        h.iter_mut().for_each(|v| *v = 0.0);
+        for (l, yl) in y.iter_mut().enumerate() {
+            let pos = bi * p.len + l;
+            let delta = softplus(p.delta_pre[pos * p.d + c] + p.delta_bias[c]);
+            let uu = p.u[pos * p.d + c];
+            let row = &p.bc[pos * p.bc_stride..(pos + 1) * p.bc_stride];
+            let bm = &row[p.b_offset..p.b_offset + n];
+            let cm = &row[p.c_offset..p.c_offset + n];
+            let dv = _mm512_set1_ps(delta);
+            let duv = _mm512_set1_ps(delta * uu);
+            let mut acc0 = _mm512_setzero_ps();
+            let mut acc1 = _mm512_setzero_ps();
+            let mut i = 0;
+            while i + 32 <= n {
+                // SAFETY: i + 32 <= n and every slice here has n elements.
+                let e0 = exp16(_mm512_mul_ps(dv, _mm512_loadu_ps(a.as_ptr().add(i))));
+                let e1 = exp16(_mm512_mul_ps(dv, _mm512_loadu_ps(a.as_ptr().add(i + 16))));
+                let b0 = _mm512_mul_ps(_mm512_loadu_ps(bm.as_ptr().add(i)), duv);
+                let b1 = _mm512_mul_ps(_mm512_loadu_ps(bm.as_ptr().add(i + 16)), duv);
+                let h0 = _mm512_fmadd_ps(e0, _mm512_loadu_ps(h.as_ptr().add(i)), b0);
+                let h1 = _mm512_fmadd_ps(e1, _mm512_loadu_ps(h.as_ptr().add(i + 16)), b1);
+                _mm512_storeu_ps(h.as_mut_ptr().add(i), h0);
+                _mm512_storeu_ps(h.as_mut_ptr().add(i + 16), h1);
+                acc0 = _mm512_fmadd_ps(h0, _mm512_loadu_ps(cm.as_ptr().add(i)), acc0);
+                acc1 = _mm512_fmadd_ps(h1, _mm512_loadu_ps(cm.as_ptr().add(i + 16)), acc1);
+                i += 32;
+            }
+            while i + 16 <= n {
+                let e0 = exp16(_mm512_mul_ps(dv, _mm512_loadu_ps(a.as_ptr().add(i))));
+                let b0 = _mm512_mul_ps(_mm512_loadu_ps(bm.as_ptr().add(i)), duv);
+                let h0 = _mm512_fmadd_ps(e0, _mm512_loadu_ps(h.as_ptr().add(i)), b0);
+                _mm512_storeu_ps(h.as_mut_ptr().add(i), h0);
+                acc0 = _mm512_fmadd_ps(h0, _mm512_loadu_ps(cm.as_ptr().add(i)), acc0);
+                i += 16;
+            }
+            let acc = _mm512_add_ps(acc0, acc1);
+            let s = _mm512_reduce_add_ps(acc);
+            let out = s + p.d_skip[c] * uu;
+            let zv = p.z[pos * p.z_stride + p.z_offset + c];
+            *yl = out * silu(zv);
+        }
+    }
+}
+
+fn use_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 fn use_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -260,11 +361,22 @@ fn use_avx2() -> bool {
 /// The selective scan from a zero state, with softplus(Δ + bias), the D skip and the SiLU(z)
 /// gate. Returns y (batch, len, d). The caller guarantees the slice sizes (checked in debug).
 pub fn selective_scan(p: &ScanInputs) -> Vec<f32> {
-    selective_scan_with(p, use_avx2())
+    selective_scan_with(p, ScanKernel::Best)
 }
 
-/// [`selective_scan`] with the SIMD kernel allowed or not (the portable Rust loop otherwise).
-pub fn selective_scan_with(p: &ScanInputs, simd: bool) -> Vec<f32> {
+/// Which scan kernel [`selective_scan_with`] may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScanKernel {
+    /// The widest SIMD kernel this CPU supports (AVX-512F, else AVX2+FMA), else the loop.
+    Best,
+    /// AVX2+FMA if supported, else the loop.
+    Avx2,
+    /// The portable Rust loop.
+    Loop,
+}
+
+/// [`selective_scan`] with a chosen kernel (for tests and benchmarks).
+pub fn selective_scan_with(p: &ScanInputs, kernel: ScanKernel) -> Vec<f32> {
     let (bsz, len, d, n) = (p.batch, p.len, p.d, p.n);
     debug_assert_eq!(p.u.len(), bsz * len * d);
     debug_assert_eq!(p.delta_pre.len(), bsz * len * d);
@@ -273,7 +385,8 @@ pub fn selective_scan_with(p: &ScanInputs, simd: bool) -> Vec<f32> {
     debug_assert!(p.z.len() >= bsz * len * p.z_stride);
     // channel-major scratch output: (batch, d, len)
     let mut ycm = vec![0f32; bsz * d * len];
-    let avx2 = simd && use_avx2() && n.is_multiple_of(8);
+    let avx512 = kernel == ScanKernel::Best && use_avx512() && n.is_multiple_of(16);
+    let avx2 = kernel != ScanKernel::Loop && use_avx2() && n.is_multiple_of(8);
     const GROUP: usize = 16;
     ycm.par_chunks_mut(len * GROUP)
         .enumerate()
@@ -284,13 +397,20 @@ pub fn selective_scan_with(p: &ScanInputs, simd: bool) -> Vec<f32> {
                 let row = gi * GROUP + j;
                 let (bi, c) = (row / d, row % d);
                 #[cfg(target_arch = "x86_64")]
+                if avx512 {
+                    // SAFETY: AVX-512F support was detected at run time, n % 16 == 0 was
+                    // checked, and h has n elements.
+                    unsafe { avx512::scan_channel(p, bi, c, &mut h, y) };
+                    continue;
+                }
+                #[cfg(target_arch = "x86_64")]
                 if avx2 {
                     // SAFETY: AVX2 and FMA support was detected at run time, n % 8 == 0 was
                     // checked, and h has n elements.
                     unsafe { avx2::scan_channel(p, bi, c, &mut h, y) };
                     continue;
                 }
-                let _ = avx2;
+                let _ = (avx2, avx512);
                 scan_channel(p, bi, c, &mut h, &mut da, y);
             }
         });
@@ -365,14 +485,16 @@ mod tests {
             z_stride: 2 * d,
             z_offset: d,
         };
-        let x = selective_scan_with(&p, true);
-        let y = selective_scan_with(&p, false);
+        let y = selective_scan_with(&p, ScanKernel::Loop);
         let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = x
-            .iter()
-            .zip(&y)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(err <= 1e-5 * scale, "err {err} scale {scale}");
+        for k in [ScanKernel::Best, ScanKernel::Avx2] {
+            let x = selective_scan_with(&p, k);
+            let err = x
+                .iter()
+                .zip(&y)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err <= 1e-5 * scale, "{k:?}: err {err} scale {scale}");
+        }
     }
 
     #[test]
