@@ -345,7 +345,10 @@ fn render_mp4(
     let (w, h) = (opts.width, opts.height);
     let mut cmd = Command::new(ffmpeg);
     cmd.args(["-hide_banner", "-loglevel", "error", "-y"])
-        .args(["-f", "rawvideo", "-pix_fmt", "rgb24"])
+        // Frames arrive as yuv420p (converted in parallel here), so ffmpeg's single-threaded
+        // colour conversion is not on the critical path and the pipe carries half the bytes.
+        .args(["-f", "rawvideo", "-pix_fmt", "yuv420p"])
+        .args(["-colorspace", "bt470bg", "-color_range", "tv"])
         .args(["-s", &format!("{w}x{h}"), "-r", &format!("{}", opts.fps)])
         .args(["-i", "pipe:0"]);
     if let Some(a) = audio {
@@ -365,18 +368,13 @@ fn render_mp4(
     } else {
         cmd.args(["-q:v", "3"]);
     }
-    cmd.args([
-        "-pix_fmt",
-        "yuv420p",
-        "-movflags",
-        "+faststart",
-        "-f",
-        "mp4",
-    ])
-    .arg(tmp.path())
-    .stdin(Stdio::piped())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    cmd.args(["-pix_fmt", "yuv420p", "-colorspace", "bt470bg"])
+        .args(["-color_primaries", "bt470bg", "-color_trc", "smpte170m"])
+        .args(["-color_range", "tv", "-movflags", "+faststart", "-f", "mp4"])
+        .arg(tmp.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
         .map_err(|e| ffmpeg_err(ffmpeg, format!("cannot start it: {e}")))?;
@@ -444,14 +442,14 @@ fn pipe_frames(
     opts: &VideoOptions,
 ) -> Result<(), PipeError> {
     let batch = (rayon::current_num_threads() as u64 * 4).clamp(8, 64);
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<RgbImage>>(1);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Vec<u8>>>(1);
     std::thread::scope(|s| {
         let writer = s.spawn(move || -> std::io::Result<()> {
             let mut sink = std::io::BufWriter::with_capacity(1 << 20, sink);
             let mut done = 0u64;
             for frames in rx {
                 for f in &frames {
-                    sink.write_all(&f.data)?;
+                    sink.write_all(f)?;
                 }
                 done += frames.len() as u64;
                 if let Some(p) = &opts.progress {
@@ -468,7 +466,10 @@ fn pipe_frames(
                 break;
             }
             let end = (start + batch).min(total);
-            let frames: Vec<RgbImage> = (start..end).into_par_iter().map(|i| src.draw(i)).collect();
+            let frames: Vec<Vec<u8>> = (start..end)
+                .into_par_iter()
+                .map(|i| rgb_to_yuv420(&src.draw(i)))
+                .collect();
             if tx.send(frames).is_err() {
                 break; // the writer failed; its error is reported below
             }
@@ -481,6 +482,40 @@ fn pipe_frames(
         result?;
         w.map_err(PipeError::Io)
     })
+}
+
+/// Converts to planar YUV 4:2:0 (BT.601, limited range, chroma from the 2×2 mean), the same
+/// conversion ffmpeg applies to rgb24 by default. Odd trailing rows/columns are ignored for
+/// chroma.
+pub fn rgb_to_yuv420(img: &RgbImage) -> Vec<u8> {
+    let (w, h) = (img.width as usize, img.height as usize);
+    let (cw, ch) = (w / 2, h / 2);
+    let mut out = vec![0u8; w * h + 2 * cw * ch];
+    let (ys, uv) = out.split_at_mut(w * h);
+    let (us, vs) = uv.split_at_mut(cw * ch);
+    for (yv, p) in ys.iter_mut().zip(img.data.chunks_exact(3)) {
+        let (r, g, b) = (p[0] as i32, p[1] as i32, p[2] as i32);
+        *yv = (((66 * r + 129 * g + 25 * b + 128) >> 8) + 16) as u8;
+    }
+    for cy in 0..ch {
+        let row0 = &img.data[(2 * cy) * w * 3..(2 * cy + 1) * w * 3];
+        let row1 = &img.data[(2 * cy + 1) * w * 3..(2 * cy + 2) * w * 3];
+        let urow = &mut us[cy * cw..(cy + 1) * cw];
+        let vrow = &mut vs[cy * cw..(cy + 1) * cw];
+        for (cx, (u, v)) in urow.iter_mut().zip(vrow.iter_mut()).enumerate() {
+            let o = cx * 6;
+            let sum = |c: usize| {
+                row0[o + c] as i32
+                    + row0[o + 3 + c] as i32
+                    + row1[o + c] as i32
+                    + row1[o + 3 + c] as i32
+            };
+            let (r, g, b) = ((sum(0) + 2) >> 2, (sum(1) + 2) >> 2, (sum(2) + 2) >> 2);
+            *u = (((-38 * r - 74 * g + 112 * b + 128) >> 8) + 128).clamp(0, 255) as u8;
+            *v = (((112 * r - 94 * g - 18 * b + 128) >> 8) + 128).clamp(0, 255) as u8;
+        }
+    }
+    out
 }
 
 /// A fixed 3-3-2 palette (8 red × 8 green × 4 blue levels).
@@ -560,4 +595,28 @@ fn render_gif(motion: &Motion, out: &Path, opts: &VideoOptions) -> Result<(u64, 
     drop(inner);
     persist(tmp, out, opts.force)?;
     Ok((total, total as f64 / fps as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yuv420_conversion_matches_bt601_limited_range() {
+        let mut img = RgbImage::new(4, 2, [0, 0, 0]);
+        for x in 2..4 {
+            for y in 0..2 {
+                let o = (y * 4 + x) * 3;
+                img.data[o..o + 3].copy_from_slice(&[255, 255, 255]);
+            }
+        }
+        let yuv = rgb_to_yuv420(&img);
+        assert_eq!(yuv.len(), 8 + 2 + 2);
+        assert_eq!(&yuv[..4], &[16, 16, 235, 235]);
+        assert_eq!(&yuv[8..], &[128, 128, 128, 128]);
+        // Pure red: U 90, V 240 (BT.601).
+        let red = RgbImage::new(2, 2, [255, 0, 0]);
+        let yuv = rgb_to_yuv420(&red);
+        assert_eq!((yuv[0], yuv[4], yuv[5]), (82, 90, 240));
+    }
 }
