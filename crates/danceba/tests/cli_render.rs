@@ -23,10 +23,9 @@ fn danceba() -> Command {
 
 /// A short motion: the first second of the golden absolute pose.
 fn motion() -> Motion {
-    let bytes = std::fs::read(
-        golden_dir().join("model/mono22k_mutilated_mime_12s.pipeline.safetensors"),
-    )
-    .unwrap();
+    let bytes =
+        std::fs::read(golden_dir().join("model/mono22k_mutilated_mime_12s.pipeline.safetensors"))
+            .unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor("pose_absolute").unwrap();
     let v: Vec<f32> = t
@@ -105,7 +104,14 @@ fn render_reexports_a_json_motion() {
 fn render_npy_to_video() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("d.npy");
-    export::export(&motion(), &MotionMeta::default(), Format::Npy, &input, false).unwrap();
+    export::export(
+        &motion(),
+        &MotionMeta::default(),
+        Format::Npy,
+        &input,
+        false,
+    )
+    .unwrap();
     let (ok, err) = run(danceba()
         .arg("render")
         .arg(&input)
