@@ -79,8 +79,7 @@ fn time_frames(motion: &danceba_motion::Motion) {
     let n: usize = (0..motion.frames())
         .into_par_iter()
         .map(|f| {
-            danceba_motion::render::render_frame(motion, f, &rig.camera_at(f), rig.floor_y).data[0]
-                as usize
+            danceba_motion::render::render_frame(motion, f, &rig.camera_at(f)).data[0] as usize
         })
         .sum();
     println!(

@@ -66,13 +66,16 @@ fn attr<'a>(dom: &'a str, name: &str) -> Option<&'a str> {
 }
 
 fn check_viewer(audio: Option<&Path>) {
+    check_viewer_with(synthetic_motion(60 * 12), audio);
+}
+
+fn check_viewer_with(motion: danceba_motion::Motion, audio: Option<&Path>) {
     let Some(chrome) = chromium() else {
         eprintln!("SKIPPED: chromium not found (apt-get install -y chromium)");
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let page = dir.path().join("dance.html");
-    let motion = synthetic_motion(60 * 12);
     html::write_html(&motion, audio, "test dance", &page, false).unwrap();
     let url = format!("file://{}#autoplay", page.display());
 
@@ -134,4 +137,11 @@ fn html_viewer_plays_with_music_in_headless_chromium() {
 #[test]
 fn html_viewer_plays_without_music_in_headless_chromium() {
     check_viewer(None);
+}
+
+#[test]
+fn html_viewer_shows_the_tiny_golden_models_dance() {
+    let motion = common::golden_motion("rock_armygeddon_20s");
+    let audio = golden().join("audio/rock_armygeddon_20s.wav");
+    check_viewer_with(motion, Some(&audio));
 }

@@ -14,7 +14,7 @@ fn a_rendered_frame_shows_the_skeleton_and_the_floor() {
     let motion = synthetic_motion(120);
     let rig = render::CameraRig::new(&motion, 960, 540);
     for f in [0, 59, 119] {
-        let img = render::render_frame(&motion, f, &rig.camera_at(f), rig.floor_y);
+        let img = render::render_frame(&motion, f, &rig.camera_at(f));
         assert_eq!(
             (img.width, img.height, img.data.len()),
             (960, 540, 960 * 540 * 3)
@@ -54,7 +54,7 @@ fn a_far_away_or_degenerate_motion_draws_without_panicking() {
     // All joints at one point, far from the origin: nothing NaN-driven, no panic.
     let motion = danceba_motion::Motion::new(vec![1.0e4; 72 * 4], 60.0).unwrap();
     let rig = render::CameraRig::new(&motion, 320, 180);
-    let img = render::render_frame(&motion, 10, &rig.camera_at(10), rig.floor_y);
+    let img = render::render_frame(&motion, 10, &rig.camera_at(10));
     assert_eq!(img.data.len(), 320 * 180 * 3);
     let op = render::render_openpose_frame(&motion, 3, 320, 180);
     assert_eq!(op.data.len(), 320 * 180 * 3);
@@ -263,4 +263,20 @@ fn cancelling_leaves_no_file() {
     let r = video::render_video(&synthetic_motion(300), None, &out, &opts);
     assert!(matches!(r, Err(RenderError::Cancelled)));
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn a_drifting_small_figure_stays_in_view() {
+    // The tiny golden model's dance drifts tens of metres and is a fraction of a person's size:
+    // the follow camera, per-frame floor and size scaling keep it visible on every frame.
+    let motion = common::golden_motion("rock_armygeddon_20s");
+    let rig = render::CameraRig::new(&motion, 960, 540);
+    let n = motion.frames();
+    for f in [0, n / 4, n / 2, 3 * n / 4, n - 1] {
+        let img = render::render_frame(&motion, f, &rig.camera_at(f));
+        let px = count_near(&img.data, scene::LEFT_RGB, 8)
+            + count_near(&img.data, scene::RIGHT_RGB, 8)
+            + count_near(&img.data, scene::CENTER_RGB, 8);
+        assert!(px > 300, "frame {f}: {px} skeleton pixels");
+    }
 }

@@ -78,6 +78,11 @@ pub struct Camera {
     pub fov_y_deg: f32,
     pub width: u32,
     pub height: u32,
+    /// Height of the floor (y) under the dancer.
+    pub floor_y: f32,
+    /// Size of the figure relative to a 1.7 m person: bone thickness and grid spacing scale
+    /// with it.
+    pub scale: f32,
 }
 
 /// Near clipping distance in metres.
@@ -140,56 +145,92 @@ impl View {
     }
 }
 
-/// Per-motion camera placement: a smoothed track of the dancer, the floor height and a viewing
-/// direction in front of the dancer (three-quarter view).
+/// Per-motion camera placement: a smoothed track of the dancer, the floor under it (a sliding
+/// minimum of the lowest joint, so a drifting motion stays in view), the figure's size, and a
+/// viewing direction in front of the dancer (three-quarter view).
 #[derive(Clone, Debug)]
 pub struct CameraRig {
     /// Smoothed (x, z) of the root per motion frame.
     track: Vec<[f32; 2]>,
-    /// Floor height (y) in metres.
-    pub floor_y: f32,
+    /// Smoothed floor height (y) per motion frame.
+    floor: Vec<f32>,
+    /// Smoothed root height (y) per motion frame.
+    root_y: Vec<f32>,
+    /// Figure size relative to a 1.7 m person.
+    pub scale: f32,
     /// Unit horizontal direction from the dancer towards the camera.
     dir: [f32; 2],
-    /// Horizontal distance from the dancer to the camera in metres.
+    /// Horizontal distance from the dancer to the camera for a 1.7 m person, in metres.
     pub distance: f32,
     pub fov_y_deg: f32,
     pub width: u32,
     pub height: u32,
 }
 
+/// Centred moving average of `v` over `±half` samples, the window shrinking symmetrically at
+/// the ends (so a steady drift is followed exactly, ends included).
+fn box_smooth(v: &[f64], half: usize) -> Vec<f64> {
+    let n = v.len();
+    let mut cum = vec![0f64; n + 1];
+    for i in 0..n {
+        cum[i + 1] = cum[i] + v[i];
+    }
+    (0..n)
+        .map(|i| {
+            let h = half.min(i).min(n - 1 - i);
+            (cum[i + h + 1] - cum[i - h]) / (2 * h + 1) as f64
+        })
+        .collect()
+}
+
 impl CameraRig {
     /// Builds the rig for `motion`, rendering at `width × height`.
     pub fn new(motion: &Motion, width: u32, height: u32) -> Self {
         let n = motion.frames();
-        // Floor: a low percentile of the per-frame lowest joint (robust to jumps).
-        let mut lows: Vec<f32> = (0..n)
-            .map(|f| {
-                (0..NUM_JOINTS)
-                    .map(|j| motion.joint(f, j)[1])
-                    .fold(f32::INFINITY, f32::min)
-            })
-            .collect();
-        lows.sort_by(|a, b| a.total_cmp(b));
-        let floor_y = lows.get(n / 20).copied().unwrap_or(0.0);
-        let floor_y = if floor_y.is_finite() { floor_y } else { 0.0 };
-
-        // Smooth the root track with a centred box filter of ±0.75 s.
         let half = ((0.75 * motion.fps).round() as usize).max(1);
-        let mut cum = vec![[0f64; 2]; n + 1];
+        let mut lows = Vec::with_capacity(n);
+        let mut sizes = Vec::with_capacity(n);
         for f in 0..n {
-            let r = motion.joint(f, 0);
-            cum[f + 1] = [cum[f][0] + r[0] as f64, cum[f][1] + r[2] as f64];
+            let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+            for j in 0..NUM_JOINTS {
+                let y = motion.joint(f, j)[1];
+                lo = lo.min(y);
+                hi = hi.max(y);
+            }
+            lows.push(lo as f64);
+            sizes.push(hi - lo);
         }
-        let track = (0..n)
+        // Figure size: the median vertical extent.
+        sizes.sort_by(|a, b| a.total_cmp(b));
+        let size = sizes.get(n / 2).copied().unwrap_or(1.7);
+        let scale = if size.is_finite() {
+            (size / 1.7).clamp(0.05, 20.0)
+        } else {
+            1.0
+        };
+        // Floor: sliding minimum of the lowest joint over ±0.75 s, then smoothed.
+        let slid: Vec<f64> = (0..n)
             .map(|f| {
                 let lo = f.saturating_sub(half);
                 let hi = (f + half + 1).min(n);
-                let k = (hi - lo) as f64;
-                [
-                    ((cum[hi][0] - cum[lo][0]) / k) as f32,
-                    ((cum[hi][1] - cum[lo][1]) / k) as f32,
-                ]
+                lows[lo..hi].iter().copied().fold(f64::INFINITY, f64::min)
             })
+            .collect();
+        let floor = box_smooth(&slid, half)
+            .into_iter()
+            .map(|v| if v.is_finite() { v as f32 } else { 0.0 })
+            .collect();
+        let ys: Vec<f64> = (0..n).map(|f| motion.joint(f, 0)[1] as f64).collect();
+        let root_y = box_smooth(&ys, half)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
+        let xs: Vec<f64> = (0..n).map(|f| motion.joint(f, 0)[0] as f64).collect();
+        let zs: Vec<f64> = (0..n).map(|f| motion.joint(f, 0)[2] as f64).collect();
+        let track = box_smooth(&xs, half)
+            .into_iter()
+            .zip(box_smooth(&zs, half))
+            .map(|(x, z)| [x as f32, z as f32])
             .collect();
 
         // Mean facing direction: (left hip - right hip) × up, averaged, then turned by 30°.
@@ -210,7 +251,9 @@ impl CameraRig {
         let dir = [c * facing[0] - s * facing[1], s * facing[0] + c * facing[1]];
         Self {
             track,
-            floor_y,
+            floor,
+            root_y,
+            scale,
             dir,
             distance: 4.2,
             fov_y_deg: 40.0,
@@ -221,16 +264,17 @@ impl CameraRig {
 
     /// The camera for motion frame `frame` (clamped to the motion).
     pub fn camera_at(&self, frame: usize) -> Camera {
-        let t = self
-            .track
-            .get(frame.min(self.track.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or([0.0, 0.0]);
-        let target = [t[0], self.floor_y + 0.95, t[1]];
+        let i = frame.min(self.track.len().saturating_sub(1));
+        let t = self.track.get(i).copied().unwrap_or([0.0, 0.0]);
+        let floor_y = self.floor.get(i).copied().unwrap_or(0.0);
+        let s = self.scale;
+        // Aim at the (smoothed) pelvis, from 0.8 m (scaled) above it.
+        let ty = self.root_y.get(i).copied().unwrap_or(floor_y + 0.95 * s);
+        let target = [t[0], ty, t[1]];
         let eye = [
-            t[0] + self.dir[0] * self.distance,
-            self.floor_y + 1.75,
-            t[1] + self.dir[1] * self.distance,
+            t[0] + self.dir[0] * self.distance * s,
+            ty + 0.8 * s,
+            t[1] + self.dir[1] * self.distance * s,
         ];
         Camera {
             eye,
@@ -238,6 +282,8 @@ impl CameraRig {
             fov_y_deg: self.fov_y_deg,
             width: self.width,
             height: self.height,
+            floor_y,
+            scale: s,
         }
     }
 }
@@ -261,21 +307,22 @@ pub fn background(width: u32, height: u32) -> RgbImage {
     img
 }
 
-/// Renders motion frame `frame` (clamped) in 3D with `camera`.
-pub fn render_frame(motion: &Motion, frame: usize, camera: &Camera, floor_y: f32) -> RgbImage {
+/// Renders motion frame `frame` (clamped) in 3D with `camera` (e.g. from
+/// [`CameraRig::camera_at`]).
+pub fn render_frame(motion: &Motion, frame: usize, camera: &Camera) -> RgbImage {
     let mut img = background(camera.width, camera.height);
-    draw_frame_into(&mut img, motion, frame, camera, floor_y);
+    draw_frame_into(&mut img, motion, frame, camera);
     img
 }
 
 /// Draws the 3D scene over `img` (whose size must match the camera's).
-pub(crate) fn draw_frame_into(
-    img: &mut RgbImage,
-    motion: &Motion,
-    frame: usize,
-    camera: &Camera,
-    floor_y: f32,
-) {
+pub(crate) fn draw_frame_into(img: &mut RgbImage, motion: &Motion, frame: usize, camera: &Camera) {
+    let floor_y = camera.floor_y;
+    let sc = if camera.scale.is_finite() && camera.scale > 0.0 {
+        camera.scale
+    } else {
+        1.0
+    };
     let n = motion.frames();
     if n == 0 {
         return;
@@ -284,8 +331,8 @@ pub(crate) fn draw_frame_into(
     let view = View::new(camera);
     let joints: Vec<V3> = (0..NUM_JOINTS).map(|j| motion.joint(frame, j)).collect();
 
-    // Floor grid: 0.5 m cells around the camera target, fading with distance.
-    let step = 0.5f32;
+    // Floor grid: 0.5 m cells (for a 1.7 m person) around the camera target, fading with distance.
+    let step = 0.5f32 * sc;
     let cells = 12i32;
     let gx0 = (camera.target[0] / step).round() * step;
     let gz0 = (camera.target[2] / step).round() * step;
@@ -327,7 +374,7 @@ pub(crate) fn draw_frame_into(
             let a = [joints[p][0], floor_y, joints[p][2]];
             let b = [joints[j][0], floor_y, joints[j][2]];
             if let Some((s, e, za, zb)) = view.segment(a, b) {
-                let r = 0.05 * view.focal / (0.5 * (za + zb)).max(NEAR);
+                let r = 0.05 * sc * view.focal / (0.5 * (za + zb)).max(NEAR);
                 img.capsule(s, e, r, [8.0, 9.0, 12.0], 0.45, false);
             }
         }
@@ -347,17 +394,17 @@ pub(crate) fn draw_frame_into(
     for &(_, p, j) in &bones {
         let col = to_f(side_rgb(joint_side(j)));
         if let Some((s, e, za, zb)) = view.segment(joints[p], joints[j]) {
-            let r = 0.032 * view.focal / (0.5 * (za + zb)).max(NEAR);
+            let r = 0.032 * sc * view.focal / (0.5 * (za + zb)).max(NEAR);
             img.capsule(s, e, r.max(1.0), col, 1.0, true);
             // Joint balls at the child end.
-            let rj = 0.042 * view.focal / zb.max(NEAR);
+            let rj = 0.042 * sc * view.focal / zb.max(NEAR);
             img.disc(e, rj.max(1.2), col, 1.0, true);
         }
     }
     // The head.
     let head = view.to_cam(joints[15]);
     if head[2] > NEAR {
-        let r = 0.1 * view.focal / head[2];
+        let r = 0.1 * sc * view.focal / head[2];
         img.disc(view.project(head), r, to_f(CENTER_RGB), 1.0, true);
     }
 }

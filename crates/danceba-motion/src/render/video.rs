@@ -265,7 +265,7 @@ impl<'a> FrameSource<'a> {
             Style::Skeleton3d => {
                 let mut img = self.bg.clone();
                 let cam = self.rig.camera_at(f);
-                draw_frame_into(&mut img, self.motion, f, &cam, self.rig.floor_y);
+                draw_frame_into(&mut img, self.motion, f, &cam);
                 img
             }
             Style::OpenPose => render_openpose_frame(self.motion, f, self.bg.width, self.bg.height),

@@ -83,3 +83,16 @@ pub fn count_near(rgb: &[u8], want: [u8; 3], tol: i32) -> usize {
         .filter(|p| (0..3).all(|c| (p[c] as i32 - want[c] as i32).abs() <= tol))
         .count()
 }
+
+/// `pose_absolute` of a golden pipeline file (the tiny random model: drifting, small figure).
+pub fn golden_motion(clip: &str) -> Motion {
+    let bytes = std::fs::read(golden().join(format!("model/{clip}.pipeline.safetensors"))).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("pose_absolute").unwrap();
+    let v: Vec<f32> = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Motion::new(v, 60.0).unwrap()
+}
