@@ -75,6 +75,10 @@ struct Decoder {
     sample_buf: Option<SampleBuffer<f32>>,
     rate: Option<u32>,
     channels: Option<usize>,
+    /// Frames still to drop at the start (MP4 edit list priming, as FFmpeg does).
+    skip_frames: u64,
+    /// Offset (in samples) of the first kept sample in the current buffer.
+    view_start: usize,
 }
 
 impl Decoder {
@@ -140,6 +144,8 @@ impl Decoder {
             sample_buf: None,
             rate,
             channels: codec_params.channels.map(|c| c.count()),
+            skip_frames: mp4_priming_frames(path, rate).unwrap_or(0),
+            view_start: 0,
         })
     }
 
@@ -243,6 +249,15 @@ impl Decoder {
             if frames == 0 {
                 continue;
             }
+            self.view_start = 0;
+            if self.skip_frames > 0 {
+                if self.skip_frames >= frames as u64 {
+                    self.skip_frames -= frames as u64;
+                    continue;
+                }
+                self.view_start = self.skip_frames as usize * ch;
+                self.skip_frames = 0;
+            }
             return Ok(Some((ch, rate)));
         }
     }
@@ -251,8 +266,138 @@ impl Decoder {
 impl Decoder {
     /// Samples of the last decoded packet, interleaved.
     fn samples(&self) -> &[f32] {
-        self.sample_buf.as_ref().map(|b| b.samples()).unwrap_or(&[])
+        self.sample_buf
+            .as_ref()
+            .and_then(|b| b.samples().get(self.view_start..))
+            .unwrap_or(&[])
     }
+}
+
+/// The number of priming frames an MP4/M4A file asks the player to skip: the `media_time` of the
+/// first non-empty edit of the first sound track's edit list, converted to the sample rate.
+/// FFmpeg (and so essentia) drops them; symphonia 0.5 does not. `None` for other files.
+pub fn mp4_priming_frames(path: &Path, rate: Option<u32>) -> Option<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    let mut head = [0u8; 8];
+    f.read_exact(&mut head).ok()?;
+    if &head[4..8] != b"ftyp" {
+        return None;
+    }
+    // Walk top-level boxes to find moov (it may follow the media data).
+    let mut off = 0u64;
+    let mut moov: Option<Vec<u8>> = None;
+    while off + 8 <= len {
+        f.seek(SeekFrom::Start(off)).ok()?;
+        let mut h = [0u8; 16];
+        f.read_exact(&mut h[..8]).ok()?;
+        let mut size = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as u64;
+        let mut hdr = 8u64;
+        if size == 1 {
+            f.read_exact(&mut h[8..16]).ok()?;
+            size = u64::from_be_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+            hdr = 16;
+        } else if size == 0 {
+            size = len - off;
+        }
+        if size < hdr {
+            return None;
+        }
+        if &h[4..8] == b"moov" {
+            if size > 64 << 20 {
+                return None;
+            }
+            let mut body = vec![0u8; (size - hdr) as usize];
+            f.read_exact(&mut body).ok()?;
+            moov = Some(body);
+            break;
+        }
+        off += size;
+    }
+    mp4_priming_from_moov(&moov?, rate)
+}
+
+/// Children `(type, body)` of a box body.
+fn mp4_children(mut b: &[u8]) -> Vec<([u8; 4], &[u8])> {
+    let mut out = Vec::new();
+    while b.len() >= 8 {
+        let size32 = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        let typ = [b[4], b[5], b[6], b[7]];
+        let (size, hdr) = match size32 {
+            0 => (b.len(), 8),
+            1 if b.len() >= 16 => (
+                u64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]) as usize,
+                16,
+            ),
+            n => (n, 8),
+        };
+        if size < hdr || size > b.len() {
+            break;
+        }
+        out.push((typ, &b[hdr..size]));
+        b = &b[size..];
+    }
+    out
+}
+
+fn be_u32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+fn be_u64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// See [`mp4_priming_frames`]; `moov` is the body of the moov box.
+pub fn mp4_priming_from_moov(moov: &[u8], rate: Option<u32>) -> Option<u64> {
+    for (typ, trak) in mp4_children(moov) {
+        if &typ != b"trak" {
+            continue;
+        }
+        let kids = mp4_children(trak);
+        let mdia = kids.iter().find(|k| &k.0 == b"mdia")?.1;
+        let mdia_kids = mp4_children(mdia);
+        let is_sound = mdia_kids
+            .iter()
+            .any(|k| &k.0 == b"hdlr" && k.1.get(8..12) == Some(b"soun".as_slice()));
+        if !is_sound {
+            continue;
+        }
+        let mdhd = mdia_kids.iter().find(|k| &k.0 == b"mdhd")?.1;
+        let timescale = match mdhd.first()? {
+            0 => be_u32(mdhd, 12)?,
+            _ => be_u32(mdhd, 20)?,
+        };
+        let Some(edts) = kids.iter().find(|k| &k.0 == b"edts") else {
+            return Some(0);
+        };
+        let Some(elst) = mp4_children(edts.1).into_iter().find(|k| &k.0 == b"elst") else {
+            return Some(0);
+        };
+        let body = elst.1;
+        let version = *body.first()?;
+        let count = be_u32(body, 4)? as usize;
+        let entry = if version == 1 { 20 } else { 12 };
+        for i in 0..count.min(64) {
+            let at = 8 + i * entry;
+            let media_time: i64 = if version == 1 {
+                be_u64(body, at + 8)? as i64
+            } else {
+                be_u32(body, at + 4)? as i32 as i64
+            };
+            if media_time < 0 {
+                continue; // an empty edit
+            }
+            if timescale == 0 {
+                return None;
+            }
+            let r = rate.unwrap_or(timescale) as u128;
+            let frames = (media_time as u128 * r + timescale as u128 / 2) / timescale as u128;
+            return Some(frames.min(u64::MAX as u128) as u64);
+        }
+        return Some(0);
+    }
+    None
 }
 
 /// Decode one packet and copy its samples (interleaved f32) into `buf`.
@@ -538,4 +683,51 @@ pub fn load_mono_3840(path: &Path) -> Result<Vec<f32>, AudioError> {
         }
         resampled
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bx(typ: &[u8; 4], body: &[u8]) -> Vec<u8> {
+        let mut v = ((body.len() + 8) as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(typ);
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn moov(media_times: &[i32], handler: &[u8; 4], timescale: u32) -> Vec<u8> {
+        let mut elst = vec![0u8, 0, 0, 0];
+        elst.extend_from_slice(&(media_times.len() as u32).to_be_bytes());
+        for &m in media_times {
+            elst.extend_from_slice(&20000u32.to_be_bytes());
+            elst.extend_from_slice(&m.to_be_bytes());
+            elst.extend_from_slice(&0x0001_0000u32.to_be_bytes());
+        }
+        let mut mdhd = vec![0u8; 24];
+        mdhd[12..16].copy_from_slice(&timescale.to_be_bytes());
+        let mut hdlr = vec![0u8; 24];
+        hdlr[8..12].copy_from_slice(handler);
+        let mdia = [bx(b"mdhd", &mdhd), bx(b"hdlr", &hdlr)].concat();
+        let trak = [bx(b"edts", &bx(b"elst", &elst)), bx(b"mdia", &mdia)].concat();
+        bx(b"trak", &trak)
+    }
+
+    #[test]
+    fn mp4_edit_list_priming() {
+        assert_eq!(
+            mp4_priming_from_moov(&moov(&[1024], b"soun", 44100), Some(44100)),
+            Some(1024)
+        );
+        // an empty edit first, then the real one; media timescale differs from the rate
+        assert_eq!(
+            mp4_priming_from_moov(&moov(&[-1, 2112], b"soun", 48000), Some(24000)),
+            Some(1056)
+        );
+        assert_eq!(
+            mp4_priming_from_moov(&moov(&[1024], b"vide", 44100), Some(44100)),
+            None
+        );
+        assert_eq!(mp4_priming_from_moov(&[1, 2, 3], Some(44100)), None);
+    }
 }
