@@ -43,143 +43,64 @@ enum Fill {
     Count,
 }
 
-/// Every key of the official GPT state dict (without `module.`), its shape, and how to fill it.
-fn key_list(a: &GptArch) -> Vec<(String, Vec<usize>, Fill)> {
-    let c = a.n_embd;
-    let mut v: Vec<(String, Vec<usize>, Fill)> = Vec::new();
-    let mut push = |k: String, s: Vec<usize>, f: Fill| v.push((k, s, f));
-    let lin = |fan_in: usize| Fill::Uniform(1.0 / (fan_in as f32).sqrt());
-    push("gpt_base.position_scale".into(), vec![], Fill::Const(0.5));
-    push(
-        "gpt_base.tok_emb_up.weight".into(),
-        vec![a.vocab_up, c],
-        Fill::Uniform(1.0),
-    );
-    push(
-        "gpt_base.tok_emb_down.weight".into(),
-        vec![a.vocab_down, c],
-        Fill::Uniform(1.0),
-    );
-    for m in 1..=3 {
-        let p = format!("gpt_base.pos_emb.pos_emb_{m}");
-        push(
-            format!("{p}.linear2.weight"),
-            vec![c, a.lpe_bins],
-            lin(a.lpe_bins),
-        );
-        push(format!("{p}.linear2.bias"), vec![c], lin(a.lpe_bins));
-        push(format!("{p}.bn2.weight"), vec![c], Fill::Const(1.0));
-        push(format!("{p}.bn2.bias"), vec![c], Fill::Const(0.0));
-        push(format!("{p}.bn2.running_mean"), vec![c], Fill::Const(0.0));
-        push(format!("{p}.bn2.running_var"), vec![c], Fill::Const(1.0));
-        push(format!("{p}.bn2.num_batches_tracked"), vec![], Fill::Count);
-    }
-    push(
-        "gpt_base.cond_emb.weight".into(),
-        vec![c, a.n_music],
-        lin(a.n_music),
-    );
-    push("gpt_base.cond_emb.bias".into(), vec![c], lin(a.n_music));
-    let block_base = |p: String, push: &mut dyn FnMut(String, Vec<usize>, Fill)| {
-        push(format!("{p}.norm1.weight"), vec![c], Fill::Const(1.0));
-        push(format!("{p}.norm2.weight"), vec![c], Fill::Const(1.0));
-        for n in ["in_proj", "act_proj", "out_proj"] {
-            push(format!("{p}.{n}.weight"), vec![c, c], lin(c));
-            push(format!("{p}.{n}.bias"), vec![c], lin(c));
-        }
-        push(
-            format!("{p}.attn.mask"),
-            vec![1, 1, a.block_size, a.block_size],
-            Fill::Mask,
-        );
-        for n in ["key", "query", "value", "proj"] {
-            push(format!("{p}.attn.{n}.weight"), vec![c, c], lin(c));
-            push(format!("{p}.attn.{n}.bias"), vec![c], lin(c));
-        }
-        push(format!("{p}.mlp.0.weight"), vec![a.mlp_hidden, c], lin(c));
-        push(format!("{p}.mlp.0.bias"), vec![a.mlp_hidden], lin(c));
-        push(
-            format!("{p}.mlp.2.weight"),
-            vec![c, a.mlp_hidden],
-            lin(a.mlp_hidden),
-        );
-        push(format!("{p}.mlp.2.bias"), vec![c], lin(a.mlp_hidden));
+/// How each key of the official layout is filled: norms and BatchNorm at identity, Mamba's
+/// `A_log`/`D`/Δ bias as initialised, linears uniform in ±1/√fan_in (fan_in read off the weight).
+fn fill_for(key: &str, shapes: &HashMap<&str, &[usize]>) -> Fill {
+    let fan_in = |weight_key: &str| -> f32 {
+        let n: usize = shapes
+            .get(weight_key)
+            .map(|s| s.iter().skip(1).product())
+            .unwrap_or(1);
+        1.0 / (n.max(1) as f32).sqrt()
     };
-    for i in 0..a.n_layer_base {
-        block_base(format!("gpt_base.blocks.{i}"), &mut push);
+    let last = key.rsplit('.').next().unwrap_or(key);
+    if key.ends_with("position_scale") {
+        Fill::Const(0.5)
+    } else if key.contains("tok_emb_") {
+        Fill::Uniform(1.0)
+    } else if last == "num_batches_tracked" {
+        Fill::Count
+    } else if key.ends_with("attn.mask") {
+        Fill::Mask
+    } else if last == "A_log" {
+        Fill::ALog
+    } else if last == "D" || last == "running_var" {
+        Fill::Const(1.0)
+    } else if last == "running_mean" {
+        Fill::Const(0.0)
+    } else if key.ends_with("dt_proj.bias") {
+        // softplus⁻¹(0.01)
+        Fill::Const(-4.600_17)
+    } else if is_norm(key) {
+        // norm weights (RMSNorm, BatchNorm γ, the unused ln_f) are 1, their biases 0
+        Fill::Const(if last == "bias" { 0.0 } else { 1.0 })
+    } else if last == "bias" {
+        Fill::Uniform(fan_in(&format!("{}.weight", &key[..key.len() - 5])))
+    } else {
+        Fill::Uniform(fan_in(key))
     }
-    let m = &a.mamba;
-    for i in 0..a.n_layer_head {
-        let p = format!("gpt_head.blocks.{i}");
-        for j in 1..=6 {
-            push(format!("{p}.ln{j}.weight"), vec![c], Fill::Const(1.0));
-        }
-        for s in 1..=3 {
-            let q = format!("{p}.mamba_{s}");
-            push(format!("{q}.A_log"), vec![m.d_inner, m.d_state], Fill::ALog);
-            push(format!("{q}.D"), vec![m.d_inner], Fill::Const(1.0));
-            push(
-                format!("{q}.in_proj.weight"),
-                vec![2 * m.d_inner, c],
-                lin(c),
-            );
-            push(
-                format!("{q}.conv1d.weight"),
-                vec![m.d_inner, 1, m.d_conv],
-                lin(m.d_conv),
-            );
-            push(format!("{q}.conv1d.bias"), vec![m.d_inner], lin(m.d_conv));
-            push(
-                format!("{q}.x_proj.weight"),
-                vec![m.dt_rank + 2 * m.d_state, m.d_inner],
-                lin(m.d_inner),
-            );
-            push(
-                format!("{q}.dt_proj.weight"),
-                vec![m.d_inner, m.dt_rank],
-                lin(m.dt_rank),
-            );
-            // softplus⁻¹(0.01)
-            push(
-                format!("{q}.dt_proj.bias"),
-                vec![m.d_inner],
-                Fill::Const(-4.600_17),
-            );
-            push(
-                format!("{q}.out_proj.weight"),
-                vec![c, m.d_inner],
-                lin(m.d_inner),
-            );
-        }
-        for s in 1..=3 {
-            let q = format!("{p}.gate_mlp_{s}");
-            push(
-                format!("{q}.fc1.weight"),
-                vec![2 * a.gated_mlp_hidden, c],
-                lin(c),
-            );
-            push(
-                format!("{q}.fc2.weight"),
-                vec![c, a.gated_mlp_hidden],
-                lin(a.gated_mlp_hidden),
-            );
-        }
-    }
-    block_base("gpt_head.block_base".into(), &mut push);
-    push("gpt_head.ln_f.weight".into(), vec![c], Fill::Const(1.0));
-    push("gpt_head.ln_f.bias".into(), vec![c], Fill::Const(0.0));
-    push("gpt_head.RMS_f.weight".into(), vec![c], Fill::Const(1.0));
-    push(
-        "gpt_head.head_up.weight".into(),
-        vec![a.vocab_up, c],
-        lin(c),
-    );
-    push(
-        "gpt_head.head_down.weight".into(),
-        vec![a.vocab_down, c],
-        lin(c),
-    );
-    v
+}
+
+/// Whether `key` belongs to a normalisation layer (RMSNorm, LayerNorm, BatchNorm).
+fn is_norm(key: &str) -> bool {
+    let module = key.rsplit('.').nth(1).unwrap_or("");
+    matches!(module, "norm1" | "norm2" | "RMS_f" | "ln_f" | "bn2")
+        || module
+            .strip_prefix("ln")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Every key of the official GPT state dict (without `module.`), its shape, and how to fill it.
+/// The keys and shapes are the audit's ([`crate::arch::expected_gpt_keys`]).
+fn key_list(a: &GptArch) -> Vec<(String, Vec<usize>, Fill)> {
+    let keys = crate::arch::expected_gpt_keys(a);
+    let shapes: HashMap<&str, &[usize]> = keys
+        .iter()
+        .map(|(k, s)| (k.as_str(), s.as_slice()))
+        .collect();
+    keys.iter()
+        .map(|(k, s)| (k.clone(), s.clone(), fill_for(k, &shapes)))
+        .collect()
 }
 
 /// The keys and shapes of the official GPT state dict for `arch` (without `module.`).
