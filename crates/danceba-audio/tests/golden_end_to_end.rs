@@ -60,3 +60,15 @@ fn end_to_end_from_audio_files() {
         }
     }
 }
+
+#[test]
+fn streaming_loader_equals_whole_file_path() {
+    for g in goldens() {
+        let src = golden_dir().join("audio").join(g.source());
+        let pcm = danceba_audio::decode_file(&src).expect("decode");
+        let whole =
+            danceba_audio::resample_to_3840(&pcm.to_mono(), pcm.sample_rate).expect("resample");
+        let streamed = load_mono_3840(&src).expect("stream");
+        assert_eq!(streamed, whole, "{}", g.source());
+    }
+}
