@@ -581,3 +581,45 @@ fn to_frames(x: &Tensor) -> Result<Vec<f32>> {
     let x = x.squeeze(0)?.t()?.to_dtype(DType::F32)?.contiguous()?;
     Ok(x.flatten_all()?.to_vec1::<f32>()?)
 }
+
+/// The sizes of the official SepVQVAER (reference §4.1), with encoders.
+pub fn official_vqvae_arch() -> VqVaeArch {
+    VqVaeArch {
+        width: 512,
+        emb_width: 512,
+        l_bins: 512,
+        downs_t: 3,
+        stride_t: 2,
+        depth: 3,
+        dilation_growth_rate: 3,
+        up_channels: 45,
+        down_channels: 27,
+        root_channels: 3,
+        has_encoders: true,
+    }
+}
+
+/// A VQ-VAE of `arch` with random weights in the official layout (every key of
+/// [`crate::arch::expected_vqvae_keys`]; convolutions uniform in ±1/√fan_in, codebooks in ±1),
+/// on `device`: for benchmarks without the real checkpoint. Deterministic for a given `seed`.
+pub fn random_vqvae(arch: &VqVaeArch, seed: u64, device: &Device) -> Result<VqVae> {
+    let mut weights = std::collections::HashMap::new();
+    for (idx, (key, shape)) in crate::arch::expected_vqvae_keys(arch)
+        .into_iter()
+        .enumerate()
+    {
+        let fan_in: usize = shape.iter().skip(1).product();
+        let r = if key.ends_with(".k") {
+            1.0
+        } else {
+            1.0 / (fan_in.max(1) as f32).sqrt()
+        };
+        let t = crate::gpt::random::uniform_tensor(
+            &shape,
+            r,
+            seed ^ (idx as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        )?;
+        weights.insert(key, t);
+    }
+    VqVae::load(VarBuilder::from_tensors(weights, DType::F32, device), arch)
+}

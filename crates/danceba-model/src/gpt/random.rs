@@ -103,6 +103,25 @@ fn key_list(a: &GptArch) -> Vec<(String, Vec<usize>, Fill)> {
         .collect()
 }
 
+/// A CPU f32 tensor of `shape` uniform in `[-r, r)`, from a splitmix64 stream seeded with `seed`
+/// (fast and reproducible; shared by the random GPT and VQ-VAE weights).
+pub fn uniform_tensor(shape: &[usize], r: f32, seed: u64) -> candle_core::Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut s = seed;
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let u = (z >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+            (2.0 * u - 1.0) * r
+        })
+        .collect();
+    Tensor::from_vec(data, shape, &Device::Cpu)
+}
+
 /// The keys and shapes of the official GPT state dict for `arch` (without `module.`).
 pub fn gpt_key_shapes(arch: &GptArch) -> Vec<(String, Vec<usize>)> {
     key_list(arch).into_iter().map(|(k, s, _)| (k, s)).collect()
@@ -113,26 +132,14 @@ pub fn gpt_key_shapes(arch: &GptArch) -> Vec<(String, Vec<usize>)> {
 pub fn random_gpt_weights(arch: &GptArch, seed: u64) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
     for (idx, (key, shape, fill)) in key_list(arch).into_iter().enumerate() {
-        let n: usize = shape.iter().product();
         let t = match fill {
             Fill::Count => Tensor::new(0i64, &Device::Cpu)?,
             Fill::Const(v) => Tensor::full(v, shape, &Device::Cpu)?,
-            Fill::Uniform(r) => {
-                // splitmix64 per tensor: fast and reproducible
-                let mut s = seed ^ (idx as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                let data: Vec<f32> = (0..n)
-                    .map(|_| {
-                        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                        let mut z = s;
-                        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                        z ^= z >> 31;
-                        let u = (z >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-                        (2.0 * u - 1.0) * r
-                    })
-                    .collect();
-                Tensor::from_vec(data, shape, &Device::Cpu)?
-            }
+            Fill::Uniform(r) => uniform_tensor(
+                &shape,
+                r,
+                seed ^ (idx as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            )?,
             Fill::ALog => {
                 let (d, ns) = (shape[0], shape[1]);
                 let data: Vec<f32> = (0..d * ns).map(|i| ((i % ns) as f32 + 1.0).ln()).collect();

@@ -1,5 +1,5 @@
 //! `danceba bench`: speed of GPT generation steps (real-size model, random weights by
-//! default) and of music feature extraction.
+//! default), of VQ-VAE decoding, and of music feature extraction.
 //!
 //! The GPT measurement runs the real sampler (`Gpt::generate_batch`) on random conditions of
 //! `28 + steps` rows and timestamps every step through the progress callback: steps 0..27 are
@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use danceba_model::arch::GptArch;
 use danceba_model::gpt::random::{official_gpt_arch, random_gpt, random_gpt_on};
 use danceba_model::gpt::{GenerateOptions, Gpt, MambaImpl};
+use danceba_model::vqvae::{official_vqvae_arch, random_vqvae};
 use serde_json::json;
 
 /// Motion frames per generated token (60 fps, 8 frames per VQ-VAE token).
@@ -24,6 +25,8 @@ pub enum What {
     Gpt,
     /// Music feature extraction from an audio file (`--audio`).
     Features,
+    /// VQ-VAE decoding of `--tokens` token pairs (real-size model, random weights).
+    Vqvae,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,7 +40,7 @@ pub enum MambaArg {
 /// Arguments of `danceba bench`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// What to measure, comma-separated: gpt, features.
+    /// What to measure, comma-separated: gpt, features, vqvae.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "gpt")]
     what: Vec<What>,
     /// GPT checkpoint (.pt or .safetensors). Default: the real-size architecture with random
@@ -68,7 +71,10 @@ pub struct Args {
     /// Audio file for `--what features`.
     #[arg(long)]
     audio: Option<PathBuf>,
-    /// Times to repeat the feature extraction.
+    /// Token pairs to decode for `--what vqvae` (151 ≈ 20 s of motion).
+    #[arg(long, default_value_t = 151)]
+    tokens: usize,
+    /// Times to repeat the feature extraction and the VQ-VAE decoding.
     #[arg(long, default_value_t = 1)]
     repeat: usize,
     /// Seed of the random weights and inputs.
@@ -325,6 +331,48 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "audio_s": audio_s,
             "best_s": best,
             "s_per_60s_audio": per_minute,
+        });
+    }
+    if args.what.contains(&What::Vqvae) {
+        if args.tokens == 0 {
+            bail!("--tokens must be at least 1");
+        }
+        let arch = official_vqvae_arch();
+        let t0 = Instant::now();
+        let vq = random_vqvae(&arch, args.seed, &device).context("building the VQ-VAE")?;
+        let build_s = t0.elapsed().as_secs_f64();
+        let bins = arch.l_bins as u64;
+        let ids = |salt: u64| -> Vec<u32> {
+            (0..args.tokens as u64)
+                .map(|i| ((i.wrapping_mul(7919) + salt + args.seed) % bins) as u32)
+                .collect()
+        };
+        let (up, down) = (ids(1), ids(2));
+        let mut times = Vec::new();
+        let mut frames = 0;
+        for _ in 0..args.repeat.max(1) {
+            let t0 = Instant::now();
+            let decoded = vq.decode(&up, &down).context("decoding")?;
+            times.push(t0.elapsed().as_secs_f64());
+            frames = decoded.len() / 72;
+        }
+        let best = times.iter().copied().fold(f64::INFINITY, f64::min);
+        let motion_s = frames as f64 / 60.0;
+        if !args.json {
+            println!(
+                "vqvae: {} tokens → {frames} frames ({motion_s:.1} s of motion): {best:.3} s best of {}; {:.4} s per second of motion",
+                args.tokens,
+                times.len(),
+                best / motion_s
+            );
+        }
+        report["vqvae"] = json!({
+            "tokens": args.tokens,
+            "frames": frames,
+            "motion_s": motion_s,
+            "build_s": build_s,
+            "best_s": best,
+            "s_per_motion_s": best / motion_s,
         });
     }
     if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
