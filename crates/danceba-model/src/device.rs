@@ -62,7 +62,10 @@ pub fn describe(device: &Device) -> &'static str {
 
 #[cfg(feature = "metal")]
 fn open_metal() -> Result<Device, DeviceError> {
-    Device::new_metal(0).map_err(|source| DeviceError::Open { what: "Metal", source })
+    Device::new_metal(0).map_err(|source| DeviceError::Open {
+        what: "Metal",
+        source,
+    })
 }
 
 #[cfg(not(feature = "metal"))]
@@ -72,7 +75,10 @@ fn open_metal() -> Result<Device, DeviceError> {
 
 #[cfg(feature = "cuda")]
 fn open_cuda() -> Result<Device, DeviceError> {
-    Device::new_cuda(0).map_err(|source| DeviceError::Open { what: "CUDA", source })
+    Device::new_cuda(0).map_err(|source| DeviceError::Open {
+        what: "CUDA",
+        source,
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
