@@ -7,14 +7,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+
+use super::outputs::{parse_formats, parse_style, Output};
 use candle_core::DType;
 use danceba::{read_features, InputKind, ModelFiles, Pipeline, PipelineOptions};
 use danceba_model::device::DeviceChoice;
 use danceba_model::gpt::{GenerateOptions, SamplingPolicy, DEFAULT_START};
 use danceba_motion::export::json::{SamplingMeta, StartTokens, TokenStreams};
-use danceba_motion::export::{self, Format, MotionMeta};
+use danceba_motion::export::{self, MotionMeta};
 use danceba_motion::render::html::write_html;
-use danceba_motion::render::video::{render_video, Style, VideoOptions, VideoOutcome};
+use danceba_motion::render::video::{render_video, VideoOptions, VideoOutcome};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Feature rows per second of music (7.5 fps).
@@ -94,37 +96,6 @@ pub struct Args {
     /// Print a machine-readable summary (one JSON object) on stdout.
     #[arg(long)]
     pub json: bool,
-}
-
-/// An output the user asked for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Output {
-    Export(Format),
-    Video,
-    Html,
-}
-
-impl Output {
-    fn parse(name: &str) -> Result<Self> {
-        let n = name.trim().to_ascii_lowercase();
-        match n.as_str() {
-            "mp4" | "video" => Ok(Output::Video),
-            "html" => Ok(Output::Html),
-            _ => Format::parse(&n).map(Output::Export).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "unknown output format {name:?}; choose from npy, pkl.npy, json, bvh, glb, mp4, html"
-                )
-            }),
-        }
-    }
-
-    fn extension(self) -> &'static str {
-        match self {
-            Output::Export(f) => f.extension(),
-            Output::Video => "mp4",
-            Output::Html => "html",
-        }
-    }
 }
 
 fn parse_dtype(s: &str) -> Result<DType> {
@@ -230,21 +201,8 @@ pub fn run(args: Args) -> Result<()> {
     };
 
     // Everything that can be checked before any work is checked first.
-    let mut outputs = Vec::new();
-    for f in &args.formats {
-        let o = Output::parse(f)?;
-        if !outputs.contains(&o) {
-            outputs.push(o);
-        }
-    }
-    if outputs.is_empty() {
-        bail!("--formats is empty; choose from npy, pkl.npy, json, bvh, glb, mp4, html");
-    }
-    let style = match args.style.to_ascii_lowercase().as_str() {
-        "3d" | "skeleton" => Style::Skeleton3d,
-        "openpose" | "2d" => Style::OpenPose,
-        s => bail!("unknown --style {s:?}; choose 3d or openpose"),
-    };
+    let outputs = parse_formats(&args.formats)?;
+    let style = parse_style(&args.style)?;
     let device: DeviceChoice = args.device.parse()?;
     let dtype = parse_dtype(&args.dtype)?;
     if dtype != DType::F32 {

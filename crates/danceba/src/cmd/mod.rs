@@ -5,4 +5,5 @@ pub mod download;
 pub mod features;
 pub mod generate;
 pub mod inspect;
+pub mod outputs;
 pub mod render;

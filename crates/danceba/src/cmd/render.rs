@@ -5,9 +5,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use danceba_motion::export::{self, Format, MotionMeta};
+
+use super::outputs::{parse_formats, parse_style, Output};
+use danceba_motion::export::{self, MotionMeta};
 use danceba_motion::render::html::write_html;
-use danceba_motion::render::video::{render_video, Style, VideoOptions, VideoOutcome};
+use danceba_motion::render::video::{render_video, VideoOptions, VideoOutcome};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Arguments of `danceba render`.
@@ -47,37 +49,6 @@ pub struct Args {
     pub quiet: bool,
 }
 
-/// An output the user asked for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Output {
-    Export(Format),
-    Video,
-    Html,
-}
-
-impl Output {
-    fn parse(name: &str) -> Result<Self> {
-        let n = name.trim().to_ascii_lowercase();
-        match n.as_str() {
-            "mp4" | "video" => Ok(Output::Video),
-            "html" => Ok(Output::Html),
-            _ => Format::parse(&n).map(Output::Export).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "unknown output format {name:?}; choose from npy, pkl.npy, json, bvh, glb, mp4, html"
-                )
-            }),
-        }
-    }
-
-    fn extension(self) -> &'static str {
-        match self {
-            Output::Export(f) => f.extension(),
-            Output::Video => "mp4",
-            Output::Html => "html",
-        }
-    }
-}
-
 /// "song.json" → "song"; "song.pkl.npy" → "song"; "a.b.npy" → "a.b".
 fn stem(path: &Path) -> String {
     let name = path
@@ -104,24 +75,8 @@ pub fn run(args: Args) -> Result<()> {
     };
 
     // Check everything that can be checked before writing anything.
-    let mut outputs = Vec::new();
-    for f in &args.formats {
-        if f.trim().is_empty() {
-            continue;
-        }
-        let o = Output::parse(f)?;
-        if !outputs.contains(&o) {
-            outputs.push(o);
-        }
-    }
-    if outputs.is_empty() {
-        bail!("--formats is empty; choose from npy, pkl.npy, json, bvh, glb, mp4, html");
-    }
-    let style = match args.style.to_ascii_lowercase().as_str() {
-        "3d" | "skeleton" => Style::Skeleton3d,
-        "openpose" | "2d" => Style::OpenPose,
-        s => bail!("unknown --style {s:?}; choose 3d or openpose"),
-    };
+    let outputs = parse_formats(&args.formats)?;
+    let style = parse_style(&args.style)?;
     if !(args.fps.is_finite() && args.fps > 0.0) {
         bail!("--fps must be a positive number, got {}", args.fps);
     }
@@ -259,18 +214,5 @@ mod tests {
         assert_eq!(stem(Path::new("song.pkl.npy")), "song");
         assert_eq!(stem(Path::new("x.y.NPY")), "x.y");
         assert_eq!(stem(Path::new(".npy")), ".npy");
-    }
-
-    #[test]
-    fn formats_parse() {
-        assert_eq!(Output::parse("MP4").unwrap(), Output::Video);
-        assert_eq!(
-            Output::parse("pkl.npy").unwrap(),
-            Output::Export(Format::OfficialNpy)
-        );
-        assert!(Output::parse("fbx")
-            .unwrap_err()
-            .to_string()
-            .contains("choose from"));
     }
 }
