@@ -12,31 +12,10 @@ use std::process::Command;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use danceba_model::arch::{expected_gpt_keys, GptArch, MambaArch, ModelKind};
+use danceba_model::arch::{expected_gpt_keys, ModelKind};
 use danceba_model::checkpoint::writer::{pickle_dumps, write_torch_zip, PickleWrite};
 use danceba_model::checkpoint::{self, convert_checkpoint, StorageDtype};
-
-fn official() -> GptArch {
-    GptArch {
-        n_embd: 768,
-        n_head: 12,
-        n_layer_base: 6,
-        n_layer_head: 6,
-        vocab_up: 512,
-        vocab_down: 512,
-        n_music: 438,
-        block_size: 29,
-        mlp_hidden: 3072,
-        gated_mlp_hidden: 768,
-        lpe_bins: 257,
-        mamba: MambaArch {
-            d_inner: 3072,
-            d_state: 128,
-            dt_rank: 48,
-            d_conv: 4,
-        },
-    }
-}
+use danceba_model::gpt::random::official_gpt_arch;
 
 fn vm_hwm_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -66,7 +45,7 @@ fn random_f32_bytes(n: usize, seed: u64) -> Vec<u8> {
 }
 
 fn write_checkpoint(path: &Path) -> std::io::Result<u64> {
-    let arch = official();
+    let arch = official_gpt_arch();
     let keys = expected_gpt_keys(&arch);
     let mut items = Vec::new();
     for (i, (k, shape)) in keys.iter().enumerate() {
