@@ -442,3 +442,58 @@ fn user_errors_say_what_to_do() {
     );
     assert_ne!(std::fs::read(&target).unwrap(), b"keep me");
 }
+
+#[test]
+fn ctrl_c_during_rendering_leaves_no_file() {
+    if Command::new("ffmpeg").arg("-version").output().is_err() {
+        eprintln!("SKIPPED: ffmpeg not installed; the interrupt is tested while the mp4 renders");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let input = golden().join("audio/rock_armygeddon_20s.wav");
+    let mut child = bin()
+        .arg("generate")
+        .arg(&input)
+        .args(tiny())
+        .args(["--formats", "mp4", "--quiet", "-o"])
+        .arg(&out)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The renderer writes to a temporary file beside the output: interrupt once it exists.
+    let start = std::time::Instant::now();
+    let mut seen = false;
+    while start.elapsed() < std::time::Duration::from_secs(120) {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if std::fs::read_dir(&out)
+            .map(|d| d.count() > 0)
+            .unwrap_or(false)
+        {
+            seen = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(seen, "the mp4 finished before it could be interrupted");
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let result = child.wait_with_output().unwrap();
+    assert!(
+        !result.status.success(),
+        "an interrupted run must not report success"
+    );
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+}
