@@ -135,18 +135,18 @@ pub fn ndimage_reflect_index(i: isize, n: usize) -> usize {
     m as usize
 }
 
-/// numpy's pairwise summation (`add.reduce` on a contiguous float array).
-pub fn pairwise_sum_f64(a: &[f64]) -> f64 {
+/// numpy's pairwise summation (`add.reduce` on a contiguous float array), accumulating in `T`:
+/// sequential below 8 values, 8 interleaved partial sums up to 128, halves (multiples of 8) above.
+fn pairwise_sum<T: Copy + Default + std::ops::Add<Output = T> + std::ops::AddAssign>(a: &[T]) -> T {
     let n = a.len();
     if n < 8 {
-        let mut res = 0.0f64;
-        // numpy starts from -0.0 only for empty input; for n < 8 it sums sequentially.
+        let mut res = T::default();
         for &v in a {
             res += v;
         }
         res
     } else if n <= 128 {
-        let mut r = [0.0f64; 8];
+        let mut r = [T::default(); 8];
         r.copy_from_slice(&a[..8]);
         let mut i = 8;
         while i < n - (n % 8) {
@@ -164,40 +164,18 @@ pub fn pairwise_sum_f64(a: &[f64]) -> f64 {
     } else {
         let mut n2 = n / 2;
         n2 -= n2 % 8;
-        pairwise_sum_f64(&a[..n2]) + pairwise_sum_f64(&a[n2..])
+        pairwise_sum(&a[..n2]) + pairwise_sum(&a[n2..])
     }
+}
+
+/// numpy's pairwise summation of a float64 array.
+pub fn pairwise_sum_f64(a: &[f64]) -> f64 {
+    pairwise_sum(a)
 }
 
 /// numpy's pairwise summation for float32 arrays (accumulating in float32).
 pub fn pairwise_sum_f32(a: &[f32]) -> f32 {
-    let n = a.len();
-    if n < 8 {
-        let mut res = 0.0f32;
-        for &v in a {
-            res += v;
-        }
-        res
-    } else if n <= 128 {
-        let mut r = [0.0f32; 8];
-        r.copy_from_slice(&a[..8]);
-        let mut i = 8;
-        while i < n - (n % 8) {
-            for j in 0..8 {
-                r[j] += a[i + j];
-            }
-            i += 8;
-        }
-        let mut res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-        while i < n {
-            res += a[i];
-            i += 1;
-        }
-        res
-    } else {
-        let mut n2 = n / 2;
-        n2 -= n2 % 8;
-        pairwise_sum_f32(&a[..n2]) + pairwise_sum_f32(&a[n2..])
-    }
+    pairwise_sum(a)
 }
 
 /// `np.median` of float32 values (mean of the two middle values, in float32, for an even count).
