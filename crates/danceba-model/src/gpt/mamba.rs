@@ -12,7 +12,9 @@ use super::scan;
 use super::Result;
 use crate::arch::MambaArch;
 
-/// Which Mamba implementation to run.
+/// Which Mamba implementation to run. With the `metal` feature, either fused choice on a Metal
+/// device selects the fused Metal kernels of [`super::metal_scan`] once their self-check has
+/// passed (`Portable` otherwise).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MambaImpl {
     /// Standard candle ops on any device (the reference path in tests).
@@ -115,6 +117,13 @@ impl Mamba {
         {
             return self.forward_fused_cuda(x);
         }
+        #[cfg(feature = "metal")]
+        if imp != MambaImpl::Portable
+            && x.device().is_metal()
+            && super::metal_scan::use_fused(x.device(), self.d_state, x.dtype())
+        {
+            return self.forward_fused_metal(x);
+        }
         match (imp, &self.host) {
             (MambaImpl::FusedCpu, Some(host))
                 if x.dtype() == DType::F32 && matches!(x.device(), Device::Cpu) =>
@@ -179,6 +188,33 @@ impl Mamba {
         let y = cuda_scan::selective_scan(
             &u,
             &cuda_scan::ScanArgs {
+                delta_pre: &dpre,
+                delta_bias: &self.dt_bias,
+                a: &self.a,
+                bc: &xd,
+                b_offset: dr,
+                c_offset: dr + ds,
+                d_skip: &self.d_skip,
+                z: &xz,
+                z_offset: di,
+            },
+        )?;
+        self.out_proj.forward(&y)
+    }
+
+    /// The fused Metal path (as the CUDA one, with the kernels of [`super::metal_scan`]); the
+    /// self-check calls it directly, [`Mamba::forward`] only once that check passed.
+    #[cfg(feature = "metal")]
+    pub(crate) fn forward_fused_metal(&self, x: &Tensor) -> Result<Tensor> {
+        use super::metal_scan;
+        let (di, ds, dr) = (self.d_inner, self.d_state, self.dt_rank);
+        let xz = self.in_proj.forward(x)?.contiguous()?;
+        let u = metal_scan::conv_silu(&xz, di, &self.conv_w, &self.conv_b)?;
+        let xd = self.x_proj.forward(&u)?.contiguous()?;
+        let dpre = self.dt_proj.forward(&xd.narrow(D::Minus1, 0, dr)?)?;
+        let y = metal_scan::selective_scan(
+            &u,
+            &metal_scan::ScanArgs {
                 delta_pre: &dpre,
                 delta_bias: &self.dt_bias,
                 a: &self.a,
