@@ -16,7 +16,7 @@ fn compiler() -> String {
     std::env::var("CXX").unwrap_or_else(|_| "c++".to_string())
 }
 
-fn compile(cxx: &str, source: &Path, out: &Path, includes: &[PathBuf]) -> std::io::Result<bool> {
+fn compile(cxx: &str, source: &Path, out: &Path, includes: &[&Path]) -> std::io::Result<bool> {
     let mut cmd = Command::new(cxx);
     cmd.args(["-std=c++20", "-O1", "-w", "-pthread"]);
     for i in includes {
@@ -42,7 +42,7 @@ fn metal_kernels_match_a_double_precision_reference_on_the_cpu() {
          b.arrive_and_wait(); return float(h) == 1.0f ? 0 : 1; }\n",
     )
     .unwrap();
-    match compile(&cxx, &probe, &dir.path().join("probe"), &[shim.clone()]) {
+    match compile(&cxx, &probe, &dir.path().join("probe"), &[&shim]) {
         Ok(true) => {}
         other => {
             eprintln!(
@@ -54,13 +54,7 @@ fn metal_kernels_match_a_double_precision_reference_on_the_cpu() {
     }
 
     let exe = dir.path().join("harness");
-    let ok = compile(
-        &cxx,
-        &shim.join("harness.cpp"),
-        &exe,
-        &[shim.clone(), shader_dir],
-    )
-    .unwrap();
+    let ok = compile(&cxx, &shim.join("harness.cpp"), &exe, &[&shim, &shader_dir]).unwrap();
     assert!(
         ok,
         "metal_scan.metal does not compile as C++ against the shim"
