@@ -281,7 +281,7 @@ fn check(t: &Tensor, dtype: DType, elems: usize, what: &str) -> Result<()> {
 /// * f32 (2e-3): both paths compute in f32 and differ only by summation order, by the
 ///   `exp`/`log` implementations (candle's Metal kernels use fast math, the fused kernels precise
 ///   math) and the round-off these leave through the recurrence and `out_proj`. The CPU fused
-///   kernels, a correct second implementation, land below 4e-5 (tests: < tolerance/50); 2e-3
+///   kernels, a correct second implementation, land at ≈ 2e-7 (tests: < tolerance/50); 2e-3
 ///   leaves room for fast-math `exp`. Logic errors are far above: the tests' mutant layers (one
 ///   inner channel of 72 off, the scan or skip term dropped, the softplus threshold branch
 ///   broken, half the states not decaying, the output a time step late, a uniform 1 % error)
