@@ -10,6 +10,7 @@ pub mod block_base;
 pub mod cuda_scan;
 pub mod lpe;
 pub mod mamba;
+pub mod metal_scan;
 pub mod random;
 pub mod sampler;
 pub mod scan;

@@ -244,13 +244,14 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{silu, softplus, ScanInputs};
+    use super::ScanInputs;
     use std::arch::x86_64::*;
 
-    /// 16-lane version of [`super::fast_exp`] (same polynomial and range reduction).
+    /// 16-lane version of [`super::fast_exp`] (same polynomial and range reduction; the
+    /// power of two applied with `scalef`).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn exp16(x: __m512) -> __m512 {
+    pub(super) unsafe fn exp16(x: __m512) -> __m512 {
         let x = _mm512_min_ps(
             _mm512_max_ps(x, _mm512_set1_ps(-87.336_54)),
             _mm512_set1_ps(88.376_26),
@@ -268,65 +269,175 @@ mod avx512 {
         p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
         let r2 = _mm512_mul_ps(r, r);
         let y = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
-        let e = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-            _mm512_cvtps_epi32(n),
-            _mm512_set1_epi32(127),
-        ));
-        _mm512_mul_ps(y, _mm512_castsi512_ps(e))
+        _mm512_scalef_ps(y, n)
     }
 
-    /// Requires `p.n % 16 == 0` and `h.len() == p.n`.
+    /// Natural logarithm of positive normal `x` (Cephes `logf` polynomial, ≈1 ulp).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn ln16(x: __m512) -> __m512 {
+        // x = m · 2^e with m in [1, 2); fold m into [√½, √2)
+        let mut e = _mm512_getexp_ps(x);
+        let mut m = _mm512_getmant_ps::<_MM_MANT_NORM_1_2, _MM_MANT_SIGN_SRC>(x);
+        let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, _mm512_set1_ps(std::f32::consts::SQRT_2));
+        m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5));
+        e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.0));
+        let f = _mm512_sub_ps(m, _mm512_set1_ps(1.0));
+        let z = _mm512_mul_ps(f, f);
+        let mut y = _mm512_set1_ps(7.037_683_6e-2);
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.151_461e-1));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.167_699_9e-1));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.242_014_1e-1));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.424_932_3e-1));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.666_805_8e-1));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.000_071_4e-1));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-2.499_999_4e-1));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(3.333_333e-1));
+        y = _mm512_mul_ps(_mm512_mul_ps(y, f), z);
+        y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.121_944_4e-4), y);
+        y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5), y);
+        let r = _mm512_add_ps(f, y);
+        _mm512_fmadd_ps(e, _mm512_set1_ps(0.693_359_4), r)
+    }
+
+    /// Softplus with PyTorch's threshold (see [`super::softplus`]): `log1p(eᵛ)` evaluated as
+    /// `ln(u)·e/(u − 1)` with `u = 1 + e` (exact `e` where `u` rounds to 1).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn softplus16(v: __m512) -> __m512 {
+        let e = exp16(v);
+        let u = _mm512_add_ps(e, _mm512_set1_ps(1.0));
+        let um1 = _mm512_sub_ps(u, _mm512_set1_ps(1.0));
+        let l = _mm512_div_ps(_mm512_mul_ps(ln16(u), e), um1);
+        let tiny = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(um1, _mm512_setzero_ps());
+        let r = _mm512_mask_blend_ps(tiny, l, e);
+        let over = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, _mm512_set1_ps(20.0));
+        _mm512_mask_blend_ps(over, r, v)
+    }
+
+    /// `v·σ(v)`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn silu16(v: __m512) -> __m512 {
+        let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), v));
+        _mm512_div_ps(v, _mm512_add_ps(e, _mm512_set1_ps(1.0)))
+    }
+
+    /// `out[i] = f(x[i] (+ add[i]))` over a slice, 16 lanes at a time with a masked tail.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn map16(
+        x: &[f32],
+        add: Option<&[f32]>,
+        out: &mut [f32],
+        f: unsafe fn(__m512) -> __m512,
+    ) {
+        let n = x.len();
+        let mut i = 0;
+        while i < n {
+            let m: __mmask16 = if n - i >= 16 {
+                0xffff
+            } else {
+                ((1u32 << (n - i)) - 1) as u16
+            };
+            let mut v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
+            if let Some(a) = add {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, a.as_ptr().add(i)));
+            }
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, f(v));
+            i += 16;
+        }
+    }
+
+    /// One channel's scan with Δ (`delta[l]`) and the gate (`gate[l]` = SiLU(z)) already
+    /// computed. The states are processed 64 at a time with their `h` and `A` in registers
+    /// for the whole sequence, then 16 at a time; `y[l]` collects Σ h·C over the chunks.
+    /// Requires `p.n % 16 == 0`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn scan_channel(
         p: &ScanInputs,
         bi: usize,
         c: usize,
-        h: &mut [f32],
+        delta: &[f32],
+        gate: &[f32],
         y: &mut [f32],
     ) {
         let n = p.n;
-        let a = &p.a[c * n..(c + 1) * n];
-        assert!(h.len() == n && n.is_multiple_of(16));
-        h.iter_mut().for_each(|v| *v = 0.0);
-        for (l, yl) in y.iter_mut().enumerate() {
-            let pos = bi * p.len + l;
-            let delta = softplus(p.delta_pre[pos * p.d + c] + p.delta_bias[c]);
-            let uu = p.u[pos * p.d + c];
-            let row = &p.bc[pos * p.bc_stride..(pos + 1) * p.bc_stride];
-            let bm = &row[p.b_offset..p.b_offset + n];
-            let cm = &row[p.c_offset..p.c_offset + n];
-            let dv = _mm512_set1_ps(delta);
-            let duv = _mm512_set1_ps(delta * uu);
-            let mut acc0 = _mm512_setzero_ps();
-            let mut acc1 = _mm512_setzero_ps();
-            let mut i = 0;
-            while i + 32 <= n {
-                // SAFETY: i + 32 <= n and every slice here has n elements.
-                let e0 = exp16(_mm512_mul_ps(dv, _mm512_loadu_ps(a.as_ptr().add(i))));
-                let e1 = exp16(_mm512_mul_ps(dv, _mm512_loadu_ps(a.as_ptr().add(i + 16))));
-                let b0 = _mm512_mul_ps(_mm512_loadu_ps(bm.as_ptr().add(i)), duv);
-                let b1 = _mm512_mul_ps(_mm512_loadu_ps(bm.as_ptr().add(i + 16)), duv);
-                let h0 = _mm512_fmadd_ps(e0, _mm512_loadu_ps(h.as_ptr().add(i)), b0);
-                let h1 = _mm512_fmadd_ps(e1, _mm512_loadu_ps(h.as_ptr().add(i + 16)), b1);
-                _mm512_storeu_ps(h.as_mut_ptr().add(i), h0);
-                _mm512_storeu_ps(h.as_mut_ptr().add(i + 16), h1);
-                acc0 = _mm512_fmadd_ps(h0, _mm512_loadu_ps(cm.as_ptr().add(i)), acc0);
-                acc1 = _mm512_fmadd_ps(h1, _mm512_loadu_ps(cm.as_ptr().add(i + 16)), acc1);
-                i += 32;
+        let len = y.len();
+        let a = p.a.as_ptr().add(c * n);
+        y.iter_mut().for_each(|v| *v = 0.0);
+        let row = |l: usize| p.bc.as_ptr().add((bi * p.len + l) * p.bc_stride);
+        let uu = |l: usize| *p.u.get_unchecked((bi * p.len + l) * p.d + c);
+        let mut s = 0;
+        while s + 64 <= n {
+            let a0 = _mm512_loadu_ps(a.add(s));
+            let a1 = _mm512_loadu_ps(a.add(s + 16));
+            let a2 = _mm512_loadu_ps(a.add(s + 32));
+            let a3 = _mm512_loadu_ps(a.add(s + 48));
+            let (mut h0, mut h1, mut h2, mut h3) = (
+                _mm512_setzero_ps(),
+                _mm512_setzero_ps(),
+                _mm512_setzero_ps(),
+                _mm512_setzero_ps(),
+            );
+            for l in 0..len {
+                let dv = _mm512_set1_ps(delta[l]);
+                let duv = _mm512_set1_ps(delta[l] * uu(l));
+                let bm = row(l).add(p.b_offset + s);
+                let cm = row(l).add(p.c_offset + s);
+                h0 = _mm512_fmadd_ps(
+                    exp16(_mm512_mul_ps(dv, a0)),
+                    h0,
+                    _mm512_mul_ps(_mm512_loadu_ps(bm), duv),
+                );
+                h1 = _mm512_fmadd_ps(
+                    exp16(_mm512_mul_ps(dv, a1)),
+                    h1,
+                    _mm512_mul_ps(_mm512_loadu_ps(bm.add(16)), duv),
+                );
+                h2 = _mm512_fmadd_ps(
+                    exp16(_mm512_mul_ps(dv, a2)),
+                    h2,
+                    _mm512_mul_ps(_mm512_loadu_ps(bm.add(32)), duv),
+                );
+                h3 = _mm512_fmadd_ps(
+                    exp16(_mm512_mul_ps(dv, a3)),
+                    h3,
+                    _mm512_mul_ps(_mm512_loadu_ps(bm.add(48)), duv),
+                );
+                let acc01 = _mm512_fmadd_ps(
+                    h1,
+                    _mm512_loadu_ps(cm.add(16)),
+                    _mm512_mul_ps(h0, _mm512_loadu_ps(cm)),
+                );
+                let acc23 = _mm512_fmadd_ps(
+                    h3,
+                    _mm512_loadu_ps(cm.add(48)),
+                    _mm512_mul_ps(h2, _mm512_loadu_ps(cm.add(32))),
+                );
+                y[l] += _mm512_reduce_add_ps(_mm512_add_ps(acc01, acc23));
             }
-            while i + 16 <= n {
-                let e0 = exp16(_mm512_mul_ps(dv, _mm512_loadu_ps(a.as_ptr().add(i))));
-                let b0 = _mm512_mul_ps(_mm512_loadu_ps(bm.as_ptr().add(i)), duv);
-                let h0 = _mm512_fmadd_ps(e0, _mm512_loadu_ps(h.as_ptr().add(i)), b0);
-                _mm512_storeu_ps(h.as_mut_ptr().add(i), h0);
-                acc0 = _mm512_fmadd_ps(h0, _mm512_loadu_ps(cm.as_ptr().add(i)), acc0);
-                i += 16;
+            s += 64;
+        }
+        while s + 16 <= n {
+            let a0 = _mm512_loadu_ps(a.add(s));
+            let mut h0 = _mm512_setzero_ps();
+            for l in 0..len {
+                let dv = _mm512_set1_ps(delta[l]);
+                let duv = _mm512_set1_ps(delta[l] * uu(l));
+                let bm = row(l).add(p.b_offset + s);
+                let cm = row(l).add(p.c_offset + s);
+                h0 = _mm512_fmadd_ps(
+                    exp16(_mm512_mul_ps(dv, a0)),
+                    h0,
+                    _mm512_mul_ps(_mm512_loadu_ps(bm), duv),
+                );
+                y[l] += _mm512_reduce_add_ps(_mm512_mul_ps(h0, _mm512_loadu_ps(cm)));
             }
-            let acc = _mm512_add_ps(acc0, acc1);
-            let s = _mm512_reduce_add_ps(acc);
-            let out = s + p.d_skip[c] * uu;
-            let zv = p.z[pos * p.z_stride + p.z_offset + c];
-            *yl = out * silu(zv);
+            s += 16;
+        }
+        for l in 0..len {
+            y[l] = (y[l] + p.d_skip[c] * uu(l)) * gate[l];
         }
     }
 }
@@ -358,6 +469,52 @@ fn use_avx2() -> bool {
     }
 }
 
+/// softplus(Δ + bias) and SiLU(z) of every (batch, position, channel), vectorised with
+/// AVX-512, returned channel-major: (batch, d, len).
+fn pre_pass_avx512(p: &ScanInputs) -> (Vec<f32>, Vec<f32>) {
+    let (bsz, len, d) = (p.batch, p.len, p.d);
+    let rows = bsz * len;
+    let mut delta = vec![0f32; rows * d];
+    let mut gate = vec![0f32; rows * d];
+    delta
+        .par_chunks_mut(d)
+        .zip(gate.par_chunks_mut(d))
+        .enumerate()
+        .for_each(|(pos, (dr, gr))| {
+            let z = &p.z[pos * p.z_stride + p.z_offset..pos * p.z_stride + p.z_offset + d];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: only called when AVX-512F was detected; the slices have d elements.
+            unsafe {
+                avx512::map16(
+                    &p.delta_pre[pos * d..(pos + 1) * d],
+                    Some(p.delta_bias),
+                    dr,
+                    avx512::softplus16,
+                );
+                avx512::map16(z, None, gr, avx512::silu16);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = (z, dr, gr);
+                unreachable!("AVX-512 is x86-64 only");
+            }
+        });
+    // (batch, len, d) → (batch, d, len)
+    let transpose = |v: &[f32]| -> Vec<f32> {
+        let mut out = vec![0f32; rows * d];
+        for bi in 0..bsz {
+            for l in 0..len {
+                let src = &v[(bi * len + l) * d..(bi * len + l + 1) * d];
+                for (c, x) in src.iter().enumerate() {
+                    out[(bi * d + c) * len + l] = *x;
+                }
+            }
+        }
+        out
+    };
+    (transpose(&delta), transpose(&gate))
+}
+
 /// The selective scan from a zero state, with softplus(Δ + bias), the D skip and the SiLU(z)
 /// gate. Returns y (batch, len, d). The caller guarantees the slice sizes (checked in debug).
 pub fn selective_scan(p: &ScanInputs) -> Vec<f32> {
@@ -387,6 +544,13 @@ pub fn selective_scan_with(p: &ScanInputs, kernel: ScanKernel) -> Vec<f32> {
     let mut ycm = vec![0f32; bsz * d * len];
     let avx512 = kernel == ScanKernel::Best && use_avx512() && n.is_multiple_of(16);
     let avx2 = kernel != ScanKernel::Loop && use_avx2() && n.is_multiple_of(8);
+    // With AVX-512: softplus(Δ + bias) and SiLU(z) for every position, vectorised, in
+    // channel-major order (batch, d, len) like the output.
+    let (delta_cm, gate_cm) = if avx512 {
+        pre_pass_avx512(p)
+    } else {
+        (Vec::new(), Vec::new())
+    };
     const GROUP: usize = 16;
     ycm.par_chunks_mut(len * GROUP)
         .enumerate()
@@ -398,9 +562,11 @@ pub fn selective_scan_with(p: &ScanInputs, kernel: ScanKernel) -> Vec<f32> {
                 let (bi, c) = (row / d, row % d);
                 #[cfg(target_arch = "x86_64")]
                 if avx512 {
+                    let dl = &delta_cm[row * len..(row + 1) * len];
+                    let gl = &gate_cm[row * len..(row + 1) * len];
                     // SAFETY: AVX-512F support was detected at run time, n % 16 == 0 was
-                    // checked, and h has n elements.
-                    unsafe { avx512::scan_channel(p, bi, c, &mut h, y) };
+                    // checked, and the slices have the sizes of `p` (checked by the caller).
+                    unsafe { avx512::scan_channel(p, bi, c, dl, gl, y) };
                     continue;
                 }
                 #[cfg(target_arch = "x86_64")]
@@ -448,7 +614,7 @@ mod tests {
 
     #[test]
     fn simd_scan_matches_portable_loop() {
-        let (batch, len, d, n) = (2, 13, 24, 32);
+        let (batch, len, d, n) = (2, 13, 24, 80);
         let mut s = 12345u64;
         let mut rnd = |k: usize, lo: f32, hi: f32| -> Vec<f32> {
             (0..k)
@@ -494,6 +660,35 @@ mod tests {
                 .zip(&y)
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(err <= 1e-5 * scale, "{k:?}: err {err} scale {scale}");
+        }
+    }
+
+    #[test]
+    fn vector_softplus_and_silu_match_the_scalar_ones() {
+        if !use_avx512() {
+            eprintln!("no AVX-512F here: the vector functions are not used");
+            return;
+        }
+        let xs: Vec<f32> = (0..40_000).map(|i| -60.0 + i as f32 * 0.002_1).collect();
+        let mut sp = vec![0f32; xs.len()];
+        let mut si = vec![0f32; xs.len()];
+        // SAFETY: AVX-512F was detected.
+        unsafe {
+            avx512::map16(&xs, None, &mut sp, avx512::softplus16);
+            avx512::map16(&xs, None, &mut si, avx512::silu16);
+        }
+        for (i, &x) in xs.iter().enumerate() {
+            let (rs, ri) = (softplus(x), silu(x));
+            assert!(
+                (sp[i] - rs).abs() <= 4.0 * f32::EPSILON * rs.abs(),
+                "softplus({x}) = {} vs {rs}",
+                sp[i]
+            );
+            assert!(
+                (si[i] - ri).abs() <= 4.0 * f32::EPSILON * ri.abs().max(1e-30),
+                "silu({x}) = {} vs {ri}",
+                si[i]
+            );
         }
     }
 
