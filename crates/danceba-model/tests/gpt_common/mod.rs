@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use danceba_model::arch::{GptArch, MambaArch};
 use danceba_model::gpt::Gpt;
 
@@ -47,17 +46,30 @@ pub fn tiny_arch() -> GptArch {
     }
 }
 
-/// The tiny golden GPT's VarBuilder and arch.
-pub fn tiny_vb() -> (VarBuilder<'static>, GptArch) {
-    let p = "/tmp/gptwork/tiny_gpt.safetensors";
-    let vb =
-        unsafe { VarBuilder::from_mmaped_safetensors(&[p], DType::F32, &Device::Cpu) }.unwrap();
-    (vb, tiny_arch())
+/// The tiny golden GPT's weights (`golden/model/tiny_gpt.pt`, keys without `module.`) as a
+/// VarBuilder on the CPU in f32, and its sizes.
+pub fn tiny_vb() -> (candle_nn::VarBuilder<'static>, GptArch) {
+    let p = golden_dir().join("model").join("tiny_gpt.pt");
+    let sd = danceba_model::checkpoint::load_on(&p, &Device::Cpu, DType::F32)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
+    let arch = GptArch::from_state_dict(&sd, None).expect("tiny gpt architecture");
+    (sd.var_builder(DType::F32, &Device::Cpu), arch)
 }
 
+/// The tiny golden GPT (`golden/model/tiny_gpt.pt`) in `dtype` on the CPU, its sizes
+/// detected from the checkpoint.
+pub fn tiny_gpt_dtype(dtype: DType) -> Gpt {
+    let p = golden_dir().join("model").join("tiny_gpt.pt");
+    let sd = danceba_model::checkpoint::load_on(&p, &Device::Cpu, dtype)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
+    let arch = GptArch::from_state_dict(&sd, None).expect("tiny gpt architecture");
+    assert_eq!(arch, tiny_arch(), "the tiny golden GPT's detected sizes");
+    Gpt::load(sd.var_builder(dtype, &Device::Cpu), &arch).expect("load tiny gpt")
+}
+
+/// The tiny golden GPT in f32.
 pub fn tiny_gpt() -> Gpt {
-    let (vb, arch) = tiny_vb();
-    Gpt::load(vb, &arch).expect("load tiny gpt")
+    tiny_gpt_dtype(DType::F32)
 }
 
 /// max |a − b| / max |b|
