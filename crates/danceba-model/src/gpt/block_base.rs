@@ -1,7 +1,9 @@
 //! `Block_Base` (temporal-gated causal attention, reference §3.4), and the small layers shared
 //! by the GPT: linear layers and RMSNorm.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor, D};
+
+use super::cpu_gemm;
 use candle_nn::VarBuilder;
 
 use super::Result;
@@ -43,18 +45,72 @@ impl Lin {
         self.w.dims()[0]
     }
 
+    /// `x` in another dtype than the weight (f32 activations with f16/bf16 weights) is
+    /// rounded to the weight's dtype for the product and the result returned in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let last = dims.len() - 1;
         let rows: usize = dims[..last].iter().product();
+        let mut out_dims = dims.clone();
+        out_dims[last] = self.out_dim();
+        if let Some(y) = self.forward_cpu_gemm(x, rows, dims[last])? {
+            return Ok(Tensor::from_vec(y, out_dims, x.device())?);
+        }
+        if x.dtype() != self.w.dtype() {
+            let y = self.forward(&x.to_dtype(self.w.dtype())?)?;
+            return Ok(y.to_dtype(x.dtype())?);
+        }
         let x2 = x.reshape((rows, dims[last]))?;
         let mut y = x2.matmul(&self.w.t()?)?;
+        if let Some(b) = &self.b {
+            y = y.broadcast_add(b)?;
+        }
+        Ok(y.reshape(out_dims)?)
+    }
+
+    /// The same product with candle's matmul, whatever the device (the oracle of the tests).
+    pub fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let last = dims.len() - 1;
+        let rows: usize = dims[..last].iter().product();
+        let mut y = x.reshape((rows, dims[last]))?.matmul(&self.w.t()?)?;
         if let Some(b) = &self.b {
             y = y.broadcast_add(b)?;
         }
         let mut out_dims = dims;
         out_dims[last] = self.out_dim();
         Ok(y.reshape(out_dims)?)
+    }
+
+    /// [`cpu_gemm::linear`] for f32 `x` on the CPU with f32/f16/bf16 weights, at most
+    /// [`cpu_gemm::MAX_ROWS`] rows, when the kernel is available; `None` otherwise.
+    fn forward_cpu_gemm(&self, x: &Tensor, rows: usize, k: usize) -> Result<Option<Vec<f32>>> {
+        if rows > cpu_gemm::MAX_ROWS
+            || !matches!(x.device(), Device::Cpu)
+            || x.dtype() != DType::F32
+            || !cpu_gemm::available()
+        {
+            return Ok(None);
+        }
+        let x = x.contiguous()?;
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = self.w.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(xv)), Some((x0, x1)), Some((w0, w1))) =
+            (&*xs, xl.contiguous_offsets(), wl.contiguous_offsets())
+        else {
+            return Ok(None);
+        };
+        let bias = match &self.b {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let (x, b, n) = (&xv[x0..x1], bias.as_deref(), self.out_dim());
+        Ok(match &*ws {
+            Storage::Cpu(CpuStorage::F32(w)) => cpu_gemm::linear(x, &w[w0..w1], b, rows, k, n),
+            Storage::Cpu(CpuStorage::F16(w)) => cpu_gemm::linear(x, &w[w0..w1], b, rows, k, n),
+            Storage::Cpu(CpuStorage::BF16(w)) => cpu_gemm::linear(x, &w[w0..w1], b, rows, k, n),
+            _ => None,
+        })
     }
 }
 
@@ -71,12 +127,14 @@ impl RmsNorm {
         })
     }
 
+    /// In `x`'s dtype (the weight is converted if it differs).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(
-            &x.contiguous()?,
-            &self.w,
-            RMS_EPS,
-        )?)
+        let w = if self.w.dtype() == x.dtype() {
+            self.w.clone()
+        } else {
+            self.w.to_dtype(x.dtype())?
+        };
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &w, RMS_EPS)?)
     }
 }
 
@@ -157,8 +215,16 @@ impl BlockBase {
         let (q, k, v) = (split(0)?, split(1)?, split(2)?);
         let scale = 1.0 / (hd as f64).sqrt();
         let s = (q.matmul(&k.t()?)? * scale)?;
-        let s = s.broadcast_add(mask)?;
-        let p = candle_nn::ops::softmax_last_dim(&s)?;
+        // On the CPU candle's softmax sums in the tensor's own type: in f16/bf16 take it in f32
+        // (the CUDA kernel accumulates in f32 already).
+        let p = if s.dtype() != DType::F32 && matches!(s.device(), Device::Cpu) {
+            let s = s
+                .to_dtype(DType::F32)?
+                .broadcast_add(&mask.to_dtype(DType::F32)?)?;
+            candle_nn::ops::softmax_last_dim(&s)?.to_dtype(v.dtype())?
+        } else {
+            candle_nn::ops::softmax_last_dim(&s.broadcast_add(mask)?)?
+        };
         let o = p.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         let y = self.proj.forward(&o)?;
         let x = (x + self.out_proj.forward(&(y * g)?)?)?;

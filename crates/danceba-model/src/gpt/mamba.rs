@@ -125,9 +125,7 @@ impl Mamba {
             return self.forward_fused_metal(x);
         }
         match (imp, &self.host) {
-            (MambaImpl::FusedCpu, Some(host))
-                if x.dtype() == DType::F32 && matches!(x.device(), Device::Cpu) =>
-            {
+            (MambaImpl::FusedCpu, Some(host)) if matches!(x.device(), Device::Cpu) => {
                 self.forward_fused(x, host)
             }
             _ => self.forward_portable(x),
@@ -229,17 +227,23 @@ impl Mamba {
         self.out_proj.forward(&y)
     }
 
+    /// The fused CPU path. In f16/bf16 the linear layers run in that precision and the
+    /// convolution, the scan (state, softplus, D skip, gate) in f32, like the CUDA kernels.
     fn forward_fused(&self, x: &Tensor, host: &MambaHost) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (di, ds, dr) = (self.d_inner, self.d_state, self.dt_rank);
+        let dtype = x.dtype();
+        let host_f32 = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+        };
         let xz = self.in_proj.forward(x)?;
-        let xz_h = xz.flatten_all()?.to_vec1::<f32>()?;
+        let xz_h = host_f32(&xz)?;
         let u = scan::causal_conv_silu(&xz_h, b, l, 2 * di, 0, di, &host.conv_w, &host.conv_b);
-        let u_t = Tensor::from_slice(&u, (b, l, di), x.device())?;
+        let u_t = Tensor::from_slice(&u, (b, l, di), x.device())?.to_dtype(dtype)?;
         let xd = self.x_proj.forward(&u_t)?;
         let dpre = self.dt_proj.forward(&xd.narrow(D::Minus1, 0, dr)?)?;
-        let xd_h = xd.flatten_all()?.to_vec1::<f32>()?;
-        let dpre_h = dpre.flatten_all()?.to_vec1::<f32>()?;
+        let xd_h = host_f32(&xd)?;
+        let dpre_h = host_f32(&dpre)?;
         let y = scan::selective_scan(&scan::ScanInputs {
             batch: b,
             len: l,
@@ -258,7 +262,7 @@ impl Mamba {
             z_stride: 2 * di,
             z_offset: di,
         });
-        let y = Tensor::from_vec(y, (b, l, di), x.device())?;
+        let y = Tensor::from_vec(y, (b, l, di), x.device())?.to_dtype(dtype)?;
         self.out_proj.forward(&y)
     }
 }

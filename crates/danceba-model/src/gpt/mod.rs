@@ -6,6 +6,7 @@
 //! [`MambaImpl::Portable`] is selected.
 
 pub mod block_base;
+pub mod cpu_gemm;
 #[cfg(feature = "cuda")]
 pub mod cuda_scan;
 pub mod lpe;
@@ -119,7 +120,7 @@ impl Gpt {
             })
             .collect::<Result<Vec<_>>>()?;
         let device = vb.device().clone();
-        let mamba_impl = if matches!(device, Device::Cpu) && vb.dtype() == DType::F32 {
+        let mamba_impl = if matches!(device, Device::Cpu) {
             MambaImpl::FusedCpu
         } else if cfg!(feature = "cuda") && device.is_cuda() {
             MambaImpl::FusedCuda
@@ -145,6 +146,19 @@ impl Gpt {
         })
     }
 
+    /// The precision of the residual stream and of everything between the linear layers. On
+    /// the CPU it is f32 whatever the weights' dtype: with f16/bf16 weights only the GEMMs run
+    /// in reduced precision (their inputs rounded to it), so that norms, softmax, activations
+    /// and the residual sums keep f32 (this lifted bf16's teacher-forced agreement with f32).
+    /// Elsewhere it is the weights' dtype (the CUDA kernels accumulate in f32 themselves).
+    pub fn activation_dtype(&self) -> DType {
+        if matches!(self.device, Device::Cpu) {
+            DType::F32
+        } else {
+            self.dtype
+        }
+    }
+
     /// The sizes this model was loaded with.
     pub fn arch(&self) -> &GptArch {
         &self.arch
@@ -160,7 +174,7 @@ impl Gpt {
         self.position_scale
     }
 
-    /// Which Mamba implementation runs (fused on CPU f32 by default).
+    /// Which Mamba implementation runs (fused on the CPU by default, any dtype).
     pub fn mamba_impl(&self) -> MambaImpl {
         self.mamba_impl
     }
@@ -296,8 +310,8 @@ impl Gpt {
             ));
         }
         let p = (lpe_out.narrow(1, 0, 3 * t)? * self.position_scale)?;
-        let mut x = (e + p)?;
-        let mask = tiled_causal_mask(t, &self.device)?.to_dtype(self.dtype)?;
+        let mut x = (e + p)?.to_dtype(self.activation_dtype())?;
+        let mask = tiled_causal_mask(t, &self.device)?.to_dtype(self.activation_dtype())?;
         for blk in &self.base {
             x = blk.forward(&x, &mask)?;
         }

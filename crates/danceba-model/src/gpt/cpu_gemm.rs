@@ -1,0 +1,453 @@
+//! A CPU GEMM for the linear layers of a generation step: `y = x · Wᵀ (+ b)` with the weight
+//! `W` (N × K) in the checkpoint's own row-major layout and few rows `M` (28–84 per song).
+//!
+//! Why not the general GEMM: at these shapes every weight element is used only `M` times, so a
+//! library GEMM that first packs `W` into its own panel layout spends as long copying the weights
+//! (≈1 GB per step) as multiplying them. This kernel reads `W` in place: it forms blocks of
+//! 4 rows of `x` × 6 rows of `W`, accumulates 24 dot products in AVX-512 registers along `K`
+//! (16 lanes at a time, a masked tail), and reduces each at the end. Each weight is read from
+//! memory once per call; columns are split between threads.
+//!
+//! The weights may also be f16 or bf16 (converted to f32 as they are loaded into registers):
+//! then `x`, the products and the sums stay f32 and only the weights are rounded, with half the
+//! memory traffic of f32 weights.
+//!
+//! Used on x86-64 CPUs with AVX-512F/BW/VL (detected at run time); everywhere else, and when
+//! `DANCEBA_CPU_GEMM=candle` is set (for comparisons), the linear layers use candle's matmul.
+//! The summation order differs from candle's, so results agree to float rounding (tested).
+
+use rayon::prelude::*;
+
+/// The most rows of `x` for which the linear layers use this kernel: one song's window
+/// (28 rows per stream, 84 in the attention blocks). With more rows (batches of songs) the
+/// weights are reused enough that candle's packing GEMM is faster (measured: batch 8 took
+/// ~20 % more CPU time with this kernel).
+pub const MAX_ROWS: usize = 96;
+
+/// Rows of `x` per register block.
+const MR: usize = 4;
+/// Rows of `W` (output columns) per register block.
+const NR: usize = 6;
+
+/// Whether [`linear`] can run here: x86-64 with AVX-512F/BW/VL, and not switched off with
+/// `DANCEBA_CPU_GEMM=candle`.
+pub fn available() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        let off = std::env::var("DANCEBA_CPU_GEMM")
+            .map(|v| v.eq_ignore_ascii_case("candle"))
+            .unwrap_or(false);
+        !off && detected()
+    })
+}
+
+fn detected() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A raw output pointer shared by the threads; each writes a disjoint set of columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the threads write disjoint elements (different columns) and the buffer outlives the
+// parallel loop.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// A weight element type the kernel reads: f32, f16 or bf16.
+pub trait Weight: Copy + Send + Sync + sealed::Sealed {
+    #[doc(hidden)]
+    const KIND: WeightKind;
+}
+
+#[doc(hidden)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum WeightKind {
+    F32,
+    F16,
+    Bf16,
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+impl Weight for f32 {
+    const KIND: WeightKind = WeightKind::F32;
+}
+impl Weight for half::f16 {
+    const KIND: WeightKind = WeightKind::F16;
+}
+impl Weight for half::bf16 {
+    const KIND: WeightKind = WeightKind::Bf16;
+}
+
+/// `y (m × n) = x (m × k) · wᵀ + b`, with `w` (n × k) row-major and `b` (n) optional, all
+/// arithmetic in f32.
+///
+/// Returns `None` when the kernel is not available on this CPU (see [`available`]); the caller
+/// then uses its portable GEMM.
+///
+/// # Panics
+/// If the slice lengths do not match the sizes.
+pub fn linear<W: Weight>(
+    x: &[f32],
+    w: &[W],
+    b: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Option<Vec<f32>> {
+    if !available() {
+        return None;
+    }
+    Some(linear_avx512(x, w, b, m, k, n))
+}
+
+fn linear_avx512<W: Weight>(
+    x: &[f32],
+    w: &[W],
+    b: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "x is not m × k");
+    assert_eq!(w.len(), n * k, "w is not n × k");
+    if let Some(b) = b {
+        assert_eq!(b.len(), n, "bias is not n");
+    }
+    let mut y = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return y;
+    }
+    // Column chunks of whole register blocks; enough of them to balance the threads.
+    let threads = rayon::current_num_threads().max(1);
+    let blocks = n.div_ceil(NR);
+    let per = blocks.div_ceil(threads * 4).max(1);
+    let chunk_cols = per * NR;
+    let out = OutPtr(y.as_mut_ptr());
+    (0..n.div_ceil(chunk_cols)).into_par_iter().for_each(|ci| {
+        let n0 = ci * chunk_cols;
+        let n1 = (n0 + chunk_cols).min(n);
+        // SAFETY: AVX-512F/BW/VL were detected (`available`), the sizes were checked above, and
+        // this chunk writes only columns n0..n1 of y.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            avx512::columns(x, w, b, m, k, n, n0, n1, out)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (x, w, b, m, k, n0, n1, out);
+            unreachable!("the AVX-512 GEMM runs only on x86-64");
+        }
+    });
+    y
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{OutPtr, Weight, WeightKind, MR, NR};
+    use std::arch::x86_64::*;
+
+    /// 16 weights from `p` as f32 (`mask`ed lanes 0).
+    #[inline(always)]
+    unsafe fn wload<W: Weight>(mask: __mmask16, p: *const W) -> __m512 {
+        match W::KIND {
+            WeightKind::F32 => _mm512_maskz_loadu_ps(mask, p as *const f32),
+            WeightKind::F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16)),
+            WeightKind::Bf16 => {
+                let h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p as *const i16));
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+            }
+        }
+    }
+
+    /// The dot products of rows `x[i0..i0+R]` with rows `w[j0..j0+C]`, written into `y`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    unsafe fn block<W: Weight, const R: usize, const C: usize>(
+        x: *const f32,
+        w: *const W,
+        k: usize,
+        y: *mut f32,
+        ldy: usize,
+        bias: Option<*const f32>,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        let full = k / 16 * 16;
+        let mut kk = 0;
+        // Per 16-wide slice of k: the R slices of x stay in registers and each weight slice
+        // is loaded once and used R times (R·C accumulators + R + 1 registers of 32).
+        while kk < full {
+            let mut xv = [_mm512_setzero_ps(); R];
+            for (i, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(x.add(i * k + kk));
+            }
+            for j in 0..C {
+                let wv = wload(0xffff, w.add(j * k + kk));
+                for i in 0..R {
+                    acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
+                }
+            }
+            kk += 16;
+        }
+        if kk < k {
+            let mask: __mmask16 = ((1u32 << (k - kk)) - 1) as u16;
+            let mut xv = [_mm512_setzero_ps(); R];
+            for (i, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_maskz_loadu_ps(mask, x.add(i * k + kk));
+            }
+            for j in 0..C {
+                let wv = wload(mask, w.add(j * k + kk));
+                for i in 0..R {
+                    acc[i][j] = _mm512_fmadd_ps(xv[i], wv, acc[i][j]);
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            for (j, v) in a.iter().enumerate() {
+                let mut s = _mm512_reduce_add_ps(*v);
+                if let Some(b) = bias {
+                    s += *b.add(j);
+                }
+                *y.add(i * ldy + j) = s;
+            }
+        }
+    }
+
+    /// The 4 × 6 block of [`block`] with every accumulator a named local, so that all 24 stay
+    /// in registers (the array form of the generic block spills some of them).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn block_4x6<W: Weight>(
+        x: *const f32,
+        w: *const W,
+        k: usize,
+        y: *mut f32,
+        ldy: usize,
+        bias: Option<*const f32>,
+    ) {
+        macro_rules! zero {
+            ($($a:ident),*) => { $(let mut $a = _mm512_setzero_ps();)* };
+        }
+        zero!(a00, a01, a02, a03, a04, a05, a10, a11, a12, a13, a14, a15);
+        zero!(a20, a21, a22, a23, a24, a25, a30, a31, a32, a33, a34, a35);
+        let (x0, x1, x2, x3) = (x, x.add(k), x.add(2 * k), x.add(3 * k));
+        let (w0, w1, w2) = (w, w.add(k), w.add(2 * k));
+        let (w3, w4, w5) = (w.add(3 * k), w.add(4 * k), w.add(5 * k));
+        // `$o` is the offset along k; the pointers are named here, not passed, so the macro
+        // sees the bindings above.
+        macro_rules! step {
+            ($o:expr, $mask:expr) => {{
+                let (o, mask) = ($o, $mask);
+                let v0 = _mm512_maskz_loadu_ps(mask, x0.add(o));
+                let v1 = _mm512_maskz_loadu_ps(mask, x1.add(o));
+                let v2 = _mm512_maskz_loadu_ps(mask, x2.add(o));
+                let v3 = _mm512_maskz_loadu_ps(mask, x3.add(o));
+                macro_rules! col {
+                    ($wp:expr, $c0:ident, $c1:ident, $c2:ident, $c3:ident) => {{
+                        let wv = wload(mask, $wp.add(o));
+                        $c0 = _mm512_fmadd_ps(v0, wv, $c0);
+                        $c1 = _mm512_fmadd_ps(v1, wv, $c1);
+                        $c2 = _mm512_fmadd_ps(v2, wv, $c2);
+                        $c3 = _mm512_fmadd_ps(v3, wv, $c3);
+                    }};
+                }
+                col!(w0, a00, a10, a20, a30);
+                col!(w1, a01, a11, a21, a31);
+                col!(w2, a02, a12, a22, a32);
+                col!(w3, a03, a13, a23, a33);
+                col!(w4, a04, a14, a24, a34);
+                col!(w5, a05, a15, a25, a35);
+            }};
+        }
+        let full = k / 16 * 16;
+        let mut kk = 0;
+        while kk < full {
+            step!(kk, 0xffff);
+            kk += 16;
+        }
+        if kk < k {
+            let mask: __mmask16 = ((1u32 << (k - kk)) - 1) as u16;
+            step!(kk, mask);
+        }
+        let acc = [
+            [a00, a01, a02, a03, a04, a05],
+            [a10, a11, a12, a13, a14, a15],
+            [a20, a21, a22, a23, a24, a25],
+            [a30, a31, a32, a33, a34, a35],
+        ];
+        for (i, a) in acc.iter().enumerate() {
+            for (j, v) in a.iter().enumerate() {
+                let mut s = _mm512_reduce_add_ps(*v);
+                if let Some(b) = bias {
+                    s += *b.add(j);
+                }
+                *y.add(i * ldy + j) = s;
+            }
+        }
+    }
+
+    macro_rules! dispatch_c {
+        ($r:literal, $c:expr, $($args:expr),*) => {
+            match $c {
+                1 => block::<W, $r, 1>($($args),*),
+                2 => block::<W, $r, 2>($($args),*),
+                3 => block::<W, $r, 3>($($args),*),
+                4 => block::<W, $r, 4>($($args),*),
+                5 => block::<W, $r, 5>($($args),*),
+                _ => block::<W, $r, NR>($($args),*),
+            }
+        };
+    }
+
+    /// Columns `n0..n1` of `y (m × n)` for all rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn columns<W: Weight>(
+        x: &[f32],
+        w: &[W],
+        b: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        n: usize,
+        n0: usize,
+        n1: usize,
+        out: OutPtr,
+    ) {
+        let mut j0 = n0;
+        while j0 < n1 {
+            let c = (n1 - j0).min(NR);
+            let wp = w.as_ptr().add(j0 * k);
+            let bp = b.map(|b| b.as_ptr().add(j0));
+            let mut i0 = 0;
+            while i0 < m {
+                let r = (m - i0).min(MR);
+                let xp = x.as_ptr().add(i0 * k);
+                let yp = out.0.add(i0 * n + j0);
+                match r {
+                    1 => dispatch_c!(1, c, xp, wp, k, yp, n, bp),
+                    2 => dispatch_c!(2, c, xp, wp, k, yp, n, bp),
+                    3 => dispatch_c!(3, c, xp, wp, k, yp, n, bp),
+                    _ if c == NR => block_4x6(xp, wp, k, yp, n, bp),
+                    _ => dispatch_c!(4, c, xp, wp, k, yp, n, bp),
+                }
+                i0 += r;
+            }
+            j0 += c;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The f64 result and Σ|x·w| (for the rounding bound) of every output.
+    fn reference(
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Vec<(f64, f64)> {
+        let mut y = vec![(0f64, 0f64); m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let bj = b.map(|b| b[j] as f64).unwrap_or(0.0);
+                let (mut s, mut a) = (bj, bj.abs());
+                for kk in 0..k {
+                    let p = x[i * k + kk] as f64 * w[j * k + kk] as f64;
+                    s += p;
+                    a += p.abs();
+                }
+                y[i * n + j] = (s, a);
+            }
+        }
+        y
+    }
+
+    fn rnd(len: usize, seed: &mut u64) -> Vec<f32> {
+        (0..len)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_f64_reference_on_every_tail_shape() {
+        if !detected() {
+            eprintln!("no AVX-512F on this CPU: the kernel is not used here, nothing to test");
+            return;
+        }
+        let mut seed = 7u64;
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 15, 5),
+            (4, 16, 6),
+            (5, 17, 7),
+            (28, 768, 130),
+            (29, 438, 13),
+            (84, 48, 97),
+            (7, 3072, 11),
+            (18, 5, 72),
+            (18, 72, 205),
+            (18, 16, 144),
+            (6, 72, 16),
+        ] {
+            let x = rnd(m * k, &mut seed);
+            let w = rnd(n * k, &mut seed);
+            let b = rnd(n, &mut seed);
+            // f16/bf16 weights: the reference takes the rounded weights, exactly as f32
+            let w16: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let wb16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            let w16_f32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+            let wb16_f32: Vec<f32> = wb16.iter().map(|v| v.to_f32()).collect();
+            for bias in [None, Some(b.as_slice())] {
+                for (kind, y, wref) in [
+                    ("f32", linear_avx512(&x, &w, bias, m, k, n), &w),
+                    ("f16", linear_avx512(&x, &w16, bias, m, k, n), &w16_f32),
+                    ("bf16", linear_avx512(&x, &wb16, bias, m, k, n), &wb16_f32),
+                ] {
+                    let r = reference(&x, wref, bias, m, k, n);
+                    for (i, (a, (e, abs))) in y.iter().zip(&r).enumerate() {
+                        // 16 lanes summed along k, then a 16-way reduction and the bias
+                        let tol = (k / 16 + 20) as f64 * f32::EPSILON as f64 * abs;
+                        assert!(
+                            (*a as f64 - e).abs() <= tol,
+                            "{kind} m {m} k {k} n {n} bias {} at {i}: {a} vs {e}",
+                            bias.is_some()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn empty_sizes_give_empty_or_bias_free_output() {
+        if !detected() {
+            return;
+        }
+        assert!(linear_avx512::<f32>(&[], &[], None, 0, 0, 0).is_empty());
+        assert_eq!(linear_avx512::<f32>(&[], &[], None, 2, 0, 3), vec![0.0; 6]);
+    }
+}
