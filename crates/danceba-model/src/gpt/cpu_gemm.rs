@@ -25,6 +25,7 @@ use rayon::prelude::*;
 pub const MAX_ROWS: usize = 96;
 
 /// Rows of `x` per register block.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const MR: usize = 4;
 /// Rows of `W` (output columns) per register block.
 const NR: usize = 6;
@@ -56,6 +57,7 @@ fn detected() -> bool {
 
 /// A raw output pointer shared by the threads; each writes a disjoint set of columns.
 #[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct OutPtr(*mut f32);
 // SAFETY: the threads write disjoint elements (different columns) and the buffer outlives the
 // parallel loop.

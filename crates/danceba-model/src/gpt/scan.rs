@@ -551,6 +551,8 @@ pub fn selective_scan_with(p: &ScanInputs, kernel: ScanKernel) -> Vec<f32> {
     } else {
         (Vec::new(), Vec::new())
     };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (&delta_cm, &gate_cm);
     const GROUP: usize = 16;
     ycm.par_chunks_mut(len * GROUP)
         .enumerate()
