@@ -97,7 +97,7 @@ fn fused_cuda_mamba_matches_portable_at_real_size() {
     );
     let dev = cuda();
     let mut rng = StdRng::seed_from_u64(7);
-    for (batch, len) in [(1, 1), (1, 5), (1, 28), (3, 28), (8, 17)] {
+    for (batch, len) in [(1, 1), (1, 5), (1, 28), (3, 28), (8, 17), (2, 70)] {
         let w = random_mamba_weights(&mut rng, c, &arch);
         let x = uniform(&mut rng, &[batch, len, c], -2.0, 2.0);
         let cpu = load_mamba(&w, c, &arch, DType::F32, &Device::Cpu);

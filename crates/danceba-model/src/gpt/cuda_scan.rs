@@ -227,15 +227,20 @@ impl Scan<'_> {
             as_i32(self.d, "d_inner")?,
             as_i32(self.n, "d_state")?,
         ];
-        let warps = self.batch * self.d;
-        let threads = warps
-            .checked_mul(32)
-            .filter(|&t| t <= u32::MAX as usize)
-            .ok_or_else(|| candle_core::Error::Msg("fused CUDA Mamba: too many channels".into()))?;
+        // one warp per channel, WARPS channels of one batch item per block; positions in tiles
+        // of `lt` whose B and C rows fit in 48 KiB of shared memory
+        const WARPS: usize = 8;
+        let blocks_x = self.d.div_ceil(WARPS);
+        if blocks_x > u32::MAX as usize || self.batch > 65_535 {
+            bail!("fused CUDA Mamba: too many channels or batch items for one launch");
+        }
+        let lt = (48 * 1024 / (8 * self.n)).clamp(1, 32);
+        let smem = (2 * lt * self.n * std::mem::size_of::<f32>()) as u32;
+        let lt = lt as i32;
         let name = format!("mamba_scan_{}", suffix(T::DTYPE)?);
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-        // SAFETY: every element is written by the kernel below (lane 0 of each channel's warp
-        // writes all its positions).
+        // SAFETY: every element is written by the kernel below (lane i of each channel's warp
+        // writes position i of every tile).
         let out = unsafe { dev.alloc::<T>(total)? };
         with_cuda(a.delta_pre, "delta", |s1, l1| {
             with_cuda(a.delta_bias, "delta bias", |s2, l2| {
@@ -254,11 +259,11 @@ impl Scan<'_> {
                                 lb.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]);
                                 lb.arg(&dsk).arg(&z).arg(&ints[3]).arg(&ints[4]).arg(&out);
                                 lb.arg(&ints[5]).arg(&ints[6]).arg(&ints[7]).arg(&ints[8]);
-                                const BLOCK: u32 = 128;
+                                lb.arg(&lt);
                                 let cfg = LaunchConfig {
-                                    grid_dim: ((threads as u32).div_ceil(BLOCK), 1, 1),
-                                    block_dim: (BLOCK, 1, 1),
-                                    shared_mem_bytes: 0,
+                                    grid_dim: (blocks_x as u32, self.batch as u32, 1),
+                                    block_dim: (32 * WARPS as u32, 1, 1),
+                                    shared_mem_bytes: smem,
                                 };
                                 // SAFETY: argument types and counts match the kernel's
                                 // signature; the views cover every index it reads (checked
