@@ -35,14 +35,34 @@ fn real_phase(re: f64) -> f32 {
 /// STFT phase of one flattened signal: returns `(phase, frames)` with `phase` frame-major,
 /// `frames × N_BINS` values in [−π, π].
 pub fn stft_phase(signal: &[f32]) -> Result<(Vec<f32>, usize)> {
-    let len = signal.len();
+    let frames = stft_frames(signal.len())?;
+    Ok((stft_phase_frames(signal, 0, frames)?, frames))
+}
+
+/// Number of STFT frames of a flattened signal of `len` values (error if too short for the
+/// reflect padding).
+pub fn stft_frames(len: usize) -> Result<usize> {
     let pad = N_FFT / 2;
     if len <= pad {
         return Err(GptError::Input(format!(
             "the LPE needs more than {pad} condition values per window (reflect padding), got {len}"
         )));
     }
-    let frames = 1 + len / HOP;
+    Ok(1 + len / HOP)
+}
+
+/// The one 512-point forward FFT plan, shared by all threads.
+fn fft_plan() -> std::sync::Arc<dyn rustfft::Fft<f64>> {
+    static PLAN: std::sync::OnceLock<std::sync::Arc<dyn rustfft::Fft<f64>>> =
+        std::sync::OnceLock::new();
+    PLAN.get_or_init(|| FftPlanner::<f64>::new().plan_fft_forward(N_FFT))
+        .clone()
+}
+
+/// Phase of STFT frame `f` of `signal` into `out` (`N_BINS` values).
+fn frame_phase(signal: &[f32], f: usize, fft: &dyn rustfft::Fft<f64>, out: &mut [f32]) {
+    let len = signal.len();
+    let pad = N_FFT / 2;
     let at = |i: usize| -> f64 {
         // index into the reflect-padded signal
         let j = i as isize - pad as isize;
@@ -55,26 +75,49 @@ pub fn stft_phase(signal: &[f32]) -> Result<(Vec<f32>, usize)> {
         };
         signal[k] as f64
     };
-    let mut planner = FftPlanner::<f64>::new();
-    let fft = planner.plan_fft_forward(N_FFT);
-    let mut buf = vec![Complex::new(0.0f64, 0.0f64); N_FFT];
-    let mut scratch = vec![Complex::new(0.0f64, 0.0f64); fft.get_inplace_scratch_len()];
-    let mut phase = Vec::with_capacity(frames * N_BINS);
-    for f in 0..frames {
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = Complex::new(at(f * HOP + i), 0.0);
-        }
-        fft.process_with_scratch(&mut buf, &mut scratch);
-        for (bin, c) in buf.iter().take(N_BINS).enumerate() {
-            let p = if f == 0 || bin == 0 || bin == N_BINS - 1 {
-                real_phase(c.re)
-            } else {
-                c.im.atan2(c.re) as f32
-            };
-            phase.push(p);
-        }
+    let mut buf = [Complex::new(0.0f64, 0.0f64); N_FFT];
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = Complex::new(at(f * HOP + i), 0.0);
     }
-    Ok((phase, frames))
+    let mut scratch = vec![Complex::new(0.0f64, 0.0f64); fft.get_inplace_scratch_len()];
+    fft.process_with_scratch(&mut buf, &mut scratch);
+    for (bin, (c, o)) in buf.iter().zip(out.iter_mut()).enumerate() {
+        *o = if f == 0 || bin == 0 || bin == N_BINS - 1 {
+            real_phase(c.re)
+        } else {
+            c.im.atan2(c.re) as f32
+        };
+    }
+}
+
+/// STFT phase of frames `first .. first + count` of one flattened signal (the same values as
+/// those rows of [`stft_phase`]), frame-major; the frames are computed in parallel.
+pub fn stft_phase_frames(signal: &[f32], first: usize, count: usize) -> Result<Vec<f32>> {
+    use rayon::prelude::*;
+    let frames = stft_frames(signal.len())?;
+    if first + count > frames {
+        return Err(GptError::Input(format!(
+            "STFT frames {first}..{} requested of {frames}",
+            first + count
+        )));
+    }
+    let fft = fft_plan();
+    let mut phase = vec![0f32; count * N_BINS];
+    phase
+        .par_chunks_mut(N_BINS)
+        .enumerate()
+        .for_each(|(i, out)| frame_phase(signal, first + i, fft.as_ref(), out));
+    Ok(phase)
+}
+
+/// The frames the LPE keeps out of `frames`: `(first, count)`, the centre crop to
+/// [`LPE_SEQ_LEN`].
+pub(crate) fn lpe_crop(frames: usize) -> (usize, usize) {
+    if frames > LPE_SEQ_LEN {
+        ((frames - LPE_SEQ_LEN) / 2, LPE_SEQ_LEN)
+    } else {
+        (0, frames)
+    }
 }
 
 /// One `LinearPhaseEmbedding_1`: `relu(BN_eval(linear2(phase)))`.
@@ -149,25 +192,33 @@ impl Lpe {
         Ok((all, frames))
     }
 
-    /// LPE output (B, 3F', C) (before `position_scale` and before the `[:3t]` slice), from the
-    /// host copy of the condition.
-    pub(crate) fn forward_host(
-        &self,
-        cond_host: &[f32],
-        batch: usize,
-        device: &Device,
-    ) -> Result<Tensor> {
-        let (phase, frames) = Self::phase_host(cond_host, batch)?;
-        let (s0, fc) = if frames > LPE_SEQ_LEN {
-            ((frames - LPE_SEQ_LEN) / 2, LPE_SEQ_LEN)
-        } else {
-            (0, frames)
-        };
-        let phase = Tensor::from_vec(phase, (batch, frames, N_BINS), &Device::Cpu)?
-            .narrow(1, s0, fc)?
-            .to_device(device)?
+    /// The cropped STFT phase the LPE layers take, from host values of `cond` (B, t, n_music)
+    /// flattened frame-major: (B × F' × bins values, F').
+    pub(crate) fn cropped_phase_host(cond_host: &[f32], batch: usize) -> Result<(Vec<f32>, usize)> {
+        use rayon::prelude::*;
+        let per = cond_host.len() / batch.max(1);
+        let (first, fc) = lpe_crop(stft_frames(per)?);
+        let fft = fft_plan();
+        // every (batch item, frame) in parallel
+        let mut all = vec![0f32; batch * fc * N_BINS];
+        all.par_chunks_mut(N_BINS).enumerate().for_each(|(i, out)| {
+            let b = i / fc;
+            frame_phase(
+                &cond_host[b * per..(b + 1) * per],
+                first + i % fc,
+                fft.as_ref(),
+                out,
+            )
+        });
+        Ok((all, fc))
+    }
+
+    /// The LPE layers on a cropped phase (B, F', bins) of any float dtype: (B, 3F', C).
+    pub(crate) fn forward_phase(&self, phase: &Tensor) -> Result<Tensor> {
+        let (batch, fc, bins) = phase.dims3()?;
+        let phase = phase
             .to_dtype(self.mods[0].w.dtype())?
-            .reshape((batch * fc, N_BINS))?;
+            .reshape((batch * fc, bins))?;
         let mut outs = Vec::with_capacity(3);
         for m in self.mods.iter() {
             let c = m.w.dim(0)?;

@@ -8,6 +8,8 @@
 pub mod block_base;
 pub mod cpu_gemm;
 #[cfg(feature = "cuda")]
+pub mod cuda_graph;
+#[cfg(feature = "cuda")]
 pub mod cuda_scan;
 pub mod lpe;
 pub mod mamba;
@@ -77,6 +79,24 @@ pub struct Gpt {
     head_up: Lin,
     head_down: Lin,
     mamba_impl: MambaImpl,
+    /// Whether [`Gpt::last_logits`] replays CUDA graphs on a CUDA device.
+    cuda_graphs: bool,
+    /// The captured graphs, shared by clones (same weights).
+    #[cfg(feature = "cuda")]
+    graphs: std::sync::Arc<cuda_graph::GraphCache>,
+}
+
+/// The environment variable that turns the CUDA graphs off by default (`0`, `off`, `false` or
+/// `no`); [`Gpt::set_cuda_graphs`] overrides it.
+pub const CUDA_GRAPHS_ENV: &str = "DANCEBA_CUDA_GRAPHS";
+
+fn cuda_graphs_default() -> bool {
+    !matches!(
+        std::env::var(CUDA_GRAPHS_ENV)
+            .map(|v| v.trim().to_ascii_lowercase())
+            .as_deref(),
+        Ok("0" | "off" | "false" | "no")
+    )
 }
 
 impl Gpt {
@@ -120,6 +140,13 @@ impl Gpt {
             })
             .collect::<Result<Vec<_>>>()?;
         let device = vb.device().clone();
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = &device {
+            // SAFETY: candle runs all work of a device on its one stream, so the per-buffer
+            // CUDA events (never waited on with a single stream) are pure overhead; without
+            // them no event is recorded inside a captured graph.
+            unsafe { d.disable_event_tracking() };
+        }
         let mamba_impl = if matches!(device, Device::Cpu) {
             MambaImpl::FusedCpu
         } else if cfg!(feature = "cuda") && device.is_cuda() {
@@ -143,7 +170,105 @@ impl Gpt {
             head_up: Lin::load(&gh, "head_up", c, arch.vocab_up, false)?,
             head_down: Lin::load(&gh, "head_down", c, arch.vocab_down, false)?,
             mamba_impl,
+            cuda_graphs: cuda_graphs_default(),
+            #[cfg(feature = "cuda")]
+            graphs: Default::default(),
         })
+    }
+
+    /// Whether [`Gpt::last_logits`] (and so the sampler) replays CUDA graphs: on by default on
+    /// a CUDA device in builds with the `cuda` feature, unless `DANCEBA_CUDA_GRAPHS=0`.
+    pub fn cuda_graphs(&self) -> bool {
+        cfg!(feature = "cuda") && self.device.is_cuda() && self.cuda_graphs
+    }
+
+    /// (window shapes seen, graphs captured, shapes whose capture failed) of the CUDA graphs.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_graph_stats(&self) -> (usize, usize, usize) {
+        self.graphs.stats()
+    }
+
+    /// Host-side time of the steps replayed from CUDA graphs so far.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_graph_timing(&self) -> cuda_graph::GraphTiming {
+        self.graphs.timing()
+    }
+
+    /// Turns the CUDA graphs on or off (no effect off CUDA).
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.cuda_graphs = on;
+    }
+
+    /// One forward pass of `b` windows of `t` positions from host data, returning the last
+    /// position's logits of every window as f32: (b × vocab_up, b × vocab_down) values, row
+    /// after row. `up`, `down`: b·t token ids; `cond`: b·t·n_music values, window-major.
+    ///
+    /// Equals [`Gpt::forward`] followed by the last row. With [`Gpt::cuda_graphs`] on, the first
+    /// call of a (b, t) runs the forward directly (warming up), the second captures it in a CUDA
+    /// graph, and later calls only copy the inputs, replay the graph and read the logits.
+    pub fn last_logits(
+        &self,
+        up: &[u32],
+        down: &[u32],
+        cond: &[f32],
+        b: usize,
+        t: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let nm = self.arch.n_music;
+        if b == 0 || t == 0 {
+            return input_err(format!("empty window (batch {b}, t {t})"));
+        }
+        if up.len() != b * t || down.len() != b * t || cond.len() != b * t * nm {
+            return input_err(format!(
+                "window (batch {b}, t {t}) needs {} token ids per stream and {} condition values, got {} / {} / {}",
+                b * t,
+                b * t * nm,
+                up.len(),
+                down.len(),
+                cond.len()
+            ));
+        }
+        #[cfg(feature = "cuda")]
+        if self.cuda_graphs() {
+            if t > self.arch.block_size {
+                return input_err(format!(
+                    "a window of {t} positions exceeds the model's block_size {}",
+                    self.arch.block_size
+                ));
+            }
+            for (ids, name, vocab) in [
+                (up, "upper-body", self.arch.vocab_up),
+                (down, "lower-body", self.arch.vocab_down),
+            ] {
+                if let Some(bad) = ids.iter().find(|&&x| x as usize >= vocab) {
+                    return input_err(format!(
+                        "{name} token id {bad} is outside the codebook of {vocab} entries"
+                    ));
+                }
+            }
+            if let Some(i) = cond.iter().position(|v| !v.is_finite()) {
+                return input_err(format!(
+                    "the condition contains a non-finite value ({}) at batch {}, row {}, column {}",
+                    cond[i],
+                    i / (t * nm),
+                    (i / nm) % t,
+                    i % nm
+                ));
+            }
+            return cuda_graph::last_logits(self, &self.graphs, up, down, cond, b, t);
+        }
+        let dev = &self.device;
+        let iu = Tensor::from_slice(up, (b, t), dev)?;
+        let id = Tensor::from_slice(down, (b, t), dev)?;
+        let c = Tensor::from_slice(cond, (b, t, nm), dev)?;
+        let (lu, ld) = self.forward(&iu, &id, &c)?;
+        let last = |l: Tensor| -> Result<Vec<f32>> {
+            Ok(l.narrow(1, t - 1, 1)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        Ok((last(lu)?, last(ld)?))
     }
 
     /// The precision of the residual stream and of everything between the linear layers. On
@@ -289,20 +414,39 @@ impl Gpt {
         keep: bool,
     ) -> Result<ForwardTrace> {
         let (host, b, t, up, down) = self.check_inputs(idx_up, idx_down, cond)?;
+        let cond_t = Tensor::from_slice(&host, (b, t, self.arch.n_music), &self.device)?;
+        let (phase, fc) = Lpe::cropped_phase_host(&host, b)?;
+        let phase = Tensor::from_vec(phase, (b, fc, lpe::N_BINS), &self.device)?;
+        let mask = tiled_causal_mask(t, &self.device)?.to_dtype(self.activation_dtype())?;
+        self.forward_core(
+            &CoreInputs {
+                cond: &cond_t,
+                up: &up,
+                down: &down,
+                phase: &phase,
+                mask: &mask,
+            },
+            keep,
+        )
+    }
+
+    /// The device part of a forward pass, from inputs already on the device: no host
+    /// synchronisation and no host data uploads besides small kernel parameters, so that it can
+    /// be captured in a CUDA graph.
+    fn forward_core(&self, inp: &CoreInputs, keep: bool) -> Result<ForwardTrace> {
+        let (b, t) = inp.up.dims2()?;
         let c = self.arch.n_embd;
-        let cond_t = Tensor::from_slice(&host, (b, t, self.arch.n_music), &self.device)?
-            .to_dtype(self.dtype)?;
-        let ce = self.cond_emb.forward(&cond_t)?;
+        let ce = self.cond_emb.forward(&inp.cond.to_dtype(self.dtype)?)?;
         let eu = self
             .tok_up
-            .embedding(&up.flatten_all()?)?
+            .embedding(&inp.up.flatten_all()?)?
             .reshape((b, t, c))?;
         let ed = self
             .tok_down
-            .embedding(&down.flatten_all()?)?
+            .embedding(&inp.down.flatten_all()?)?
             .reshape((b, t, c))?;
         let e = Tensor::cat(&[ce, eu, ed], 1)?;
-        let lpe_out = self.lpe.forward_host(&host, b, &self.device)?;
+        let lpe_out = self.lpe.forward_phase(inp.phase)?;
         if lpe_out.dim(1)? < 3 * t {
             return input_err(format!(
                 "the LPE gives {} rows for a window of {t}, fewer than the 3t needed",
@@ -311,16 +455,15 @@ impl Gpt {
         }
         let p = (lpe_out.narrow(1, 0, 3 * t)? * self.position_scale)?;
         let mut x = (e + p)?.to_dtype(self.activation_dtype())?;
-        let mask = tiled_causal_mask(t, &self.device)?.to_dtype(self.activation_dtype())?;
         for blk in &self.base {
-            x = blk.forward(&x, &mask)?;
+            x = blk.forward(&x, inp.mask)?;
         }
         let base_out = x.clone();
         for blk in &self.head {
             x = blk.forward(&x, t, self.mamba_impl)?;
         }
         let head_blocks_out = x.clone();
-        x = self.head_base.forward(&x, &mask)?;
+        x = self.head_base.forward(&x, inp.mask)?;
         let x = self.rms_f.forward(&x)?;
         let logits_up = self.head_up.forward(&x.narrow(1, t, t)?)?;
         let logits_down = self.head_down.forward(&x.narrow(1, 2 * t, t)?)?;
@@ -333,4 +476,17 @@ impl Gpt {
             logits_down,
         })
     }
+}
+
+/// The device inputs of [`Gpt::forward_core`].
+struct CoreInputs<'a> {
+    /// (B, t, n_music), any float dtype.
+    cond: &'a Tensor,
+    /// (B, t) u32 token ids, checked against the codebooks.
+    up: &'a Tensor,
+    down: &'a Tensor,
+    /// The cropped STFT phase (B, F', bins), any float dtype.
+    phase: &'a Tensor,
+    /// [`tiled_causal_mask`] in the model's dtype.
+    mask: &'a Tensor,
 }

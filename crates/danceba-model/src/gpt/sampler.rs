@@ -243,24 +243,11 @@ impl Gpt {
                 cd.extend_from_slice(&toks[i].down[start..start + t]);
                 cc.extend_from_slice(&hosts[i][start * nm..(start + t) * nm]);
             }
-            let dev = self.device();
-            let iu = Tensor::from_vec(cu, (a, t), dev)?;
-            let id = Tensor::from_vec(cd, (a, t), dev)?;
-            let c = Tensor::from_vec(cc, (a, t, nm), dev)?;
-            let (lu, ld) = self.forward(&iu, &id, &c)?;
-            let lu = lu
-                .narrow(1, t - 1, 1)?
-                .squeeze(1)?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
-            let ld = ld
-                .narrow(1, t - 1, 1)?
-                .squeeze(1)?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
+            let (lu, ld) = self.last_logits(&cu, &cd, &cc, a, t)?;
+            let (vu, vd) = (arch.vocab_up, arch.vocab_down);
             for (j, &i) in active.iter().enumerate() {
-                let nu = choose(&lu[j], &opts.policy, &mut rngs[i]);
-                let nd = choose(&ld[j], &opts.policy, &mut rngs[i]);
+                let nu = choose(&lu[j * vu..(j + 1) * vu], &opts.policy, &mut rngs[i]);
+                let nd = choose(&ld[j * vd..(j + 1) * vd], &opts.policy, &mut rngs[i]);
                 toks[i].up.push(nu as u32);
                 toks[i].down.push(nd as u32);
             }

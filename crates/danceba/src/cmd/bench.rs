@@ -37,6 +37,12 @@ pub enum MambaArg {
     Portable,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
 /// Arguments of `danceba bench`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -68,6 +74,10 @@ pub struct Args {
     /// Mamba implementation.
     #[arg(long, value_enum, default_value = "fused")]
     mamba: MambaArg,
+    /// CUDA graphs of the GPT forward on a CUDA device (on by default; `off` runs every step
+    /// op by op, as with DANCEBA_CUDA_GRAPHS=0).
+    #[arg(long, value_enum)]
+    cuda_graphs: Option<OnOff>,
     /// Audio file for `--what features`.
     #[arg(long)]
     audio: Option<PathBuf>,
@@ -181,6 +191,17 @@ fn bench_gpt(gpt: &Gpt, batch: usize, steps: usize, seed: u64) -> anyhow::Result
             .collect();
         conds.push(Tensor::from_vec(data, (rows, arch.n_music), gpt.device())?);
     }
+    if gpt.cuda_graphs() {
+        // untimed: the first sight of every window shape warms it up and the second t = 28
+        // window captures its graph, so the timed run's steady steps are replays (its ramp
+        // captures the graphs of t = 1..27)
+        let warm: Vec<Tensor> = conds
+            .iter()
+            .map(|c| c.narrow(0, 0, (ramp_len + 1).min(rows)))
+            .collect::<candle_core::Result<_>>()?;
+        gpt.generate_batch(&warm, &GenerateOptions::default(), &mut |_, _| {})
+            .context("warming up the CUDA graphs")?;
+    }
     let mut stamps = Vec::with_capacity(rows + 1);
     let mut cpu = Vec::with_capacity(rows + 1);
     stamps.push(Instant::now());
@@ -217,6 +238,45 @@ fn bench_gpt(gpt: &Gpt, batch: usize, steps: usize, seed: u64) -> anyhow::Result
         steady_min_s: min,
         steady_steps: steady.len(),
         steady_cpu_s,
+    })
+}
+
+/// The graph replay counters of `gpt` (replays, phase, upload, launch, GPU wait, readback
+/// seconds); zeros without CUDA.
+fn graph_timing(gpt: &Gpt) -> [f64; 6] {
+    #[cfg(feature = "cuda")]
+    {
+        let t = gpt.cuda_graph_timing();
+        [
+            t.replays as f64,
+            t.phase_s,
+            t.upload_s,
+            t.launch_s,
+            t.wait_s,
+            t.readback_s,
+        ]
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = gpt;
+        [0.0; 6]
+    }
+}
+
+/// Mean milliseconds per replayed step between two [`graph_timing`] readings.
+fn graph_timing_json(before: [f64; 6], after: [f64; 6]) -> serde_json::Value {
+    let n = after[0] - before[0];
+    if n <= 0.0 {
+        return serde_json::Value::Null;
+    }
+    let ms = |i: usize| (after[i] - before[i]) * 1e3 / n;
+    json!({
+        "replays": n,
+        "phase": ms(1),
+        "upload": ms(2),
+        "launch": ms(3),
+        "gpu_wait": ms(4),
+        "readback": ms(5),
     })
 }
 
@@ -258,18 +318,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             MambaArg::Fused => MambaImpl::FusedCpu,
             MambaArg::Portable => MambaImpl::Portable,
         });
+        if let Some(g) = args.cuda_graphs {
+            gpt.set_cuda_graphs(g == OnOff::On);
+        }
         if !args.json {
             println!(
-                "GPT: {source}, n_embd {}, {} + {} layers; mamba {:?}; {threads} threads; load {load_s:.2} s",
+                "GPT: {source}, n_embd {}, {} + {} layers; mamba {:?}; CUDA graphs {}; {threads} threads; load {load_s:.2} s",
                 gpt.arch().n_embd,
                 gpt.arch().n_layer_base,
                 gpt.arch().n_layer_head,
-                gpt.mamba_impl()
+                gpt.mamba_impl(),
+                if gpt.cuda_graphs() { "on" } else { "off" }
             );
         }
         let mut runs = Vec::new();
         for &b in &args.batch {
+            let before = graph_timing(&gpt);
             let r = bench_gpt(&gpt, b, args.steps.max(1), args.seed)?;
+            let replay = graph_timing_json(before, graph_timing(&gpt));
             let fps = FRAMES_PER_STEP * b as f64 / r.steady_mean_s;
             if !args.json {
                 println!(
@@ -291,11 +357,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "steady_step_cpu_s": r.steady_cpu_s,
                 "ramp_s": r.ramp_s,
                 "motion_frames_per_s": fps,
+                "cuda_graph_replay_ms": replay,
             }));
         }
         report["gpt"] = json!({
             "weights": source,
             "mamba": format!("{:?}", gpt.mamba_impl()),
+            "cuda_graphs": gpt.cuda_graphs(),
             "load_s": load_s,
             "runs": runs,
         });

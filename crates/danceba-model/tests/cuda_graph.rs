@@ -1,0 +1,147 @@
+//! CUDA graphs of the GPT forward (feature `cuda`, needs a GPU): the replayed graph gives the
+//! logits of the direct forward for every window shape (warm-up, capture and replays, each with
+//! new inputs), on the tiny golden model and on the real-size architecture in f32 and bf16, and
+//! the graph path reproduces the golden teacher-forced step logits.
+#![cfg(feature = "cuda")]
+
+mod gpt_common;
+
+use candle_core::{DType, Device};
+use danceba_model::arch::GptArch;
+use danceba_model::gpt::random::{official_gpt_arch, random_gpt_on};
+use danceba_model::gpt::sampler::window;
+use danceba_model::gpt::Gpt;
+use gpt_common::{golden_dir, load_st};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn cuda() -> Device {
+    Device::new_cuda(0).expect("these tests need a CUDA GPU")
+}
+
+fn tiny_gpt_on(dev: &Device) -> Gpt {
+    let p = golden_dir().join("model").join("tiny_gpt.pt");
+    let sd = danceba_model::checkpoint::load_on(&p, dev, DType::F32).unwrap();
+    let arch = GptArch::from_state_dict(&sd, None).unwrap();
+    Gpt::load(sd.var_builder(DType::F32, dev), &arch).unwrap()
+}
+
+/// Largest |a − b| over max |b| (0 when both are zero).
+fn rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let m = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(d.is_finite(), "non-finite logits");
+    if m == 0.0 {
+        d
+    } else {
+        d / m
+    }
+}
+
+/// Graph replays against direct forwards for several window shapes, four calls per shape
+/// (warm-up, capture, two replays), each with fresh random tokens and condition.
+fn graph_matches_direct(gpt: &Gpt, shapes: &[(usize, usize)], tol: f32, seed: u64) {
+    let mut direct = gpt.clone();
+    direct.set_cuda_graphs(false);
+    assert!(gpt.cuda_graphs() && !direct.cuda_graphs());
+    let a = gpt.arch().clone();
+    let mut rng = StdRng::seed_from_u64(seed);
+    for &(b, t) in shapes {
+        for call in 0..4 {
+            let up: Vec<u32> = (0..b * t)
+                .map(|_| rng.gen_range(0..a.vocab_up as u32))
+                .collect();
+            let down: Vec<u32> = (0..b * t)
+                .map(|_| rng.gen_range(0..a.vocab_down as u32))
+                .collect();
+            let cond: Vec<f32> = (0..b * t * a.n_music)
+                .map(|_| rng.gen_range(-1.0f32..1.0))
+                .collect();
+            let (gu, gd) = gpt.last_logits(&up, &down, &cond, b, t).unwrap();
+            let (wu, wd) = direct.last_logits(&up, &down, &cond, b, t).unwrap();
+            assert_eq!(gu.len(), b * a.vocab_up);
+            assert_eq!(gd.len(), b * a.vocab_down);
+            let (eu, ed) = (rel(&gu, &wu), rel(&gd, &wd));
+            println!("b={b} t={t} call {call}: graph vs direct rel err up {eu:e} down {ed:e}");
+            assert!(eu <= tol && ed <= tol, "b={b} t={t} call {call}: {eu} {ed}");
+        }
+    }
+    let (seen, captured, failed) = gpt.cuda_graph_stats();
+    println!("graph cache: {seen} shapes, {captured} captured, {failed} failed");
+    assert_eq!(failed, 0, "a capture failed");
+    assert_eq!(captured, shapes.len());
+}
+
+#[test]
+fn tiny_model_graphs_match_direct_forward() {
+    let dev = cuda();
+    let gpt = tiny_gpt_on(&dev);
+    graph_matches_direct(&gpt, &[(1, 1), (1, 5), (1, 28), (3, 28), (2, 17)], 1e-6, 1);
+}
+
+#[test]
+fn real_size_graphs_match_direct_forward() {
+    let dev = cuda();
+    for (dt, tol) in [(DType::F32, 1e-6), (DType::BF16, 1e-6)] {
+        let gpt = random_gpt_on(&official_gpt_arch(), 3, &dev, dt).unwrap();
+        println!("{dt:?}");
+        graph_matches_direct(&gpt, &[(1, 28), (8, 28), (3, 9)], tol, 2);
+    }
+}
+
+#[test]
+fn graph_path_reproduces_golden_step_logits() {
+    let dev = cuda();
+    let gpt = tiny_gpt_on(&dev);
+    assert!(gpt.cuda_graphs());
+    let g = load_st("rock_armygeddon_20s.pipeline.safetensors");
+    let toks = |k: &str| -> Vec<u32> {
+        g[k].to_vec1::<i64>()
+            .unwrap()
+            .iter()
+            .map(|&v| v as u32)
+            .collect()
+    };
+    let (up, down) = (toks("tokens_up"), toks("tokens_down"));
+    let cond = g["cond"].squeeze(0).unwrap();
+    let (n, nm) = cond.dims2().unwrap();
+    let cond = cond.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (vu, vd) = (gpt.arch().vocab_up, gpt.arch().vocab_down);
+    let mut worst = 0f32;
+    for k in 0..n {
+        let (s, t) = window(k, gpt.arch().block_size);
+        let (lu, ld) = gpt
+            .last_logits(
+                &up[s..s + t],
+                &down[s..s + t],
+                &cond[s * nm..(s + t) * nm],
+                1,
+                t,
+            )
+            .unwrap();
+        let wu = g["step_logits_up"]
+            .get(k)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let wd = g["step_logits_down"]
+            .get(k)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let (eu, ed) = (rel(&lu[..vu], &wu), rel(&ld[..vd], &wd));
+        assert!(
+            eu <= 1e-4 && ed <= 1e-4,
+            "step {k}: rel err up {eu} down {ed}"
+        );
+        worst = worst.max(eu).max(ed);
+    }
+    let (_, captured, failed) = gpt.cuda_graph_stats();
+    assert_eq!(failed, 0);
+    assert!(
+        captured >= 1,
+        "the steady window was never replayed from a graph"
+    );
+    println!("{n} steps through the graph path, worst rel err {worst:e}");
+}
