@@ -599,10 +599,13 @@ pub fn official_vqvae_arch() -> VqVaeArch {
     }
 }
 
-/// A VQ-VAE of `arch` with random weights in the official layout (every key of
-/// [`crate::arch::expected_vqvae_keys`]; convolutions uniform in ±1/√fan_in, codebooks in ±1),
-/// on `device`: for benchmarks without the real checkpoint. Deterministic for a given `seed`.
-pub fn random_vqvae(arch: &VqVaeArch, seed: u64, device: &Device) -> Result<VqVae> {
+/// Random weights of a VQ-VAE of `arch` in the official layout (every key of
+/// [`crate::arch::expected_vqvae_keys`], without `module.`; convolutions uniform in ±1/√fan_in,
+/// codebooks in ±1), on the CPU in f32. Deterministic for a given `seed`.
+pub fn random_vqvae_weights(
+    arch: &VqVaeArch,
+    seed: u64,
+) -> Result<std::collections::HashMap<String, Tensor>> {
     let mut weights = std::collections::HashMap::new();
     for (idx, (key, shape)) in crate::arch::expected_vqvae_keys(arch)
         .into_iter()
@@ -621,5 +624,12 @@ pub fn random_vqvae(arch: &VqVaeArch, seed: u64, device: &Device) -> Result<VqVa
         )?;
         weights.insert(key, t);
     }
+    Ok(weights)
+}
+
+/// A VQ-VAE of `arch` with the random weights of [`random_vqvae_weights`] on `device`: for
+/// benchmarks without the real checkpoint. Deterministic for a given `seed`.
+pub fn random_vqvae(arch: &VqVaeArch, seed: u64, device: &Device) -> Result<VqVae> {
+    let weights = random_vqvae_weights(arch, seed)?;
     VqVae::load(VarBuilder::from_tensors(weights, DType::F32, device), arch)
 }

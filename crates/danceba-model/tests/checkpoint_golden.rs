@@ -92,3 +92,43 @@ fn checkpoint_tiny_vqvae_loads() {
     assert!(sd.config.is_some());
     assert!(sd.epoch.is_some());
 }
+
+#[test]
+fn filtered_load_skips_tensors_but_lists_their_shapes() {
+    use candle_core::{DType, Device};
+    let path = model("tiny_vqvae.pt");
+    let full = checkpoint::load(&path).unwrap();
+    let is_encoder = |k: &str| k.split('.').nth(1) == Some("encoders");
+    let part =
+        checkpoint::load_on_filtered(&path, &Device::Cpu, DType::F32, &|k: &str| !is_encoder(k))
+            .unwrap();
+    assert!(full.skipped.is_empty());
+    assert!(!part.skipped.is_empty());
+    assert_eq!(part.tensors.len() + part.skipped.len(), full.tensors.len());
+    for (k, t) in &full.tensors {
+        if is_encoder(k) {
+            assert!(!part.tensors.contains_key(k), "{k} was read");
+            assert_eq!(
+                part.skipped.get(k).map(Vec::as_slice),
+                Some(t.dims()),
+                "{k}"
+            );
+        } else {
+            let p = &part.tensors[k];
+            let diff = (p - t).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{k}");
+        }
+    }
+    // The same through a converted safetensors file.
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().join("vqvae.safetensors");
+    checkpoint::convert_checkpoint(&path, &st, None, DType::F32, None, false).unwrap();
+    let part_st =
+        checkpoint::load_on_filtered(&st, &Device::Cpu, DType::F32, &|k: &str| !is_encoder(k))
+            .unwrap();
+    assert_eq!(part_st.skipped, part.skipped);
+    assert_eq!(
+        part_st.tensors.keys().collect::<Vec<_>>(),
+        part.tensors.keys().collect::<Vec<_>>()
+    );
+}

@@ -80,6 +80,9 @@ pub struct StateDict {
     pub ignored: Vec<String>,
     /// The dtype each tensor had in the file (`float32`, `int64`, ...), by key.
     pub source_dtypes: BTreeMap<String, String>,
+    /// Tensors left unread by the key filter of [`load_on_filtered`], with their shapes, by key
+    /// without the `module.` prefix (empty for [`load_on`]).
+    pub skipped: BTreeMap<String, Vec<usize>>,
     /// safetensors metadata (empty for `.pt` files).
     pub metadata: BTreeMap<String, String>,
     /// The file it came from.
@@ -100,6 +103,18 @@ pub fn load(path: &Path) -> Result<StateDict, CheckpointError> {
 
 /// Loads a checkpoint onto `device`, converting floating-point tensors to `dtype`.
 pub fn load_on(path: &Path, device: &Device, dtype: DType) -> Result<StateDict, CheckpointError> {
+    load_on_filtered(path, device, dtype, &|_| true)
+}
+
+/// Like [`load_on`], but reads only the tensors whose key (without `module.`) passes `keep`; the
+/// others are never copied out of the file and are listed with their shapes in
+/// [`StateDict::skipped`] (e.g. the VQ-VAE encoders, which decoding does not need).
+pub fn load_on_filtered(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<StateDict, CheckpointError> {
     let file = std::fs::File::open(path).map_err(|source| CheckpointError::Io {
         path: path.to_path_buf(),
         source,
@@ -139,9 +154,9 @@ pub fn load_on(path: &Path, device: &Device, dtype: DType) -> Result<StateDict, 
         let _ = (start, len);
     };
     match sniff(path, &mmap)? {
-        FileFormat::TorchZip => torch::load_torch(path, &mmap, device, dtype, &release),
+        FileFormat::TorchZip => torch::load_torch(path, &mmap, device, dtype, keep, &release),
         FileFormat::Safetensors => {
-            safetensors_io::load_safetensors(path, &mmap, device, dtype, &release)
+            safetensors_io::load_safetensors(path, &mmap, device, dtype, keep, &release)
         }
     }
 }
@@ -154,9 +169,11 @@ pub fn load_from_bytes(
     dtype: DType,
 ) -> Result<StateDict, CheckpointError> {
     match sniff(source, data)? {
-        FileFormat::TorchZip => torch::load_torch(source, data, device, dtype, &|_, _| {}),
+        FileFormat::TorchZip => {
+            torch::load_torch(source, data, device, dtype, &|_| true, &|_, _| {})
+        }
         FileFormat::Safetensors => {
-            safetensors_io::load_safetensors(source, data, device, dtype, &|_, _| {})
+            safetensors_io::load_safetensors(source, data, device, dtype, &|_| true, &|_, _| {})
         }
     }
 }

@@ -14,6 +14,7 @@ pub(crate) fn load_safetensors(
     data: &[u8],
     device: &Device,
     dtype: DType,
+    keep: &dyn Fn(&str) -> bool,
     release: &dyn Fn(usize, usize),
 ) -> Result<StateDict, CheckpointError> {
     let p = || path.to_path_buf();
@@ -32,7 +33,13 @@ pub(crate) fn load_safetensors(
         .unwrap_or_default();
     let mut tensors = BTreeMap::new();
     let mut source_dtypes = BTreeMap::new();
+    let mut skipped = BTreeMap::new();
     for (name, view) in st.iter() {
+        let key = super::strip_module_prefix(name);
+        if !keep(key) {
+            skipped.insert(key.to_string(), view.shape().to_vec());
+            continue;
+        }
         let (cd, tname, is_float) = match view.dtype() {
             StDtype::F32 => (DType::F32, "float32", true),
             StDtype::F16 => (DType::F16, "float16", true),
@@ -76,6 +83,7 @@ pub(crate) fn load_safetensors(
         epoch,
         ignored: Vec::new(),
         source_dtypes,
+        skipped,
         metadata,
         source: p(),
     })

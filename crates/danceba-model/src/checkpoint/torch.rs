@@ -18,6 +18,7 @@ pub(crate) fn load_torch(
     data: &[u8],
     device: &Device,
     dtype: DType,
+    keep: &dyn Fn(&str) -> bool,
     release: &dyn Fn(usize, usize),
 ) -> Result<StateDict, CheckpointError> {
     let p = || path.to_path_buf();
@@ -61,6 +62,7 @@ pub(crate) fn load_torch(
     let mut tensors = BTreeMap::new();
     let mut source_dtypes = BTreeMap::new();
     let mut ignored = Vec::new();
+    let mut skipped = BTreeMap::new();
     for (k, v) in model.entries() {
         let key = match k {
             PyValue::Str(s) => strip_module_prefix(s).to_string(),
@@ -73,6 +75,17 @@ pub(crate) fn load_torch(
             ignored.push(key);
             continue;
         };
+        if !keep(&key) {
+            let shape = rec.shape.iter().map(|&d| d as usize).collect();
+            if skipped.insert(key.clone(), shape).is_some() {
+                return Err(CheckpointError::BadTensor {
+                    path: p(),
+                    key,
+                    msg: "appears twice (with and without the `module.` prefix?)".into(),
+                });
+            }
+            continue;
+        }
         let entry_name = format!("{prefix}data/{}", rec.storage_key);
         let entry = archive
             .find(&entry_name)
@@ -113,6 +126,7 @@ pub(crate) fn load_torch(
         epoch,
         ignored,
         source_dtypes,
+        skipped,
         metadata: BTreeMap::new(),
         source: p(),
     })
