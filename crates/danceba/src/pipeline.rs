@@ -23,6 +23,11 @@ use danceba_motion::{Motion, MotionError};
 /// Motion frame rate of DanceBa (8 frames per token at 7.5 tokens/s).
 pub const MOTION_FPS: f32 = 60.0;
 
+/// Tokens the VQ-VAE decodes at a time (each with its receptive-field halo): bounds the
+/// decoder's activations (about 100 KB per token at the official width) for long songs; the
+/// result is identical to a whole-song decode.
+pub const DECODE_CHUNK_TOKENS: usize = 256;
+
 /// Errors of the pipeline, each naming what was wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -100,7 +105,10 @@ pub struct Dance {
 /// Loaded models on a device.
 pub struct Pipeline {
     gpt: Gpt,
+    /// The VQ-VAE decoders (the encoders are loaded on demand: see [`Pipeline::load`]).
     vqvae: VqVae,
+    /// Whether the VQ-VAE checkpoint holds encoders.
+    vqvae_has_encoders: bool,
     device: Device,
     files: ModelFiles,
 }
@@ -204,9 +212,56 @@ fn read_features_safetensors(path: &Path) -> Result<MusicFeatures, PipelineError
     Ok(MusicFeatures::new(shape[0], data)?)
 }
 
+/// Returns the allocator's free heap pages to the operating system. glibc's `malloc` keeps freed
+/// memory of its heap for reuse, which would otherwise stay resident (counted in RSS) next to the
+/// weights for the whole song. A no-op where the C library is not glibc.
+pub fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> std::os::raw::c_int;
+        }
+        // SAFETY: `malloc_trim` (glibc) only releases unused pages of malloc's own arenas; it
+        // has no preconditions and does not move or invalidate live allocations.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
+/// Whether a VQ-VAE key (without `module.`) belongs to an encoder (`vqvae_up.encoders.…`).
+fn is_vqvae_encoder_key(key: &str) -> bool {
+    key.split('.').nth(1) == Some("encoders")
+}
+
+/// Loads and audits a VQ-VAE checkpoint in f32 and builds it. Without `encoders` the encoder
+/// tensors are not read from the file at all (the decoders are audited); says whether the file
+/// has encoders.
+fn load_vqvae(
+    path: &Path,
+    device: &Device,
+    encoders: bool,
+) -> Result<(VqVae, bool), PipelineError> {
+    let keep = |key: &str| encoders || !is_vqvae_encoder_key(key);
+    let sd = checkpoint::load_on_filtered(path, device, DType::F32, &keep)?;
+    let (arch, _) = arch::audit_vqvae(&sd).map_err(|source| PipelineError::Arch {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let has_encoders = arch.has_encoders || sd.skipped.keys().any(|k| is_vqvae_encoder_key(k));
+    let vqvae = VqVae::load(sd.var_builder(DType::F32, device), &arch)?;
+    Ok((vqvae, has_encoders))
+}
+
 impl Pipeline {
     /// Loads, audits and builds both models. A missing or mis-shaped key, or a file of the wrong
     /// kind (a VQ-VAE given as the GPT, say), is an error that names the file and the key.
+    ///
+    /// Memory: each checkpoint's file pages are released as its tensors are copied out; the GPT
+    /// comes first, then the allocator's free pages (the GPT's load-time temporaries) are handed
+    /// back, then the VQ-VAE decoders are read (its encoders stay in the file: only
+    /// [`Pipeline::start_tokens_from_motion`] needs them, and reads them then). The peak is
+    /// about one copy of the GPT in `dtype` plus the VQ-VAE decoders in f32.
     pub fn load(files: &ModelFiles, opts: &PipelineOptions) -> Result<Self, PipelineError> {
         let device = device::open(opts.device)?;
         let gpt_sd = checkpoint::load_on(&files.gpt, &device, opts.dtype)?;
@@ -217,22 +272,21 @@ impl Pipeline {
             })?;
         let gpt = Gpt::load(gpt_sd.var_builder(opts.dtype, &device), &gpt_arch)?;
         drop(gpt_sd);
+        release_free_heap();
         // The VQ-VAE is small and decodes once per song: it stays in f32 for accuracy.
-        let vq_sd = checkpoint::load_on(&files.vqvae, &device, DType::F32)?;
-        let (vq_arch, _) = arch::audit_vqvae(&vq_sd).map_err(|source| PipelineError::Arch {
-            path: files.vqvae.clone(),
-            source,
-        })?;
-        if vq_arch.l_bins != gpt_arch.vocab_up || vq_arch.l_bins != gpt_arch.vocab_down {
+        let (vqvae, vqvae_has_encoders) = load_vqvae(&files.vqvae, &device, false)?;
+        let l_bins = vqvae.arch().l_bins;
+        if l_bins != gpt_arch.vocab_up || l_bins != gpt_arch.vocab_down {
             return Err(PipelineError::Mismatch {
                 gpt: gpt_arch.vocab_up.max(gpt_arch.vocab_down),
-                vqvae: vq_arch.l_bins,
+                vqvae: l_bins,
             });
         }
-        let vqvae = VqVae::load(vq_sd.var_builder(DType::F32, &device), &vq_arch)?;
+        release_free_heap();
         Ok(Self {
             gpt,
             vqvae,
+            vqvae_has_encoders,
             device,
             files: files.clone(),
         })
@@ -288,7 +342,9 @@ impl Pipeline {
 
     /// Decodes token streams into absolute joint positions at 60 fps.
     pub fn decode(&self, tokens: &Tokens) -> Result<Motion, PipelineError> {
-        let decoded = self.vqvae.decode(&tokens.up, &tokens.down)?;
+        let decoded = self
+            .vqvae
+            .decode_chunked(&tokens.up, &tokens.down, DECODE_CHUNK_TOKENS)?;
         Ok(Motion::from_decoded(&decoded, MOTION_FPS)?)
     }
 
@@ -296,7 +352,13 @@ impl Pipeline {
     /// way of choosing start tokens (reference §2.3).
     pub fn start_tokens_from_motion(&self, seed: &Motion) -> Result<(u32, u32), PipelineError> {
         let rel = seed.root_relative();
-        let (up, down) = self.vqvae.encode(&rel, seed.frames())?;
+        let (up, down) = if self.vqvae_has_encoders {
+            let (full, _) = load_vqvae(&self.files.vqvae, &self.device, true)?;
+            full.encode(&rel, seed.frames())?
+        } else {
+            // The decoders-only model answers with the clear "no encoder" error.
+            self.vqvae.encode(&rel, seed.frames())?
+        };
         match (up.first(), down.first()) {
             (Some(&u), Some(&d)) => Ok((u, d)),
             _ => Err(PipelineError::Input {
@@ -325,5 +387,48 @@ impl Pipeline {
             tokens,
             motion,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn golden_model(name: &str) -> PathBuf {
+        PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/golden/model"
+        ))
+        .join(name)
+    }
+
+    #[test]
+    fn decoders_only_pipeline_still_encodes_seed_motions_like_the_full_vqvae() {
+        let files = ModelFiles::new(golden_model("tiny_gpt.pt"), golden_model("tiny_vqvae.pt"));
+        let p = Pipeline::load(&files, &PipelineOptions::default()).unwrap();
+        assert!(p.vqvae_has_encoders);
+        assert!(
+            !p.vqvae_arch().has_encoders,
+            "the encoders were read at load"
+        );
+        let up: Vec<u32> = (0..300).map(|i| (i * 37 % 512) as u32).collect();
+        let down: Vec<u32> = (0..300).map(|i| (i * 11 % 512) as u32).collect();
+        let tokens = Tokens { up, down };
+        let motion = p.decode(&tokens).unwrap();
+        // Chunked decoding (300 tokens > DECODE_CHUNK_TOKENS) equals the whole-song decode.
+        let whole = p.vqvae.decode(&tokens.up, &tokens.down).unwrap();
+        assert_eq!(motion, Motion::from_decoded(&whole, MOTION_FPS).unwrap());
+        // Seed tokens come from the full VQ-VAE (encoders read on demand).
+        let (sd, full_arch) = {
+            let sd = checkpoint::load(&files.vqvae).unwrap();
+            let (a, _) = arch::audit_vqvae(&sd).unwrap();
+            (sd, a)
+        };
+        assert!(full_arch.has_encoders);
+        let full = VqVae::load(sd.var_builder(DType::F32, &Device::Cpu), &full_arch).unwrap();
+        let (u, d) = full
+            .encode(&motion.root_relative(), motion.frames())
+            .unwrap();
+        assert_eq!(p.start_tokens_from_motion(&motion).unwrap(), (u[0], d[0]));
     }
 }

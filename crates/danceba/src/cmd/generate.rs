@@ -257,24 +257,10 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let files = model_files(&args)?;
-
-    // Load the models.
-    let t_load = Instant::now();
-    say(&format!(
-        "loading {} and {}",
-        files.gpt.display(),
-        files.vqvae.display()
-    ));
-    let pipeline = Pipeline::load(
-        &files,
-        &PipelineOptions {
-            device,
-            dtype,
-            n_head: args.n_head,
-        },
-    )
-    .context("could not load the model")?;
-    let load_s = t_load.elapsed().as_secs_f64();
+    // A missing or non-checkpoint weights file is reported now, not after the music is read.
+    for path in [&files.gpt, &files.vqvae] {
+        danceba_model::checkpoint::sniff_file(path).context("could not load the model")?;
+    }
 
     // Music features.
     let t_feat = Instant::now();
@@ -302,6 +288,26 @@ pub fn run(args: Args) -> Result<()> {
     }
     pb.finish_and_clear();
     let features_s = t_feat.elapsed().as_secs_f64();
+    danceba::pipeline::release_free_heap();
+
+    // Load the models (after the features: their transient buffers then never sit on top of
+    // the weights, which keeps the peak memory down).
+    let t_load = Instant::now();
+    say(&format!(
+        "loading {} and {}",
+        files.gpt.display(),
+        files.vqvae.display()
+    ));
+    let pipeline = Pipeline::load(
+        &files,
+        &PipelineOptions {
+            device,
+            dtype,
+            n_head: args.n_head,
+        },
+    )
+    .context("could not load the model")?;
+    let load_s = t_load.elapsed().as_secs_f64();
 
     // Start tokens.
     let start = match (&args.start_tokens, &args.seed_motion) {
@@ -343,6 +349,8 @@ pub fn run(args: Args) -> Result<()> {
         .context("generation failed")?;
     pb.finish_and_clear();
     let generate_s = t_gen.elapsed().as_secs_f64();
+    // The sampler's activations are free now: hand them back before decoding and writing.
+    danceba::pipeline::release_free_heap();
 
     // Motion and outputs.
     let mut summary = Vec::new();
@@ -352,6 +360,7 @@ pub fn run(args: Args) -> Result<()> {
             .decode(&tokens[i])
             .with_context(|| format!("{}: decoding the dance failed", input.display()))?;
         let decode_s = t_dec.elapsed().as_secs_f64();
+        danceba::pipeline::release_free_heap();
         let meta = MotionMeta {
             tokens: Some(TokenStreams {
                 up: tokens[i].up.clone(),
