@@ -130,6 +130,17 @@ pub fn gpt_key_shapes(arch: &GptArch) -> Vec<(String, Vec<usize>)> {
 /// A random state dict of `arch` in the official layout, on the CPU in f32 (the
 /// `num_batches_tracked` counters are i64 scalars). Deterministic for a given `seed`.
 pub fn random_gpt_weights(arch: &GptArch, seed: u64) -> Result<HashMap<String, Tensor>> {
+    random_gpt_weights_as(arch, seed, DType::F32)
+}
+
+/// [`random_gpt_weights`] with the float tensors rounded to `dtype` one at a time as they are
+/// made, so that f16/bf16 weights never coexist with a full f32 copy (the same values as
+/// converting the f32 state dict).
+pub fn random_gpt_weights_as(
+    arch: &GptArch,
+    seed: u64,
+    dtype: DType,
+) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
     for (idx, (key, shape, fill)) in key_list(arch).into_iter().enumerate() {
         let t = match fill {
@@ -154,6 +165,11 @@ pub fn random_gpt_weights(arch: &GptArch, seed: u64) -> Result<HashMap<String, T
             }
         };
         debug_assert!(t.dtype() == DType::F32 || matches!(fill, Fill::Count));
+        let t = if matches!(fill, Fill::Count) || dtype == DType::F32 {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        };
         out.insert(key, t);
     }
     Ok(out)
@@ -174,7 +190,7 @@ pub fn random_gpt_on(
     device: &Device,
     dtype: DType,
 ) -> Result<super::Gpt> {
-    let w = random_gpt_weights(arch, seed)?;
+    let w = random_gpt_weights_as(arch, seed, dtype)?;
     let vb = candle_nn::VarBuilder::from_tensors(w, dtype, device);
     super::Gpt::load(vb, arch)
 }
