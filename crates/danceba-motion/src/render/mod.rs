@@ -79,9 +79,17 @@ pub(crate) fn temp_beside(out: &Path) -> Result<tempfile::NamedTempFile, RenderE
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "output".into());
-    tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".part")
+    let prefix = format!(".{name}.");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(&prefix).suffix(".part");
+    // An output file, not a secret: the usual rw-r--r-- (mode 0666 filtered by the umask, like
+    // any created file) instead of tempfile's owner-only 0600.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    builder
         .tempfile_in(&dir)
         .map_err(|source| RenderError::Write {
             path: out.to_path_buf(),
@@ -185,5 +193,22 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         // No temporary files left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn rendered_files_get_the_permissions_of_a_created_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir.path().join("a.html");
+        write_atomic(&ours, b"x", false).unwrap();
+        let plain = dir.path().join("b.txt");
+        std::fs::write(&plain, b"x").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            mode(&ours),
+            mode(&plain),
+            "same as File::create under this umask"
+        );
     }
 }
