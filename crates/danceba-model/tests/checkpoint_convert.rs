@@ -145,3 +145,24 @@ fn checkpoint_convert_wrong_kind_and_dtype() {
     // no stray temporary files
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+#[cfg(unix)]
+#[test]
+fn converted_file_has_the_permissions_of_a_created_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let src = golden().join("model").join("tiny_vqvae.pt");
+    let dst = dir.path().join("vqvae.safetensors");
+    convert_checkpoint(&src, &dst, None, DType::F16, None, false).unwrap();
+    let plain = dir.path().join("plain");
+    std::fs::write(&plain, b"x").unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode(&dst),
+        mode(&plain),
+        "same as File::create under this umask"
+    );
+    // the probe file is gone
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(names.len(), 2);
+}

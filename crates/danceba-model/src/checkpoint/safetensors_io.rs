@@ -143,10 +143,27 @@ pub fn save_safetensors(
                 })
         })
         .and_then(|()| {
+            // safetensors writes through an owner-only (0600) temporary file: give the result
+            // the permissions of a plainly created file (0666 under the umask)
+            if let Some(perm) = created_file_permissions(&dir) {
+                let _ = std::fs::set_permissions(&tmp, perm);
+            }
             std::fs::rename(&tmp, path).map_err(|source| CheckpointError::Io { path: p(), source })
         });
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// The permissions `File::create` gives a new file in `dir` (0666 filtered by the process's
+/// umask), found by creating and removing a probe file; `None` if that fails.
+fn created_file_permissions(dir: &std::path::Path) -> Option<std::fs::Permissions> {
+    let probe = dir.join(format!(".danceba-perm-probe.{}", std::process::id()));
+    let perm = std::fs::File::create(&probe)
+        .and_then(|f| f.metadata())
+        .map(|m| m.permissions())
+        .ok();
+    let _ = std::fs::remove_file(&probe);
+    perm
 }
