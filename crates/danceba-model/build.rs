@@ -1,4 +1,4 @@
-//! With the `cuda` feature: compiles the fused Mamba kernels (src/gpt/cuda_scan.cu) to PTX with
+//! With the `cuda` feature: compiles the fused CUDA kernels (src/gpt/cuda_scan.cu, src/gpt/cuda_ops.cu) to PTX with
 //! `nvcc`, for the compute capability in `CUDA_COMPUTE_CAP` (as candle's kernels use; default 75,
 //! whose PTX the driver compiles for any newer GPU). Without the feature it does nothing.
 
@@ -8,6 +8,7 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/gpt/cuda_scan.cu");
+    println!("cargo:rerun-if-changed=src/gpt/cuda_ops.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -20,20 +21,23 @@ fn main() {
         .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()))
         .unwrap_or_else(|| "75".to_string());
     let nvcc = std::env::var_os("NVCC").unwrap_or_else(|| "nvcc".into());
-    let ptx = out.join("cuda_scan.ptx");
-    let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17"])
-        .arg(format!("-arch=compute_{cap}"))
-        .arg("src/gpt/cuda_scan.cu")
-        .arg("-o")
-        .arg(&ptx)
-        .status();
-    match status {
-        Ok(s) if s.success() => {}
-        Ok(s) => panic!("nvcc failed ({s}) compiling src/gpt/cuda_scan.cu for compute_{cap}"),
-        Err(e) => panic!(
-            "the `cuda` feature needs nvcc (the CUDA toolkit) on PATH or in $NVCC: {e} ({})",
-            PathBuf::from(&nvcc).display()
-        ),
+    for name in ["cuda_scan", "cuda_ops"] {
+        let src = format!("src/gpt/{name}.cu");
+        let ptx = out.join(format!("{name}.ptx"));
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17"])
+            .arg(format!("-arch=compute_{cap}"))
+            .arg(&src)
+            .arg("-o")
+            .arg(&ptx)
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => panic!("nvcc failed ({s}) compiling {src} for compute_{cap}"),
+            Err(e) => panic!(
+                "the `cuda` feature needs nvcc (the CUDA toolkit) on PATH or in $NVCC: {e} ({})",
+                PathBuf::from(&nvcc).display()
+            ),
+        }
     }
 }

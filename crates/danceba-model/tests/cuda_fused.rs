@@ -271,3 +271,124 @@ fn tiny_golden_pipelines_on_cuda() {
         println!("{name}: {n} steps, teacher-forced worst rel err {worst:e}, free-running tokens identical {same}/{n}");
     }
 }
+
+/// The fused small-op kernels (`gpt::cuda_ops`) against candle's ops on the same GPU, f32 (equal
+/// up to the RMSNorm's summation order) and f16/bf16 (one storage rounding apart at most).
+#[test]
+fn fused_cuda_small_ops_match_candle_ops() {
+    use danceba_model::gpt::block_base::RMS_EPS;
+    use danceba_model::gpt::cuda_ops::{self, Act};
+    let dev = cuda();
+    let mut rng = StdRng::seed_from_u64(7);
+    for &(rows, n) in &[(84usize, 768usize), (3, 5), (17, 300), (672, 768)] {
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let tol = if dt == DType::F32 { 1e-6 } else { 1e-2 };
+            let mk = |rng: &mut StdRng, shape: &[usize], lo: f32, hi: f32| {
+                uniform(rng, shape, lo, hi)
+                    .to_dtype(dt)
+                    .unwrap()
+                    .to_device(&dev)
+                    .unwrap()
+            };
+            let x = mk(&mut rng, &[rows, n], -3.0, 3.0);
+            let r = mk(&mut rng, &[rows, n], -3.0, 3.0);
+            let w = mk(&mut rng, &[n], 0.5, 1.5);
+            let b = mk(&mut rng, &[n], -1.0, 1.0);
+            let g = mk(&mut rng, &[rows, n], -2.0, 2.0);
+            let check = |what: &str, got: &Tensor, want: &Tensor| {
+                let e = rel_err(got, want);
+                println!("{what} {rows}x{n} {dt:?}: rel err {e:.2e}");
+                assert!(e <= tol, "{what} {rows}x{n} {dt:?}: rel err {e}");
+            };
+            let want = candle_nn::ops::rms_norm(&x, &w, RMS_EPS).unwrap();
+            check(
+                "rms_norm",
+                &cuda_ops::rms_norm(&x, &w, RMS_EPS).unwrap(),
+                &want,
+            );
+            let s = (&x + &r).unwrap();
+            let (gs, gn) = cuda_ops::add_rms_norm(&x, &r, &w, RMS_EPS).unwrap();
+            check("add_rms_norm sum", &gs, &s);
+            let want = candle_nn::ops::rms_norm(&s, &w, RMS_EPS).unwrap();
+            check("add_rms_norm norm", &gn, &want);
+            let xb = x.broadcast_add(&b).unwrap();
+            for (act, want) in [
+                (Act::Identity, xb.clone()),
+                (Act::Silu, candle_nn::ops::silu(&xb).unwrap()),
+                (Act::GeluErf, xb.gelu_erf().unwrap()),
+            ] {
+                let got = cuda_ops::bias_act(&x, &b, act, None).unwrap();
+                check(&format!("bias_act {act:?}"), &got, &want);
+                let got = cuda_ops::bias_act(&x, &b, act, Some(&g)).unwrap();
+                check(
+                    &format!("bias_act {act:?} gated"),
+                    &got,
+                    &(want * &g).unwrap(),
+                );
+            }
+            let h = Tensor::cat(&[&x, &r], 1).unwrap();
+            let want = x.mul(&candle_nn::ops::silu(&r).unwrap()).unwrap();
+            check("silu_gate", &cuda_ops::silu_gate(&h).unwrap(), &want);
+            // shapes that do not fit are errors, not panics
+            assert!(cuda_ops::rms_norm(&x, &b.narrow(0, 0, n - 1).unwrap(), RMS_EPS).is_err());
+            assert!(
+                cuda_ops::add_rms_norm(&x, &r.narrow(1, 0, n - 1).unwrap(), &w, RMS_EPS).is_err()
+            );
+            assert!(
+                cuda_ops::bias_act(&x, &w.narrow(0, 0, n - 1).unwrap(), Act::Silu, None).is_err()
+            );
+        }
+    }
+    // attention: q/k/v head split and scale + mask + softmax, against the portable ops
+    for &(b, t, heads, hd) in &[
+        (1usize, 28usize, 12usize, 64usize),
+        (8, 28, 12, 64),
+        (2, 5, 3, 7),
+    ] {
+        let n = 3 * t;
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let tol = if dt == DType::F32 { 1e-6 } else { 1e-2 };
+            let c = heads * hd;
+            let qkv = uniform(&mut rng, &[b, n, 3 * c], -2.0, 2.0)
+                .to_dtype(dt)
+                .unwrap()
+                .to_device(&dev)
+                .unwrap();
+            let (q, k, v) = cuda_ops::split_heads(&qkv, heads).unwrap();
+            for (i, got) in [&q, &k, &v].into_iter().enumerate() {
+                let want = qkv
+                    .narrow(2, i * c, c)
+                    .unwrap()
+                    .reshape((b, n, heads, hd))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap();
+                assert_eq!(rel_err(got, &want), 0.0, "split_heads {i} {b}x{n} {dt:?}");
+            }
+            let mask = danceba_model::gpt::block_base::tiled_causal_mask(t, &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let sc = q.matmul(&k.t().unwrap()).unwrap();
+            let scale = 1.0 / (hd as f64).sqrt();
+            let want = candle_nn::ops::softmax_last_dim(
+                &(&sc * scale).unwrap().broadcast_add(&mask).unwrap(),
+            )
+            .unwrap();
+            let got = cuda_ops::scale_mask_softmax(&sc, &mask, scale as f32).unwrap();
+            let e = rel_err(&got, &want);
+            println!("scale_mask_softmax {b}x{n} {dt:?}: rel err {e:.2e}");
+            assert!(e <= tol, "scale_mask_softmax {b}x{n} {dt:?}: rel err {e}");
+            assert!(cuda_ops::split_heads(&qkv, 5).is_err());
+            assert!(
+                cuda_ops::scale_mask_softmax(&sc, &mask.narrow(0, 0, n - 1).unwrap(), 1.0).is_err()
+            );
+        }
+    }
+    let odd = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+    assert!(cuda_ops::silu_gate(&odd).is_err());
+    let cpu = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+    assert!(cuda_ops::silu_gate(&cpu).is_err());
+}

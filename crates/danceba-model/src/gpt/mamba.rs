@@ -286,6 +286,10 @@ impl GatedMlp {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.fc1.forward(x)?;
+        #[cfg(feature = "cuda")]
+        if super::cuda_ops::usable(&h) && h.dims().last() == Some(&(2 * self.hidden)) {
+            return self.fc2.forward(&super::cuda_ops::silu_gate(&h)?);
+        }
         let v = h.narrow(D::Minus1, 0, self.hidden)?;
         let g = h.narrow(D::Minus1, self.hidden, self.hidden)?;
         self.fc2
@@ -304,8 +308,9 @@ struct Stream {
 
 impl Stream {
     fn forward(&self, x: &Tensor, imp: MambaImpl) -> Result<Tensor> {
-        let x = (x + self.mamba.forward(&self.norm_a.forward(x)?, imp)?)?;
-        Ok((&x + self.mlp.forward(&self.norm_b.forward(&x)?)?)?)
+        let y = self.mamba.forward(&self.norm_a.forward(x)?, imp)?;
+        let (x, n) = self.norm_b.add_forward(x, &y)?;
+        Ok((&x + self.mlp.forward(&n)?)?)
     }
 }
 

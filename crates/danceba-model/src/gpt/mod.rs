@@ -10,6 +10,8 @@ pub mod cpu_gemm;
 #[cfg(feature = "cuda")]
 pub mod cuda_graph;
 #[cfg(feature = "cuda")]
+pub mod cuda_ops;
+#[cfg(feature = "cuda")]
 pub mod cuda_scan;
 pub mod lpe;
 pub mod mamba;
