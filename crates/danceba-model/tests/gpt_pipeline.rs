@@ -3,7 +3,7 @@
 
 mod gpt_common;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use danceba_model::gpt::sampler::window;
 use danceba_model::gpt::{GenerateOptions, Gpt, SamplingPolicy, Tokens};
 use gpt_common::*;
@@ -11,70 +11,21 @@ use gpt_common::*;
 const TOL: f32 = 1e-4;
 const MARGIN: f32 = 1e-3;
 
-struct Golden {
-    name: String,
-    cond: Tensor, // (N, n_music)
-    up: Vec<u32>,
-    down: Vec<u32>,
-    logits_up: Tensor, // (N, vocab)
-    logits_down: Tensor,
-    margin_up: Vec<f32>,
-    margin_down: Vec<f32>,
-}
-
-fn pipelines() -> Vec<Golden> {
-    let dir = golden_dir().join("model");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.ends_with(".pipeline.safetensors"))
-        .collect();
-    names.sort();
-    assert!(
-        !names.is_empty(),
-        "no pipeline goldens in {}",
-        dir.display()
-    );
-    names
-        .into_iter()
-        .map(|n| {
-            let g = load_st(&n);
-            let toks = |k: &str| -> Vec<u32> {
-                g[k].to_vec1::<i64>()
-                    .unwrap()
-                    .iter()
-                    .map(|&v| v as u32)
-                    .collect()
-            };
-            Golden {
-                cond: g["cond"].squeeze(0).unwrap(),
-                up: toks("tokens_up"),
-                down: toks("tokens_down"),
-                logits_up: g["step_logits_up"].clone(),
-                logits_down: g["step_logits_down"].clone(),
-                margin_up: g["margin_up"].to_vec1::<f32>().unwrap(),
-                margin_down: g["margin_down"].to_vec1::<f32>().unwrap(),
-                name: n,
-            }
-        })
-        .collect()
-}
-
-fn ids(v: &[u32]) -> Tensor {
-    Tensor::from_slice(v, (1, v.len()), &Device::Cpu).unwrap()
-}
-
 #[test]
 fn teacher_forced_step_logits_match_golden() {
     let gpt = tiny_gpt();
-    for g in pipelines() {
+    for g in golden_pipelines() {
         let n = g.cond.dim(0).unwrap();
         let mut worst = 0f32;
         for k in 0..n {
             let (s, t) = window(k, gpt.arch().block_size);
             let c = g.cond.narrow(0, s, t).unwrap().unsqueeze(0).unwrap();
             let (lu, ld) = gpt
-                .forward(&ids(&g.up[s..s + t]), &ids(&g.down[s..s + t]), &c)
+                .forward(
+                    &token_ids(&g.up[s..s + t]),
+                    &token_ids(&g.down[s..s + t]),
+                    &c,
+                )
                 .unwrap();
             let lu = lu.get(0).unwrap().get(t - 1).unwrap();
             let ld = ld.get(0).unwrap().get(t - 1).unwrap();
@@ -97,7 +48,7 @@ fn teacher_forced_step_logits_match_golden() {
 #[test]
 fn free_running_greedy_gives_golden_tokens() {
     let gpt = tiny_gpt();
-    for g in pipelines() {
+    for g in golden_pipelines() {
         let n = g.cond.dim(0).unwrap();
         let mut calls = 0;
         let toks = gpt
@@ -140,7 +91,7 @@ fn free_running_greedy_gives_golden_tokens() {
 #[test]
 fn batch_of_songs_equals_single_runs() {
     let gpt = tiny_gpt();
-    let gs = pipelines();
+    let gs = golden_pipelines();
     // different lengths, cut to keep the test short but past the window ramp
     let conds: Vec<Tensor> = gs
         .iter()
@@ -181,7 +132,7 @@ fn short(gpt: &Gpt, cond: &Tensor, policy: SamplingPolicy) -> Tokens {
 #[test]
 fn sampling_policies() {
     let gpt = tiny_gpt();
-    let g = &pipelines()[0];
+    let g = &golden_pipelines()[0];
     let greedy = short(&gpt, &g.cond, SamplingPolicy::Greedy);
     assert_eq!(greedy.up.len(), 33);
     let s = |temperature, top_k, top_p, seed| SamplingPolicy::Sample {

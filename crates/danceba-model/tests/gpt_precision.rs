@@ -23,51 +23,6 @@ use danceba_model::gpt::{GenerateOptions, Gpt};
 use danceba_model::vqvae::VqVae;
 use gpt_common::*;
 
-struct Pipeline {
-    name: String,
-    cond: Tensor, // (N, n_music)
-    up: Vec<u32>,
-    down: Vec<u32>,
-}
-
-fn pipelines() -> Vec<Pipeline> {
-    let dir = golden_dir().join("model");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.ends_with(".pipeline.safetensors"))
-        .collect();
-    names.sort();
-    assert!(
-        !names.is_empty(),
-        "no pipeline goldens in {}",
-        dir.display()
-    );
-    names
-        .into_iter()
-        .map(|n| {
-            let g = load_st(&n);
-            let toks = |k: &str| -> Vec<u32> {
-                g[k].to_vec1::<i64>()
-                    .unwrap()
-                    .iter()
-                    .map(|&v| v as u32)
-                    .collect()
-            };
-            Pipeline {
-                cond: g["cond"].squeeze(0).unwrap(),
-                up: toks("tokens_up"),
-                down: toks("tokens_down"),
-                name: n,
-            }
-        })
-        .collect()
-}
-
-fn ids(v: &[u32]) -> Tensor {
-    Tensor::from_slice(v, (1, v.len()), &Device::Cpu).unwrap()
-}
-
 /// Index of the largest value (the lowest index on ties, like the sampler).
 fn argmax(t: &Tensor) -> u32 {
     let v = t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
@@ -81,7 +36,7 @@ fn argmax(t: &Tensor) -> u32 {
 }
 
 /// (agreeing decisions, all decisions) of teacher-forced greedy steps.
-fn teacher_forced_agreement(gpt: &Gpt, p: &Pipeline) -> (usize, usize) {
+fn teacher_forced_agreement(gpt: &Gpt, p: &Golden) -> (usize, usize) {
     let n = p.cond.dim(0).unwrap();
     let mut agree = 0;
     for k in 0..n {
@@ -89,7 +44,11 @@ fn teacher_forced_agreement(gpt: &Gpt, p: &Pipeline) -> (usize, usize) {
         let (s, t) = window(k, gpt.arch().block_size);
         let c = p.cond.narrow(0, s, t).unwrap().unsqueeze(0).unwrap();
         let (lu, ld) = gpt
-            .forward(&ids(&p.up[s..s + t]), &ids(&p.down[s..s + t]), &c)
+            .forward(
+                &token_ids(&p.up[s..s + t]),
+                &token_ids(&p.down[s..s + t]),
+                &c,
+            )
             .unwrap();
         let lu = lu.get(0).unwrap().get(t - 1).unwrap();
         let ld = ld.get(0).unwrap().get(t - 1).unwrap();
@@ -126,7 +85,7 @@ fn motion_cm(a: &[f32], b: &[f32]) -> f32 {
 fn reduced_precision_gpt_agrees_with_f32_teacher_forced() {
     let f32_gpt = tiny_gpt();
     let vq = vqvae(DType::F32);
-    let pipes = pipelines();
+    let pipes = golden_pipelines();
     let mut report = Vec::new();
     for dtype in [DType::F16, DType::BF16] {
         let gpt = tiny_gpt_dtype(dtype);

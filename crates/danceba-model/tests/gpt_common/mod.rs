@@ -72,6 +72,63 @@ pub fn tiny_gpt() -> Gpt {
     tiny_gpt_dtype(DType::F32)
 }
 
+/// One `golden/model/*.pipeline.safetensors`: the condition, the official greedy tokens (start
+/// token first), each step's logits and the top-1/top-2 margins.
+pub struct Golden {
+    pub name: String,
+    pub cond: Tensor, // (N, n_music)
+    pub up: Vec<u32>,
+    pub down: Vec<u32>,
+    pub logits_up: Tensor, // (N, vocab)
+    pub logits_down: Tensor,
+    pub margin_up: Vec<f32>,
+    pub margin_down: Vec<f32>,
+}
+
+/// Every pipeline golden, sorted by name.
+pub fn golden_pipelines() -> Vec<Golden> {
+    let dir = golden_dir().join("model");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".pipeline.safetensors"))
+        .collect();
+    names.sort();
+    assert!(
+        !names.is_empty(),
+        "no pipeline goldens in {}",
+        dir.display()
+    );
+    names
+        .into_iter()
+        .map(|n| {
+            let g = load_st(&n);
+            let toks = |k: &str| -> Vec<u32> {
+                g[k].to_vec1::<i64>()
+                    .unwrap()
+                    .iter()
+                    .map(|&v| v as u32)
+                    .collect()
+            };
+            Golden {
+                cond: g["cond"].squeeze(0).unwrap(),
+                up: toks("tokens_up"),
+                down: toks("tokens_down"),
+                logits_up: g["step_logits_up"].clone(),
+                logits_down: g["step_logits_down"].clone(),
+                margin_up: g["margin_up"].to_vec1::<f32>().unwrap(),
+                margin_down: g["margin_down"].to_vec1::<f32>().unwrap(),
+                name: n,
+            }
+        })
+        .collect()
+}
+
+/// Token ids as a (1, len) tensor.
+pub fn token_ids(v: &[u32]) -> Tensor {
+    Tensor::from_slice(v, (1, v.len()), &Device::Cpu).unwrap()
+}
+
 /// max |a − b| / max |b|
 pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape mismatch");
