@@ -13,7 +13,7 @@ use danceba_model::arch::{GptArch, MambaArch};
 use danceba_model::gpt::mamba::Mamba;
 use danceba_model::gpt::sampler::window;
 use danceba_model::gpt::{GenerateOptions, Gpt, MambaImpl};
-use gpt_common::{golden_dir, load_st, rel_err};
+use gpt_common::{golden_dir, golden_pipelines, load_st, rel_err};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -179,31 +179,9 @@ fn tiny_golden_forward_on_cuda() {
 fn tiny_golden_pipelines_on_cuda() {
     let dev = cuda();
     let gpt = tiny_gpt_on(&dev);
-    let dir = golden_dir().join("model");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|n| n.ends_with(".pipeline.safetensors"))
-        .collect();
-    names.sort();
-    assert!(
-        !names.is_empty(),
-        "no pipeline goldens in {}",
-        dir.display()
-    );
-    for name in names {
-        let g = load_st(&name);
-        let toks = |k: &str| -> Vec<u32> {
-            g[k].to_vec1::<i64>()
-                .unwrap()
-                .iter()
-                .map(|&v| v as u32)
-                .collect()
-        };
-        let (up, down) = (toks("tokens_up"), toks("tokens_down"));
-        let margin_up = g["margin_up"].to_vec1::<f32>().unwrap();
-        let margin_down = g["margin_down"].to_vec1::<f32>().unwrap();
-        let cond = g["cond"].squeeze(0).unwrap();
+    for g in golden_pipelines() {
+        let (name, up, down, cond) = (&g.name, &g.up, &g.down, &g.cond);
+        let (margin_up, margin_down) = (&g.margin_up, &g.margin_down);
         let n = cond.dim(0).unwrap();
         // teacher forcing: the golden tokens fed back, every step's last logits compared
         let ids = |v: &[u32]| Tensor::from_slice(v, (1, v.len()), &dev).unwrap();
@@ -234,8 +212,8 @@ fn tiny_golden_pipelines_on_cuda() {
                 .unwrap()
                 .to_device(&Device::Cpu)
                 .unwrap();
-            let eu = rel_err(&lu, &g["step_logits_up"].get(k).unwrap());
-            let ed = rel_err(&ld, &g["step_logits_down"].get(k).unwrap());
+            let eu = rel_err(&lu, &g.logits_up.get(k).unwrap());
+            let ed = rel_err(&ld, &g.logits_down.get(k).unwrap());
             assert!(
                 eu <= TOL && ed <= TOL,
                 "{name} step {k}: rel err up {eu} down {ed}"
