@@ -60,6 +60,24 @@ for f in [int(x) for x in argv[1].split(",")]:
 print("DANCEBA_RESULT " + json.dumps(out))
 "#;
 
+/// Largest |Blender's joint position − ours| over `frames`, from the script's `pos` table.
+/// Blender is z-up: the importers map (x, y, z) → (x, −z, y).
+fn worst_position_error(r: &Value, m: &danceba_motion::Motion, frames: &[usize]) -> f64 {
+    let mut worst = 0.0f64;
+    for &f in frames {
+        for (j, name) in JOINT_NAMES.iter().enumerate() {
+            let p = &r["pos"][f.to_string()][name];
+            let got = [0, 1, 2].map(|k| p[k].as_f64().unwrap());
+            let w = m.joint(f, j);
+            let want = [w[0] as f64, -(w[2] as f64), w[1] as f64];
+            for c in 0..3 {
+                worst = worst.max((got[c] - want[c]).abs());
+            }
+        }
+    }
+    worst
+}
+
 fn blender() -> Option<String> {
     let blender = std::env::var("BLENDER").unwrap_or_else(|_| "blender".into());
     let found = Command::new(&blender)
@@ -112,18 +130,7 @@ fn blender_imports_the_glb() {
     assert_eq!(bones.len(), NUM_JOINTS);
     let range = r["frame_range"].as_array().unwrap();
     assert!((range[1].as_f64().unwrap() - range[0].as_f64().unwrap() - 179.0).abs() < 1e-3);
-    let mut worst = 0.0f64;
-    for f in frames {
-        for (j, name) in JOINT_NAMES.iter().enumerate() {
-            let p = &r["pos"][f.to_string()][name];
-            let got = [0, 1, 2].map(|k| p[k].as_f64().unwrap());
-            let w = m.joint(f, j);
-            let want = [w[0] as f64, -(w[2] as f64), w[1] as f64];
-            for c in 0..3 {
-                worst = worst.max((got[c] - want[c]).abs());
-            }
-        }
-    }
+    let worst = worst_position_error(&r, &m, &frames);
     eprintln!("Blender glTF joint positions: max error {worst:.3e} m");
     assert!(worst < 1e-3, "{worst}");
 }
@@ -173,19 +180,7 @@ fn blender_imports_the_bvh() {
     let span = range[1].as_f64().unwrap() - range[0].as_f64().unwrap() + 1.0;
     assert_eq!(span as usize, m.frames(), "{range:?}");
     assert!((r["fps"].as_f64().unwrap() - 60.0).abs() < 1e-6);
-    // Blender is z-up: the importer maps (x, y, z) → (x, −z, y).
-    let mut worst = 0.0f64;
-    for f in frames {
-        for (j, name) in JOINT_NAMES.iter().enumerate() {
-            let p = &r["pos"][f.to_string()][name];
-            let got = [0, 1, 2].map(|k| p[k].as_f64().unwrap());
-            let w = m.joint(f, j);
-            let want = [w[0] as f64, -(w[2] as f64), w[1] as f64];
-            for c in 0..3 {
-                worst = worst.max((got[c] - want[c]).abs());
-            }
-        }
-    }
+    let worst = worst_position_error(&r, &m, &frames);
     eprintln!("Blender joint positions: max error {worst:.3e} m");
     assert!(worst < 1e-3, "{worst}");
 }
