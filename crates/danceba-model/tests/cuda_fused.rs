@@ -370,3 +370,58 @@ fn fused_cuda_small_ops_match_candle_ops() {
     let cpu = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
     assert!(cuda_ops::silu_gate(&cpu).is_err());
 }
+
+/// The fused CUDA Mamba against the portable path (GPU and CPU) at sizes off the model's: every
+/// scan kernel variant (d_state 4 … 256, padded state tails), B/C columns that can and cannot be
+/// read 16 bytes at a time (dt_rank 8 or 16 / 7), position counts that are not multiples of the
+/// kernel's 4-position steps, several shared-memory tiles, batch items.
+#[test]
+fn fused_cuda_mamba_matches_portable_at_odd_sizes() {
+    let dev = cuda();
+    let mut rng = StdRng::seed_from_u64(11);
+    for (c, di, ds, dr, batch, len) in [
+        (48, 72, 4, 7, 2, 9),
+        (40, 96, 16, 8, 1, 1),
+        (64, 200, 33, 7, 3, 6),
+        (64, 136, 64, 8, 2, 31),
+        (96, 160, 80, 8, 3, 29),
+        (64, 300, 128, 7, 3, 50),
+        (64, 100, 200, 8, 2, 70),
+        (32, 40, 256, 7, 1, 23),
+        (32, 52, 256, 16, 2, 45),
+    ] {
+        let arch = MambaArch {
+            d_inner: di,
+            d_state: ds,
+            dt_rank: dr,
+            d_conv: 4,
+        };
+        let w = random_mamba_weights(&mut rng, c, &arch);
+        let x = uniform(&mut rng, &[batch, len, c], -2.0, 2.0);
+        let want = load_mamba(&w, c, &arch, DType::F32, &Device::Cpu)
+            .forward(&x, MambaImpl::Portable)
+            .unwrap();
+        let gpu = load_mamba(&w, c, &arch, DType::F32, &dev);
+        let xg = x.to_device(&dev).unwrap();
+        let fused = gpu.forward(&xg, MambaImpl::FusedCuda).unwrap();
+        let portable = gpu.forward(&xg, MambaImpl::Portable).unwrap();
+        let (ef, efp) = (rel_err(&fused, &want), rel_err(&fused, &portable));
+        println!("f32 C={c} d={di} n={ds} dt_rank={dr} B={batch} L={len}: fused vs CPU {ef:e}, fused vs portable {efp:e}");
+        assert!(
+            ef <= TOL && efp <= TOL,
+            "C={c} d={di} n={ds} dt_rank={dr} B={batch} L={len}"
+        );
+        for dt in [DType::BF16, DType::F16] {
+            let g = load_mamba(&w, c, &arch, dt, &dev);
+            let xr = xg.to_dtype(dt).unwrap();
+            let f = g.forward(&xr, MambaImpl::FusedCuda).unwrap();
+            let p = g.forward(&xr, MambaImpl::Portable).unwrap();
+            let (e1, e2) = (rel_err(&f, &want), rel_err(&p, &want));
+            println!("{dt:?} n={ds} dt_rank={dr} B={batch} L={len}: fused vs CPU f32 {e1:e}, portable {e2:e}");
+            assert!(
+                e1 <= 5e-2 && e1 <= 2.0 * e2 + 1e-2,
+                "{dt:?} C={c} d={di} n={ds} B={batch} L={len}"
+            );
+        }
+    }
+}

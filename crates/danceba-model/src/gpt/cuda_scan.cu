@@ -3,17 +3,15 @@
 //
 //  * mamba_conv_silu_<T>: causal depthwise convolution (zero history) + bias + SiLU over the
 //    first `d` columns of the in_proj output, one thread per (batch, position, channel).
-//  * mamba_scan_<T>: softplus(Δ + bias), the selective scan from a zero state, the D skip and
-//    the SiLU(z) gate, one warp per (batch, channel); each lane keeps d_state/32 states in
-//    registers, so the (L, d, d_state) state tensor never reaches memory; the B and C rows are
-//    staged in shared memory once per block of channels.
+//  * mamba_scan_<T>_g<G>_s<S>: softplus(Δ + bias), the selective scan from a zero state, the D
+//    skip and the SiLU(z) gate. G lanes per channel, each holding S states in registers (so the
+//    (L, d, d_state) state tensor never reaches memory); the B and C rows and the channels' Δ, u
+//    and z of a tile of positions are staged in shared memory once per block of channels.
 //
 // Storage types f32, f16 and bf16; all arithmetic is f32.
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
-
-#define MAX_STATES_PER_LANE 8  // d_state <= 256
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
@@ -32,120 +30,269 @@ __device__ __forceinline__ float silu_f(float v) { return v / (1.0f + expf(-v));
 __device__ __forceinline__ float softplus_f(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
 
 // xz: rows of `xz_stride` values, one per (batch, position); the convolved channels are the
-// columns 0..d. w: (d, k). u: (batch, len, d).
+// columns 0..d. w: (d, k). u: (batch, len, d). Grid (ceil(d / blockDim.x), len, batch): one
+// thread per output.
 template <typename T>
 __device__ __forceinline__ void conv_silu(const T* __restrict__ xz, const T* __restrict__ w,
                                           const T* __restrict__ bias, T* __restrict__ u,
-                                          int batch, int len, int d, int k, int xz_stride) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const long long total = (long long)batch * len * d;
-    if (i >= total) return;
-    const int c = (int)(i % d);
-    const long long row = i / d;
-    const int l = (int)(row % len);
-    const long long b = row / len;
+                                          int len, int d, int k, int xz_stride) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= d) return;
+    const int l = blockIdx.y;
+    const long long row0 = (long long)blockIdx.z * len;  // this batch item's first row
     float acc = to_f(bias[c]);
-    for (int j = 0; j < k; ++j) {
-        // tap j multiplies x[l - (k - 1) + j]
-        const int src = l + j + 1 - k;
-        if (src >= 0) acc += to_f(w[(long long)c * k + j]) * to_f(xz[(b * len + src) * xz_stride + c]);
+    const T* wc = w + (long long)c * k;
+    // tap j multiplies x[l - (k - 1) + j]; the taps before position 0 are zeros
+#pragma unroll 4
+    for (int j = max(0, k - 1 - l); j < k; ++j)
+        acc += to_f(wc[j]) * to_f(xz[(row0 + l - (k - 1) + j) * xz_stride + c]);
+    u[(row0 + l) * d + c] = from_f<T>(silu_f(acc));
+}
+
+// 16 bytes of T (4 floats or 8 halves) widened to f32.
+__device__ __forceinline__ void widen16(const uint4& r, float* o, float) {
+    o[0] = __uint_as_float(r.x);
+    o[1] = __uint_as_float(r.y);
+    o[2] = __uint_as_float(r.z);
+    o[3] = __uint_as_float(r.w);
+}
+__device__ __forceinline__ void widen16(const uint4& r, float* o, __half) {
+    const __half2* h = reinterpret_cast<const __half2*>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __half22float2(h[i]);
+        o[2 * i] = f.x;
+        o[2 * i + 1] = f.y;
     }
-    u[i] = from_f<T>(silu_f(acc));
+}
+__device__ __forceinline__ void widen16(const uint4& r, float* o, __nv_bfloat16) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        o[2 * i] = __low2float(h[i]);
+        o[2 * i + 1] = __high2float(h[i]);
+    }
 }
 
 // u, dpre, y: (batch, len, d). dt_bias, dskip: (d). a: (d, n) = -exp(A_log).
 // bc: rows of bc_stride values per (batch, position), B at b_off, C at c_off (n each).
 // z: rows of z_stride values per (batch, position), z at z_off.
 //
-// Grid (ceil(d / warps per block), batch); one warp per channel, lane s + 32k holding state
-// s + 32k. The positions go in tiles of `lt` <= 32: the block first stages the tile's B and C
-// rows (shared by all its channels) in shared memory, and lane i of each warp loads Δ, u and z
-// of position i of the tile, so the sequential loop reads only registers and shared memory.
-// The arithmetic and its order are those of the one-warp-per-channel loop: per position
-// h = exp(Δ·A)·h + B·(Δ·u), y = Σ_s h·C (xor-shuffle sum) + D·u, times SiLU(z).
-template <typename T>
+// Grid (ceil(d / (THREADS / G)), batch), THREADS threads per block: G consecutive lanes per
+// channel, lane j holding the states 4(j + G·m) + i (m < S/4, i < 4), so that a lane reads its B
+// and C values as float4s and the G lanes of a channel cover G·S >= n states (the missing ones
+// are zeros: A = B = C = 0 keeps them at 0). Positions go in tiles of `lt` (a multiple of 4):
+//  1. the block stages the tile's B and C rows (shared by its channels; 16-byte loads where the
+//     layout allows) and its channels' Δ = softplus(dpre + bias), u and z in shared memory, all
+//     of a thread's loads issued before its stores (rows past the end as zeros: Δ = 0 leaves h
+//     unchanged);
+//  2. per 4 positions each lane updates its states, h = exp(Δ·A)·h + B·(Δ·u), and sums h·C
+//     over them; the G lanes' 4 partial sums are reduced with a transposing butterfly (3
+//     shuffles for the 4 positions, then log2(G/4) more) that leaves position j % 4's total in
+//     lane j, which stores it. exp(Δ·A) is computed as exp2(Δ·(A·log2 e)), A scaled once;
+//  3. the block writes y = (C·h + D·u)·SiLU(z) for the tile, consecutive threads on
+//     consecutive channels.
+template <typename T, int G, int S, int THREADS>
 __device__ __forceinline__ void scan(const T* __restrict__ u, const T* __restrict__ dpre,
                                      const T* __restrict__ dt_bias, const T* __restrict__ a,
                                      const T* __restrict__ bc, int bc_stride, int b_off, int c_off,
                                      const T* __restrict__ dskip, const T* __restrict__ z,
-                                     int z_stride, int z_off, T* __restrict__ y, int batch,
-                                     int len, int d, int n, int lt) {
-    extern __shared__ float smem[];  // B tile (lt, n), then C tile (lt, n)
-    float* bs = smem;
-    float* cs = smem + lt * n;
-    const int warps = blockDim.x >> 5;
-    const int warp = threadIdx.x >> 5;
-    const int lane = threadIdx.x & 31;
-    const int c = blockIdx.x * warps + warp;
+                                     int z_stride, int z_off, T* __restrict__ y, int len, int d,
+                                     int n, int lt) {
+    static_assert(G >= 4 && G <= 32 && (G & (G - 1)) == 0, "G: 4, 8, 16 or 32 lanes");
+    static_assert(S >= 4 && (S & (S - 1)) == 0, "S: a power of two >= 4");
+    static_assert(THREADS % 32 == 0 && THREADS % G == 0, "whole warps of whole channels");
+    constexpr int CPB = THREADS / G;  // channels per block
+    constexpr int NP = G * S;         // staged states per row (n padded with zeros)
+    constexpr int V = 16 / sizeof(T);  // values per 16-byte load
+    constexpr int QPR = NP / V;       // 16-byte chunks per staged row
+    constexpr int SR = 4;             // 16-byte loads (of B and of C) in flight per thread
+    constexpr unsigned FULL = 0xffffffffu;
+    extern __shared__ float4 smem4[];
+    float* bs = reinterpret_cast<float*>(smem4);  // B (lt, NP)
+    float* cs = bs + lt * NP;                     // C (lt, NP)
+    float* ds = cs + lt * NP;                     // Δ (lt, CPB)
+    float* us = ds + lt * CPB;                    // u (lt, CPB)
+    float* zs = us + lt * CPB;                    // z (lt, CPB)
+    float* ys = zs + lt * CPB;                    // C·h (lt, CPB)
+    const int tid = threadIdx.x;
+    const int c0 = blockIdx.x * CPB;
     const long long b = blockIdx.y;
-    const bool active = c < d;  // inactive warps still help stage the tiles
-    float av[MAX_STATES_PER_LANE], h[MAX_STATES_PER_LANE];
+    // the scan: lane j of channel cl
+    const int cl = tid / G, j = tid % G;
+    const int c = c0 + cl;
+    // staging and output: channel c0 + tid % CPB at positions tid / CPB + G·i
+    const int cw = c0 + tid % CPB;
+    const bool cw_ok = cw < d;
+    const float bias = cw_ok ? to_f(dt_bias[cw]) : 0.0f;
+    const float dsk = cw_ok ? to_f(dskip[cw]) : 0.0f;
+    // B and C rows can be read 16 bytes at a time
+    const bool vec = n % V == 0 && bc_stride % V == 0 && b_off % V == 0 && c_off % V == 0 &&
+                     (reinterpret_cast<unsigned long long>(bc) & 15) == 0;
+    float av[S], h[S];
 #pragma unroll
-    for (int k = 0; k < MAX_STATES_PER_LANE; ++k) {
-        const int s = lane + 32 * k;
-        av[k] = (active && s < n) ? to_f(a[(long long)c * n + s]) : 0.0f;
+    for (int k = 0; k < S; ++k) {
+        const int s = 4 * (j + G * (k / 4)) + k % 4;
+        av[k] = (c < d && s < n) ? to_f(a[(long long)c * n + s]) * 1.44269504088896341f : 0.0f;
         h[k] = 0.0f;
     }
-    const float bias = active ? to_f(dt_bias[c]) : 0.0f;
-    const float dsk = active ? to_f(dskip[c]) : 0.0f;
     for (int l0 = 0; l0 < len; l0 += lt) {
         const int cnt = min(lt, len - l0);
-        __syncthreads();  // the previous tile is no longer read
-        for (int i = threadIdx.x; i < cnt * n; i += blockDim.x) {
-            const int l = i / n, s = i - l * n;
-            const T* row = bc + (b * len + l0 + l) * bc_stride;
-            bs[l * n + s] = to_f(row[b_off + s]);
-            cs[l * n + s] = to_f(row[c_off + s]);
-        }
-        // lane i: position l0 + i of this channel
-        float delta = 0.0f, uu = 0.0f, zv = 0.0f;
-        const long long pos = b * len + l0 + lane;
-        if (active && lane < cnt) {
-            delta = softplus_f(to_f(dpre[pos * d + c]) + bias);
-            uu = to_f(u[pos * d + c]);
-            zv = to_f(z[pos * z_stride + z_off + c]);
-        }
-        const float du_lane = delta * uu;
-        __syncthreads();
-        float mine = 0.0f;
-        if (active) {
-            for (int l = 0; l < cnt; ++l) {
-                const float dl = __shfl_sync(0xffffffffu, delta, l);
-                const float du = __shfl_sync(0xffffffffu, du_lane, l);
-                const float* brow = bs + l * n;
-                const float* crow = cs + l * n;
-                float acc = 0.0f;
+        const int cnt4 = (cnt + 3) & ~3;  // <= lt
+        __syncthreads();                  // the previous tile is no longer read
+        // 1. staging
+        const T* bcb = bc + (b * len + l0) * bc_stride;
+        if (vec) {
+            for (int q0 = 0; q0 < cnt4 * QPR; q0 += SR * THREADS) {
+                uint4 rb[SR], rc[SR];
 #pragma unroll
-                for (int k = 0; k < MAX_STATES_PER_LANE; ++k) {
-                    const int s = lane + 32 * k;
-                    if (s < n) {
-                        const float hv = expf(dl * av[k]) * h[k] + brow[s] * du;
-                        h[k] = hv;
-                        acc += hv * crow[s];
+                for (int r = 0; r < SR; ++r) {
+                    const int q = q0 + r * THREADS + tid;
+                    const int l = q / QPR, s = (q % QPR) * V;
+                    rb[r] = make_uint4(0, 0, 0, 0);
+                    rc[r] = rb[r];
+                    if (l < cnt && s < n) {
+                        const T* row = bcb + (long long)l * bc_stride;
+                        rb[r] = *reinterpret_cast<const uint4*>(row + b_off + s);
+                        rc[r] = *reinterpret_cast<const uint4*>(row + c_off + s);
                     }
                 }
 #pragma unroll
-                for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-                if (lane == l) mine = acc;
+                for (int r = 0; r < SR; ++r) {
+                    const int q = q0 + r * THREADS + tid;
+                    if (q < cnt4 * QPR) {
+                        float fb[V], fc[V];
+                        widen16(rb[r], fb, T());
+                        widen16(rc[r], fc, T());
+#pragma unroll
+                        for (int i = 0; i < V / 4; ++i) {
+                            smem4[q * (V / 4) + i] =
+                                make_float4(fb[4 * i], fb[4 * i + 1], fb[4 * i + 2], fb[4 * i + 3]);
+                            smem4[lt * NP / 4 + q * (V / 4) + i] =
+                                make_float4(fc[4 * i], fc[4 * i + 1], fc[4 * i + 2], fc[4 * i + 3]);
+                        }
+                    }
+                }
             }
-            if (lane < cnt) y[pos * d + c] = from_f<T>((mine + dsk * uu) * silu_f(zv));
+        } else {
+            for (int i0 = 0; i0 < cnt4 * NP; i0 += 2 * SR * THREADS) {
+                float vb[2 * SR], vc[2 * SR];
+#pragma unroll
+                for (int r = 0; r < 2 * SR; ++r) {
+                    const int i = i0 + r * THREADS + tid;
+                    const int l = i / NP, s = i % NP;
+                    vb[r] = 0.0f;
+                    vc[r] = 0.0f;
+                    if (l < cnt && s < n) {
+                        const T* row = bcb + (long long)l * bc_stride;
+                        vb[r] = to_f(row[b_off + s]);
+                        vc[r] = to_f(row[c_off + s]);
+                    }
+                }
+#pragma unroll
+                for (int r = 0; r < 2 * SR; ++r) {
+                    const int i = i0 + r * THREADS + tid;
+                    if (i < cnt4 * NP) {
+                        bs[i] = vb[r];
+                        cs[i] = vc[r];
+                    }
+                }
+            }
+        }
+        for (int l1 = tid / CPB; l1 < cnt4; l1 += 2 * G) {
+            float vd[2], vu[2], vz[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int l = l1 + r * G;
+                vd[r] = 0.0f;
+                vu[r] = 0.0f;
+                vz[r] = 0.0f;
+                if (l < cnt && cw_ok) {
+                    const long long pos = b * len + l0 + l;
+                    vd[r] = to_f(dpre[pos * d + cw]);
+                    vu[r] = to_f(u[pos * d + cw]);
+                    vz[r] = to_f(z[pos * z_stride + z_off + cw]);
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int l = l1 + r * G;
+                if (l < cnt4) {
+                    const int i = l * CPB + tid % CPB;
+                    ds[i] = (l < cnt && cw_ok) ? softplus_f(vd[r] + bias) : 0.0f;
+                    us[i] = vu[r];
+                    zs[i] = vz[r];
+                }
+            }
+        }
+        __syncthreads();
+        // 2. the recurrence, 4 positions at a time
+        for (int l = 0; l < cnt4; l += 4) {
+            float acc[4];
+#pragma unroll
+            for (int p = 0; p < 4; ++p) {
+                const float dl = ds[(l + p) * CPB + cl];
+                const float du = dl * us[(l + p) * CPB + cl];
+                const float4* brow = reinterpret_cast<const float4*>(bs + (l + p) * NP) + j;
+                const float4* crow = reinterpret_cast<const float4*>(cs + (l + p) * NP) + j;
+                float sum = 0.0f;
+#pragma unroll
+                for (int m = 0; m < S / 4; ++m) {
+                    const float4 bv = brow[G * m], cv = crow[G * m];
+                    const float bb[4] = {bv.x, bv.y, bv.z, bv.w};
+                    const float cc[4] = {cv.x, cv.y, cv.z, cv.w};
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const int k = 4 * m + i;
+                        h[k] = exp2f(dl * av[k]) * h[k] + bb[i] * du;
+                        sum += h[k] * cc[i];
+                    }
+                }
+                acc[p] = sum;
+            }
+            const bool odd = j & 1, two = j & 2;
+            const float w0 = (odd ? acc[1] : acc[0]) + __shfl_xor_sync(FULL, odd ? acc[0] : acc[1], 1);
+            const float w1 = (odd ? acc[3] : acc[2]) + __shfl_xor_sync(FULL, odd ? acc[2] : acc[3], 1);
+            float r = (two ? w1 : w0) + __shfl_xor_sync(FULL, two ? w0 : w1, 2);
+#pragma unroll
+            for (int o = 4; o < G; o <<= 1) r += __shfl_xor_sync(FULL, r, o);
+            if (j < 4) ys[(l + j) * CPB + cl] = r;
+        }
+        __syncthreads();
+        // 3. the gated output
+        if (cw_ok) {
+            for (int l = tid / CPB; l < cnt; l += G) {
+                const int i = l * CPB + tid % CPB;
+                y[(b * len + l0 + l) * d + cw] = from_f<T>((ys[i] + dsk * us[i]) * silu_f(zs[i]));
+            }
         }
     }
 }
 
-#define DANCEBA_MAMBA_KERNELS(SUFFIX, T)                                                        \
-    extern "C" __global__ void mamba_conv_silu_##SUFFIX(                                        \
-        const T* xz, const T* w, const T* bias, T* u, int batch, int len, int d, int k,         \
-        int xz_stride) {                                                                        \
-        conv_silu<T>(xz, w, bias, u, batch, len, d, k, xz_stride);                              \
-    }                                                                                           \
-    extern "C" __global__ void mamba_scan_##SUFFIX(                                             \
-        const T* u, const T* dpre, const T* dt_bias, const T* a, const T* bc, int bc_stride,    \
-        int b_off, int c_off, const T* dskip, const T* z, int z_stride, int z_off, T* y,        \
-        int batch, int len, int d, int n, int lt) {                                             \
-        scan<T>(u, dpre, dt_bias, a, bc, bc_stride, b_off, c_off, dskip, z, z_stride, z_off, y, \
-                batch, len, d, n, lt);                                                          \
+// Threads per block of the scan kernels (cuda_scan.rs uses the same number).
+#define SCAN_THREADS 128
+
+#define DANCEBA_MAMBA_SCAN(SUFFIX, T, G, S)                                                       \
+    extern "C" __global__ void __launch_bounds__(SCAN_THREADS)                                    \
+        mamba_scan_##SUFFIX##_g##G##_s##S(const T* u, const T* dpre, const T* dt_bias,            \
+                                          const T* a, const T* bc, int bc_stride, int b_off,      \
+                                          int c_off, const T* dskip, const T* z, int z_stride,    \
+                                          int z_off, T* y, int len, int d, int n, int lt) {       \
+        scan<T, G, S, SCAN_THREADS>(u, dpre, dt_bias, a, bc, bc_stride, b_off, c_off, dskip, z, \
+                                    z_stride, z_off, y, len, d, n, lt);                          \
     }
+
+#define DANCEBA_MAMBA_KERNELS(SUFFIX, T)                                                        \
+    extern "C" __global__ void mamba_conv_silu_##SUFFIX(const T* xz, const T* w, const T* bias, \
+                                                        T* u, int len, int d, int k,            \
+                                                        int xz_stride) {                        \
+        conv_silu<T>(xz, w, bias, u, len, d, k, xz_stride);                                     \
+    }                                                                                           \
+    DANCEBA_MAMBA_SCAN(SUFFIX, T, 4, 4)                                                         \
+    DANCEBA_MAMBA_SCAN(SUFFIX, T, 8, 4)                                                         \
+    DANCEBA_MAMBA_SCAN(SUFFIX, T, 8, 8)                                                         \
+    DANCEBA_MAMBA_SCAN(SUFFIX, T, 16, 8)                                                        \
+    DANCEBA_MAMBA_SCAN(SUFFIX, T, 32, 8)
 
 DANCEBA_MAMBA_KERNELS(f32, float)
 DANCEBA_MAMBA_KERNELS(f16, __half)

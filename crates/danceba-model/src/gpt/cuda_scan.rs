@@ -17,8 +17,57 @@ use candle_core::{
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cuda_scan.ptx"));
 const MODULE: &str = "danceba_mamba_cuda_scan";
 
-/// The largest `d_state` the scan kernel holds in registers (8 states per lane).
+/// The largest `d_state` the scan kernel holds in registers (32 lanes of 8 states).
 pub const MAX_D_STATE: usize = 256;
+
+/// Threads per block of the conv kernel.
+const CONV_THREADS: usize = 256;
+/// Threads per block of the scan kernels (`SCAN_THREADS` in cuda_scan.cu).
+const SCAN_THREADS: usize = 128;
+/// Shared memory a scan block may use (the default limit, no opt-in needed).
+const SCAN_SMEM: usize = 48 * 1024;
+
+/// The scan kernel variant for a `d_state`: `g` lanes per channel holding `s` states each
+/// (`mamba_scan_<T>_g<g>_s<s>` in cuda_scan.cu), `g·s >= d_state`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ScanConfig {
+    g: usize,
+    s: usize,
+}
+
+impl ScanConfig {
+    /// The compiled variants, smallest first.
+    const VARIANTS: [ScanConfig; 5] = [
+        ScanConfig { g: 4, s: 4 },
+        ScanConfig { g: 8, s: 4 },
+        ScanConfig { g: 8, s: 8 },
+        ScanConfig { g: 16, s: 8 },
+        ScanConfig { g: 32, s: 8 },
+    ];
+
+    fn for_d_state(n: usize) -> Result<Self> {
+        match Self::VARIANTS.iter().find(|v| v.g * v.s >= n) {
+            Some(v) if n > 0 => Ok(*v),
+            _ => bail!("fused CUDA Mamba: d_state {n} is not supported (1..={MAX_D_STATE})"),
+        }
+    }
+
+    fn channels_per_block(&self) -> usize {
+        SCAN_THREADS / self.g
+    }
+
+    /// Shared memory per staged position: B and C rows of g·s floats; Δ, u, z and C·h per
+    /// channel.
+    fn smem_row_bytes(&self) -> usize {
+        (2 * self.g * self.s + 4 * self.channels_per_block()) * std::mem::size_of::<f32>()
+    }
+
+    /// Positions per tile: a multiple of 4, all of `len` (rounded up) if it fits.
+    fn tile_len(&self, len: usize) -> usize {
+        let max = (SCAN_SMEM / self.smem_row_bytes()) / 4 * 4;
+        len.next_multiple_of(4).min(max).max(4)
+    }
+}
 
 /// Whether the fused kernels can run a layer with this `d_state` in this dtype.
 pub fn supports(d_state: usize, dtype: DType) -> bool {
@@ -97,14 +146,17 @@ impl ConvSilu<'_> {
         let dev = xz.device().clone();
         let x = view::<T>(xz, xl, "in_proj output")?;
         let n = self.batch * self.len * self.d;
-        let (batch, len, d, k, stride) = (
-            as_i32(self.batch, "batch")?,
+        let (len, d, k, stride) = (
             as_i32(self.len, "len")?,
             as_i32(self.d, "d_inner")?,
             as_i32(self.k, "d_conv")?,
             as_i32(self.stride, "row stride")?,
         );
         as_i32(n, "batch·len·d_inner")?;
+        as_i32(self.batch * self.len * self.stride, "in_proj output size")?;
+        if self.len > 65_535 || self.batch > 65_535 {
+            bail!("fused CUDA Mamba: too many positions or batch items for one launch");
+        }
         let name = format!("mamba_conv_silu_{}", suffix(T::DTYPE)?);
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         // SAFETY: every element is written by the kernel below.
@@ -115,8 +167,17 @@ impl ConvSilu<'_> {
                 let b = view::<T>(bs, bl, "conv bias")?;
                 let mut lb = func.builder();
                 lb.arg(&x).arg(&w).arg(&b).arg(&out);
-                lb.arg(&batch).arg(&len).arg(&d).arg(&k).arg(&stride);
-                let cfg = LaunchConfig::for_num_elems(n as u32);
+                lb.arg(&len).arg(&d).arg(&k).arg(&stride);
+                // one thread per output: x over channels, y over positions, z over batch items
+                let cfg = LaunchConfig {
+                    grid_dim: (
+                        self.d.div_ceil(CONV_THREADS) as u32,
+                        self.len as u32,
+                        self.batch as u32,
+                    ),
+                    block_dim: (CONV_THREADS as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
                 // SAFETY: argument types and counts match the kernel's signature; the views
                 // cover every index the kernel reads (checked shapes).
                 unsafe { lb.launch(cfg) }.w()?;
@@ -222,25 +283,22 @@ impl Scan<'_> {
             as_i32(a.c_offset, "C offset")?,
             as_i32(self.z_stride, "in_proj width")?,
             as_i32(a.z_offset, "z offset")?,
-            as_i32(self.batch, "batch")?,
             as_i32(self.len, "len")?,
             as_i32(self.d, "d_inner")?,
             as_i32(self.n, "d_state")?,
         ];
-        // one warp per channel, WARPS channels of one batch item per block; positions in tiles
-        // of `lt` whose B and C rows fit in 48 KiB of shared memory
-        const WARPS: usize = 8;
-        let blocks_x = self.d.div_ceil(WARPS);
+        let sc = ScanConfig::for_d_state(self.n)?;
+        let blocks_x = self.d.div_ceil(sc.channels_per_block());
         if blocks_x > u32::MAX as usize || self.batch > 65_535 {
             bail!("fused CUDA Mamba: too many channels or batch items for one launch");
         }
-        let lt = (48 * 1024 / (8 * self.n)).clamp(1, 32);
-        let smem = (2 * lt * self.n * std::mem::size_of::<f32>()) as u32;
+        let lt = sc.tile_len(self.len);
+        let smem = (lt * sc.smem_row_bytes()) as u32;
         let lt = lt as i32;
-        let name = format!("mamba_scan_{}", suffix(T::DTYPE)?);
+        let name = format!("mamba_scan_{}_g{}_s{}", suffix(T::DTYPE)?, sc.g, sc.s);
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-        // SAFETY: every element is written by the kernel below (lane i of each channel's warp
-        // writes position i of every tile).
+        // SAFETY: every element is written by the kernel below (each block writes every
+        // position of its channels).
         let out = unsafe { dev.alloc::<T>(total)? };
         with_cuda(a.delta_pre, "delta", |s1, l1| {
             with_cuda(a.delta_bias, "delta bias", |s2, l2| {
@@ -258,11 +316,11 @@ impl Scan<'_> {
                                 lb.arg(&u).arg(&dpre).arg(&dbias).arg(&av).arg(&bc);
                                 lb.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]);
                                 lb.arg(&dsk).arg(&z).arg(&ints[3]).arg(&ints[4]).arg(&out);
-                                lb.arg(&ints[5]).arg(&ints[6]).arg(&ints[7]).arg(&ints[8]);
+                                lb.arg(&ints[5]).arg(&ints[6]).arg(&ints[7]);
                                 lb.arg(&lt);
                                 let cfg = LaunchConfig {
                                     grid_dim: (blocks_x as u32, self.batch as u32, 1),
-                                    block_dim: (32 * WARPS as u32, 1, 1),
+                                    block_dim: (SCAN_THREADS as u32, 1, 1),
                                     shared_mem_bytes: smem,
                                 };
                                 // SAFETY: argument types and counts match the kernel's
