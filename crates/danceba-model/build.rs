@@ -1,4 +1,5 @@
-//! With the `cuda` feature: compiles the fused CUDA kernels (src/gpt/cuda_scan.cu, src/gpt/cuda_ops.cu) to PTX with
+//! With the `cuda` feature: compiles the fused CUDA kernels (src/gpt/cuda_scan.cu, src/gpt/cuda_ops.cu,
+//! src/gpt/cuda_gemm.cu) to PTX with
 //! `nvcc`, for the compute capability in `CUDA_COMPUTE_CAP` (as candle's kernels use; default 75,
 //! whose PTX the driver compiles for any newer GPU). Without the feature it does nothing.
 
@@ -9,6 +10,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/gpt/cuda_scan.cu");
     println!("cargo:rerun-if-changed=src/gpt/cuda_ops.cu");
+    println!("cargo:rerun-if-changed=src/gpt/cuda_gemm.cu");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -21,7 +23,7 @@ fn main() {
         .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()))
         .unwrap_or_else(|| "75".to_string());
     let nvcc = std::env::var_os("NVCC").unwrap_or_else(|| "nvcc".into());
-    for name in ["cuda_scan", "cuda_ops"] {
+    for name in ["cuda_scan", "cuda_ops", "cuda_gemm"] {
         let src = format!("src/gpt/{name}.cu");
         let ptx = out.join(format!("{name}.ptx"));
         let status = Command::new(&nvcc)

@@ -58,6 +58,10 @@ impl Lin {
     /// `x` in another dtype than the weight (f32 activations with f16/bf16 weights) is
     /// rounded to the weight's dtype for the product and the result returned in `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if super::cuda_gemm::applies(x, &self.w) {
+            return self.forward_fused(x, Act::Identity, None, None);
+        }
         let dims = x.dims().to_vec();
         let last = dims.len() - 1;
         let rows: usize = dims[..last].iter().product();
@@ -87,6 +91,10 @@ impl Lin {
     /// bias: the GEMM and one fused bias + activation + gate kernel ([`super::cuda_ops`]).
     pub fn forward_act(&self, x: &Tensor, act: Act, gate: Option<&Tensor>) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
+        if super::cuda_gemm::applies(x, &self.w) {
+            return self.forward_fused(x, act, gate, None);
+        }
+        #[cfg(feature = "cuda")]
         if let Some(b) = &self.b {
             if super::cuda_ops::usable(x) && x.dtype() == self.w.dtype() {
                 let dims = x.dims().to_vec();
@@ -111,6 +119,33 @@ impl Lin {
         };
         Ok(match gate {
             Some(g) => (y * g)?,
+            None => y,
+        })
+    }
+
+    /// `residual + act(self.forward(x)) [· gate]` (`residual`: the output's shape). On CUDA for
+    /// few rows one launch of the skinny GEMM with all of it in its epilogue
+    /// ([`super::cuda_gemm`]); elsewhere [`Lin::forward_act`] and an add.
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        act: Act,
+        gate: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if super::cuda_gemm::applies(x, &self.w) {
+            let ep = super::cuda_gemm::Epilogue {
+                bias: self.b.as_ref(),
+                act,
+                gate,
+                residual,
+            };
+            return Ok(super::cuda_gemm::linear(x, &self.w, ep)?);
+        }
+        let y = self.forward_act(x, act, gate)?;
+        Ok(match residual {
+            Some(r) => (r + y)?,
             None => y,
         })
     }
@@ -309,9 +344,7 @@ impl BlockBase {
     fn finish(&self, x: &Tensor, o: &Tensor, g: &Tensor) -> Result<Tensor> {
         let yg = self.proj.forward_act(o, Act::Identity, Some(g))?;
         let (x, m) = self.norm2.add_forward(x, &self.out_proj.forward(&yg)?)?;
-        let m = self
-            .fc2
-            .forward(&self.fc1.forward_act(&m, Act::GeluErf, None)?)?;
-        Ok((x + m)?)
+        let h = self.fc1.forward_act(&m, Act::GeluErf, None)?;
+        self.fc2.forward_fused(&h, Act::Identity, None, Some(&x))
     }
 }

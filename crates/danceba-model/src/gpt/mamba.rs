@@ -182,6 +182,7 @@ impl Mamba {
         let xz = self.in_proj.forward(x)?.contiguous()?;
         let u = cuda_scan::conv_silu(&xz, di, &self.conv_w, &self.conv_b)?;
         let xd = self.x_proj.forward(&u)?.contiguous()?;
+        // the skinny GEMM reads the Δ columns of `xd` in place (no copy)
         let dpre = self.dt_proj.forward(&xd.narrow(D::Minus1, 0, dr)?)?;
         let y = cuda_scan::selective_scan(
             &u,
@@ -285,15 +286,25 @@ impl GatedMlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_residual(x, None)
+    }
+
+    /// `residual + forward(x)`, the add fused into `fc2` where it can be.
+    pub fn forward_residual(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        use super::block_base::Act;
         let h = self.fc1.forward(x)?;
         #[cfg(feature = "cuda")]
         if super::cuda_ops::usable(&h) && h.dims().last() == Some(&(2 * self.hidden)) {
-            return self.fc2.forward(&super::cuda_ops::silu_gate(&h)?);
+            let gated = super::cuda_ops::silu_gate(&h)?;
+            return self
+                .fc2
+                .forward_fused(&gated, Act::Identity, None, residual);
         }
         let v = h.narrow(D::Minus1, 0, self.hidden)?;
         let g = h.narrow(D::Minus1, self.hidden, self.hidden)?;
+        let gated = v.mul(&candle_nn::ops::silu(&g.contiguous()?)?)?;
         self.fc2
-            .forward(&v.mul(&candle_nn::ops::silu(&g.contiguous()?)?)?)
+            .forward_fused(&gated, Act::Identity, None, residual)
     }
 }
 
@@ -310,7 +321,7 @@ impl Stream {
     fn forward(&self, x: &Tensor, imp: MambaImpl) -> Result<Tensor> {
         let y = self.mamba.forward(&self.norm_a.forward(x)?, imp)?;
         let (x, n) = self.norm_b.add_forward(x, &y)?;
-        Ok((&x + self.mlp.forward(&n)?)?)
+        self.mlp.forward_residual(&n, Some(&x))
     }
 }
 

@@ -8,6 +8,8 @@
 pub mod block_base;
 pub mod cpu_gemm;
 #[cfg(feature = "cuda")]
+pub mod cuda_gemm;
+#[cfg(feature = "cuda")]
 pub mod cuda_graph;
 #[cfg(feature = "cuda")]
 pub mod cuda_ops;

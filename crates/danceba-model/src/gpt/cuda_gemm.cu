@@ -1,0 +1,295 @@
+// Skinny GEMM of the GPT's linear layers on CUDA (feature `cuda`), compiled to PTX by build.rs
+// and loaded by cuda_gemm.rs. One generation step multiplies 28 (or 84) rows by weights of up to
+// 6144 x 3072: cuBLAS tiles such products into a few dozen blocks and leaves most of the GPU idle.
+// Here every block computes 4 output columns for up to 32 rows, its warps splitting K, so even a
+// 768-wide layer spreads over hundreds of warps.
+//
+//   y[m, n] = epilogue(sum_k x[m, k] * w[n, k])      x: (M, K) with row stride ldx,
+//                                                    w: (N, K) (checkpoint layout)
+//   epilogue: v = T(sum); with a bias v = T(v + b[n]); act (identity, SiLU, GELU-erf) as
+//   T(act(v)); with a gate v = T(v * g[m, n]); with a residual v = r[m, n] + v; y = T(v)
+//
+// The rounding points are those of candle's GEMM followed by the fused bias_act kernel of
+// cuda_ops.cu and candle's add; only the order of the K sum differs from cuBLAS (f32 FMAs per
+// lane over k, then a fixed xor-shuffle tree and the K splits in order: deterministic).
+//
+// Requirements (checked by the host): K, N and ldx multiples of 4, x and w 16-byte (f32) / 8-byte
+// (f16, bf16) aligned.
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+    return __float2bfloat16(x);
+}
+
+template <typename T> __device__ __forceinline__ float rnd(float x) { return to_f(from_f<T>(x)); }
+
+// Four consecutive values at p as floats.
+__device__ __forceinline__ void load4(const float* p, float v[4]) {
+    const float4 t = __ldg(reinterpret_cast<const float4*>(p));
+    v[0] = t.x;
+    v[1] = t.y;
+    v[2] = t.z;
+    v[3] = t.w;
+}
+
+__device__ __forceinline__ void load4(const __half* p, float v[4]) {
+    const uint2 t = __ldg(reinterpret_cast<const uint2*>(p));
+    const __half2 a = *reinterpret_cast<const __half2*>(&t.x);
+    const __half2 b = *reinterpret_cast<const __half2*>(&t.y);
+    v[0] = __low2float(a);
+    v[1] = __high2float(a);
+    v[2] = __low2float(b);
+    v[3] = __high2float(b);
+}
+
+__device__ __forceinline__ void load4(const __nv_bfloat16* p, float v[4]) {
+    const uint2 t = __ldg(reinterpret_cast<const uint2*>(p));
+    v[0] = __uint_as_float(t.x << 16);
+    v[1] = __uint_as_float(t.x & 0xffff0000u);
+    v[2] = __uint_as_float(t.y << 16);
+    v[3] = __uint_as_float(t.y & 0xffff0000u);
+}
+
+// One level of the warp's reduce-scatter of `acc` (the first R >> LVL values still held): the
+// lanes with bit (16 >> LVL) set keep the upper half, the others the lower half, each adding its
+// partner's copy. Compile-time sizes so that `acc` stays in registers.
+template <int R, int LVL>
+__device__ __forceinline__ void reduce_level(float* acc, int lane) {
+    constexpr int off = 16 >> LVL;
+    constexpr int half = R >> (LVL + 1);
+    const bool upper = (lane & off) != 0;
+#pragma unroll
+    for (int i = 0; i < half; ++i) {
+        const float send = upper ? acc[i] : acc[i + half];
+        const float keep = upper ? acc[i + half] : acc[i];
+        acc[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+    }
+}
+
+// The epilogue of one output value (the rounding points of the unfused path).
+template <typename T>
+__device__ __forceinline__ void epilogue(float acc, const T* __restrict__ bias,
+                                         const T* __restrict__ gate, const T* __restrict__ res,
+                                         T* __restrict__ y, long long o, int col, int act) {
+    float r = rnd<T>(acc);
+    if (bias != nullptr) r = rnd<T>(r + to_f(bias[col]));
+    if (act == 1) r = rnd<T>(r / (1.0f + expf(-r)));
+    else if (act == 2) r = rnd<T>(r * normcdff(r));
+    if (gate != nullptr) r = rnd<T>(r * to_f(gate[o]));
+    if (res != nullptr) r = to_f(res[o]) + r;
+    y[o] = from_f<T>(r);
+}
+
+#define KT 128     // k per chunk: one quad per lane
+#define BN 16      // output columns per block: 4 per warp
+#define STAGES 3   // chunks in flight (cp.async pipeline)
+
+// Asynchronous copy of 4 elements (16 bytes for f32, 8 for f16/bf16) from global to shared
+// memory, zeros when !valid (sm_80+; a plain copy before).
+template <typename T>
+__device__ __forceinline__ void copy4(T* dst, const T* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    const int n = valid ? (int)(4 * sizeof(T)) : 0;
+    if (sizeof(T) == 4) {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(n));
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(d), "l"(src), "r"(n));
+    }
+#else
+    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (valid) load4(src, v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dst[i] = from_f<T>(v[i]);
+#endif
+}
+
+__device__ __forceinline__ void copy_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most `STAGES - 2` committed groups are still in flight.
+__device__ __forceinline__ void copy_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
+#endif
+}
+
+__device__ __forceinline__ void smem4(const float* p, float v[4]) {
+    const float4 t = *reinterpret_cast<const float4*>(p);
+    v[0] = t.x;
+    v[1] = t.y;
+    v[2] = t.z;
+    v[3] = t.w;
+}
+__device__ __forceinline__ void smem4(const __half* p, float v[4]) {
+    const uint2 t = *reinterpret_cast<const uint2*>(p);
+    const __half2 a = *reinterpret_cast<const __half2*>(&t.x);
+    const __half2 b = *reinterpret_cast<const __half2*>(&t.y);
+    v[0] = __low2float(a);
+    v[1] = __high2float(a);
+    v[2] = __low2float(b);
+    v[3] = __high2float(b);
+}
+__device__ __forceinline__ void smem4(const __nv_bfloat16* p, float v[4]) {
+    const uint2 t = *reinterpret_cast<const uint2*>(p);
+    v[0] = __uint_as_float(t.x << 16);
+    v[1] = __uint_as_float(t.x & 0xffff0000u);
+    v[2] = __uint_as_float(t.y << 16);
+    v[3] = __uint_as_float(t.y & 0xffff0000u);
+}
+
+// Grid (ceil(M / BM), ceil(N / BN), splits) — row tiles fastest, so the blocks sharing weights
+// run together; block = 4 warps, warp w computing the 4 columns n0 = blockIdx.y·BN + 4w ..
+// n0 + 4 for the block's BM rows over the k range [blockIdx.z·kchunk, min(K, (blockIdx.z+1)·
+// kchunk)), in chunks of KT. The block copies each chunk of x (BM × KT, zeros past M or the
+// range) and of its BN weight rows (zeros past N) into shared memory with a STAGES-deep
+// cp.async pipeline; lane l takes the quad k = 4l of each chunk. With one split the epilogue
+// follows; with several the f32 partial sums go to ws[split][row][col] and skinny_reduce
+// finishes. act: 0 identity, 1 SiLU, 2 GELU (erf). bias, gate, res may be null.
+template <typename T, int BM>
+__device__ __forceinline__ void skinny_gemm(const T* __restrict__ x, const T* __restrict__ w,
+                                            const T* __restrict__ bias,
+                                            const T* __restrict__ gate,
+                                            const T* __restrict__ res, T* __restrict__ y,
+                                            float* __restrict__ ws, int M, int N, int K, int ldx,
+                                            int kchunk, int act) {
+    constexpr int R = BM * 4;    // accumulators per lane: (row, column) = (i / 4, i % 4)
+    constexpr int PER = R / 32;  // values per lane after the reduce-scatter
+    constexpr int THREADS = 128;
+    constexpr int XQ = BM * KT / 4 / THREADS;  // x quads each thread copies per chunk
+    constexpr int WQ = BN * KT / 4 / THREADS;  // weight quads each thread copies per chunk
+    static_assert(XQ * THREADS * 4 == BM * KT && WQ * THREADS * 4 == BN * KT, "even split");
+    __shared__ __align__(16) T xs[STAGES][BM * KT];
+    __shared__ __align__(16) T wsh[STAGES][BN * KT];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int m0 = blockIdx.x * BM;
+    const int nb = blockIdx.y * BN;
+    const int n0 = nb + 4 * warp;
+    const int rows = min(BM, M - m0);
+    const int kb = blockIdx.z * kchunk;
+    const int ke = min(K, kb + kchunk);
+    const int chunks = (ke - kb + KT - 1) / KT;
+
+    // copies chunk c into stage slot c % STAGES (nothing past the last chunk)
+    auto issue = [&](int c) {
+        if (c < chunks) {
+            const int slot = c % STAGES;
+            const int k0 = kb + c * KT;
+#pragma unroll
+            for (int i = 0; i < XQ; ++i) {
+                const int q = threadIdx.x + i * THREADS;
+                const int m = q / (KT / 4);
+                const int k = k0 + 4 * (q % (KT / 4));
+                const bool ok = m < rows && k < ke;
+                copy4(&xs[slot][4 * q], ok ? x + (long long)(m0 + m) * ldx + k : x, ok);
+            }
+#pragma unroll
+            for (int i = 0; i < WQ; ++i) {
+                const int q = threadIdx.x + i * THREADS;
+                const int j = q / (KT / 4);
+                const int k = k0 + 4 * (q % (KT / 4));
+                const bool ok = nb + j < N && k < ke;
+                copy4(&wsh[slot][4 * q], ok ? w + (long long)(nb + j) * K + k : w, ok);
+            }
+        }
+        copy_commit();
+    };
+
+    float acc[R];
+#pragma unroll
+    for (int i = 0; i < R; ++i) acc[i] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < STAGES - 1; ++c) issue(c);
+    for (int c = 0; c < chunks; ++c) {
+        copy_wait();
+        __syncthreads();  // chunk c is in; every warp is done with chunk c - 1's slot
+        issue(c + STAGES - 1);
+        const int slot = c % STAGES;
+        float wv[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) smem4(&wsh[slot][(4 * warp + j) * KT + 4 * lane], wv[j]);
+#pragma unroll
+        for (int m = 0; m < BM; ++m) {
+            if (m < rows) {
+                float xv[4];
+                smem4(&xs[slot][m * KT + 4 * lane], xv);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+#pragma unroll
+                    for (int q = 0; q < 4; ++q)
+                        acc[m * 4 + j] = fmaf(xv[q], wv[j][q], acc[m * 4 + j]);
+                }
+            }
+        }
+    }
+    if (n0 >= N) return;
+
+    // Reduce-scatter over the warp: lane l ends with values l·PER .. l·PER + PER.
+    reduce_level<R, 0>(acc, lane);
+    reduce_level<R, 1>(acc, lane);
+    reduce_level<R, 2>(acc, lane);
+    reduce_level<R, 3>(acc, lane);
+    reduce_level<R, 4>(acc, lane);
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+        const int v = lane * PER + i;
+        const int m = v >> 2;
+        const int col = n0 + (v & 3);
+        if (m >= rows || col >= N) continue;
+        const long long o = (long long)(m0 + m) * N + col;
+        if (gridDim.z == 1) {
+            epilogue<T>(acc[i], bias, gate, res, y, o, col, act);
+        } else {
+            ws[(long long)blockIdx.z * M * N + o] = acc[i];
+        }
+    }
+}
+
+// Sums the splits' partial products in order and applies the epilogue; one thread per output.
+template <typename T>
+__device__ __forceinline__ void skinny_reduce(const float* __restrict__ ws,
+                                              const T* __restrict__ bias,
+                                              const T* __restrict__ gate,
+                                              const T* __restrict__ res, T* __restrict__ y, int M,
+                                              int N, int splits, int act) {
+    const long long o = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long total = (long long)M * N;
+    if (o >= total) return;
+    float s = ws[o];
+    for (int p = 1; p < splits; ++p) s += ws[p * total + o];
+    epilogue<T>(s, bias, gate, res, y, o, (int)(o % N), act);
+}
+
+#define GEMM(T, S, BM)                                                                          \
+    extern "C" __global__ void __launch_bounds__(128)                               \
+        skinny_gemm##BM##_##S(const T* x, const T* w, const T* bias, const T* gate,             \
+                              const T* res, T* y, float* ws, int M, int N, int K, int ldx,       \
+                              int kchunk, int act) {                                            \
+        skinny_gemm<T, BM>(x, w, bias, gate, res, y, ws, M, N, K, ldx, kchunk, act);            \
+    }
+
+#define GEMMS(T, S)                                                                             \
+    GEMM(T, S, 8)                                                                               \
+    GEMM(T, S, 16)                                                                              \
+    extern "C" __global__ void skinny_reduce_##S(const float* ws, const T* bias, const T* gate, \
+                                                 const T* res, T* y, int M, int N, int splits,  \
+                                                 int act) {                                     \
+        skinny_reduce<T>(ws, bias, gate, res, y, M, N, splits, act);                            \
+    }
+
+GEMMS(float, f32)
+GEMMS(__half, f16)
+GEMMS(__nv_bfloat16, bf16)

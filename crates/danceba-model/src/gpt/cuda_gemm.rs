@@ -1,0 +1,455 @@
+//! The skinny GEMM of the GPT's linear layers on CUDA (feature `cuda`): `y = x·Wᵀ` for a few
+//! rows (one window: 28 or 84 rows per song) with the bias, the activation, an elementwise gate
+//! and a residual add fused into its epilogue (`cuda_gemm.cu`, compiled to PTX by the build
+//! script). cuBLAS cuts such products into a few dozen 32×32 tiles and leaves most of the GPU
+//! idle; here each block computes 16 output columns of 8 or 16 rows, streaming x and the weights
+//! through a 3-deep cp.async pipeline in shared memory, and K is split over blocks (a second
+//! kernel adds the partial sums in order) until the GPU is full.
+//!
+//! f32 results differ from cuBLAS only by the order of the K sum (deterministic: per-lane FMAs,
+//! a fixed shuffle tree, the K splits in order); f16/bf16 keep f32 sums and the rounding points
+//! of the unfused path (GEMM result, bias, activation, gate, residual).
+//!
+//! The model uses it for f32 products of at most [`max_rows`] rows (`DANCEBA_CUDA_GEMM_MAX_ROWS`,
+//! default 128; cuBLAS is better for bigger batches, and in f16/bf16 its tensor cores win);
+//! `DANCEBA_CUDA_GEMM=all` takes every dtype, `DANCEBA_CUDA_GEMM=0|off|false|no` none ([`Mode`]).
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor,
+    WithDType,
+};
+
+use super::block_base::Act;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cuda_gemm.ptx"));
+const MODULE: &str = "danceba_gpt_cuda_gemm";
+/// Warps per block, each computing 4 output columns (`BN` = 16 in the kernel).
+const WARPS: usize = 4;
+/// k per staged chunk of x (`KT` in the kernel).
+const KT: usize = 128;
+/// Blocks to aim for: four per SM of an H100/H200 (132 SMs; registers and shared memory allow
+/// four); K is split until there are.
+const TARGET_BLOCKS: usize = 528;
+/// Default of [`max_rows`].
+pub const DEFAULT_MAX_ROWS: usize = 128;
+
+/// Which dtypes the model's linear layers send to the skinny GEMM (`DANCEBA_CUDA_GEMM`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `0`, `off`, `false`, `no`: cuBLAS for everything.
+    Off,
+    /// The default (unset or `auto`): f32 only. In f16/bf16 cuBLAS's tensor-core kernels were
+    /// faster on an H200 (1.97 ms against 3.10 ms per step), in f32 the skinny GEMM (3.17 ms
+    /// against 3.41 ms).
+    F32,
+    /// `all`: every dtype.
+    All,
+}
+
+/// The mode of this process (`DANCEBA_CUDA_GEMM`: `0|off|false|no`, `auto` (default), `all`).
+pub fn mode() -> Mode {
+    static MODE: OnceLock<Mode> = OnceLock::new();
+    *MODE.get_or_init(|| {
+        let v = std::env::var("DANCEBA_CUDA_GEMM").unwrap_or_default();
+        match v.trim().to_ascii_lowercase().as_str() {
+            "0" | "off" | "false" | "no" => Mode::Off,
+            "all" => Mode::All,
+            _ => Mode::F32,
+        }
+    })
+}
+
+/// The most rows (product of the leading dimensions) the skinny GEMM takes; bigger products go
+/// to cuBLAS. `DANCEBA_CUDA_GEMM_MAX_ROWS` overrides the default (128).
+pub fn max_rows() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("DANCEBA_CUDA_GEMM_MAX_ROWS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_MAX_ROWS)
+    })
+}
+
+/// The epilogue of one product.
+#[derive(Clone, Copy)]
+pub struct Epilogue<'a> {
+    /// Bias (N), added to the rounded product.
+    pub bias: Option<&'a Tensor>,
+    /// Activation after the bias.
+    pub act: Act,
+    /// Multiplies the activation elementwise (the output's shape).
+    pub gate: Option<&'a Tensor>,
+    /// Added last (the output's shape).
+    pub residual: Option<&'a Tensor>,
+}
+
+/// The stride between the rows of `l` (its leading dimensions flattened) when its last
+/// dimension is contiguous and the rows are evenly spaced: a contiguous tensor or a `narrow` of
+/// the last dimension of one. Strides and start must keep 4-element alignment.
+fn row_stride(l: &Layout) -> Option<usize> {
+    let dims = l.dims();
+    let strides = l.stride();
+    let last = dims.len().checked_sub(1)?;
+    if strides[last] != 1 && dims[last] > 1 {
+        return None;
+    }
+    let ldx = if last == 0 {
+        dims[0]
+    } else {
+        strides[last - 1]
+    };
+    for i in 0..last.saturating_sub(1) {
+        if dims[i] > 1 && strides[i] != strides[i + 1] * dims[i + 1] {
+            return None;
+        }
+    }
+    (ldx >= dims[last] && ldx.is_multiple_of(4) && l.start_offset().is_multiple_of(4))
+        .then_some(ldx)
+}
+
+/// Whether the model's linear layers use [`linear`] for `x` with the weight `w`: [`supports`]
+/// and the [`mode`] takes the dtype.
+pub fn applies(x: &Tensor, w: &Tensor) -> bool {
+    let dtype_on = match mode() {
+        Mode::Off => false,
+        Mode::F32 => x.dtype() == DType::F32,
+        Mode::All => true,
+    };
+    dtype_on && supports(x, w)
+}
+
+/// Whether [`linear`] can take `x` (.., K) with the weight `w` (N, K): a CUDA tensor of the
+/// weight's dtype (f32/f16/bf16), K and N multiples of 4, rows evenly spaced (contiguous, or a
+/// `narrow` of the last dimension), at most [`max_rows`] rows.
+pub fn supports(x: &Tensor, w: &Tensor) -> bool {
+    let (Some(&k), Ok((n, wk))) = (x.dims().last(), w.dims2()) else {
+        return false;
+    };
+    let rows = x.elem_count() / k.max(1);
+    x.device().is_cuda()
+        && x.dtype() == w.dtype()
+        && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        && k == wk
+        && k > 0
+        && row_stride(x.layout()).is_some()
+        && k.is_multiple_of(4)
+        && n.is_multiple_of(4)
+        && n > 0
+        && (1..=max_rows()).contains(&rows)
+}
+
+struct Gemm<'a> {
+    w: &'a Tensor,
+    ep: Epilogue<'a>,
+    rows: usize,
+    k: usize,
+    n: usize,
+    out_shape: Shape,
+}
+
+/// The rows of `x` (layout `l`, rows evenly spaced by [`row_stride`]) and that stride.
+fn rows_view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    rows: usize,
+    k: usize,
+) -> Result<(CudaView<'a, T>, usize)> {
+    let Some(ldx) = row_stride(l) else {
+        bail!("CUDA skinny GEMM: the input's rows are not evenly spaced and aligned");
+    };
+    let a = l.start_offset();
+    Ok((
+        s.as_cuda_slice::<T>()?.slice(a..a + (rows - 1) * ldx + k),
+        ldx,
+    ))
+}
+
+fn act_code(act: Act) -> i32 {
+    match act {
+        Act::Identity => 0,
+        Act::Silu => 1,
+        Act::GeluErf => 2,
+    }
+}
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        d => bail!("the CUDA skinny GEMM takes f32, f16 or bf16, not {d:?}"),
+    })
+}
+
+fn as_i32(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what} = {v} exceeds i32")))
+}
+
+/// A contiguous view whose start is a multiple of 4 elements (16/8-byte aligned quads).
+fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((a, b)) if a.is_multiple_of(4) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+        Some(_) => bail!("CUDA skinny GEMM: {what} does not start on a 4-element boundary"),
+        None => bail!("CUDA skinny GEMM: {what} must be contiguous"),
+    }
+}
+
+fn with_cuda<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&CudaStorage, &Layout) -> Result<R>,
+) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cuda(cs) => f(cs, l),
+        _ => bail!("CUDA skinny GEMM: {what} is not on a CUDA device"),
+    }
+}
+
+/// Runs `f` with the view of an optional operand (a null pointer when absent).
+fn with_opt<T: CudaDType + DeviceRepr, R>(
+    t: Option<&Tensor>,
+    what: &str,
+    f: impl FnOnce(Option<&CudaView<'_, T>>) -> Result<R>,
+) -> Result<R> {
+    match t {
+        None => f(None),
+        Some(t) => with_cuda(t, what, |s, l| f(Some(&view::<T>(s, l, what)?))),
+    }
+}
+
+/// Rows per block tile, K splits (blocks along K, their partial sums added by a second
+/// kernel) and k per split, for a product of `rows` × `k` → `n`.
+fn plan(rows: usize, k: usize, n: usize) -> (usize, usize, usize) {
+    let bm = if rows <= 8 { 8 } else { 16 };
+    let blocks = n.div_ceil(4 * WARPS) * rows.div_ceil(bm);
+    let chunks = k.div_ceil(KT);
+    let splits = TARGET_BLOCKS.div_ceil(blocks).clamp(1, chunks);
+    // whole chunks per split, then as few splits as that needs
+    let kchunk = chunks.div_ceil(splits) * KT;
+    (bm, k.div_ceil(kchunk), kchunk)
+}
+
+impl Gemm<'_> {
+    fn launch<T: CudaDType + DeviceRepr + WithDType>(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+    ) -> Result<CudaStorage> {
+        let dev = xs.device().clone();
+        let (x, ldx) = rows_view::<T>(xs, xl, self.rows, self.k)?;
+        let (bm, splits, kchunk) = plan(self.rows, self.k, self.n);
+        if splits > u16::MAX as usize {
+            bail!("CUDA skinny GEMM: input width {} is too large", self.k);
+        }
+        let func = dev.get_or_load_custom_func(
+            &format!("skinny_gemm{bm}_{}", suffix(T::DTYPE)?),
+            MODULE,
+            PTX,
+        )?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                as_i32(self.rows.div_ceil(bm), "row tiles")? as u32,
+                as_i32(self.n.div_ceil(4 * WARPS), "column blocks")? as u32,
+                splits as u32,
+            ),
+            block_dim: ((32 * WARPS) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (m_i, n_i) = (as_i32(self.rows, "rows")?, as_i32(self.n, "output width")?);
+        let ints = [
+            as_i32(self.k, "input width")?,
+            as_i32(ldx, "input row stride")?,
+            as_i32(kchunk, "K chunk")?,
+            act_code(self.ep.act),
+        ];
+        let total = self.rows * self.n;
+        // SAFETY: every output element (row < rows, column < n) is written once, by the GEMM
+        // (one split) or by the reduction; with splits every workspace element (split, row <
+        // rows, column < n) is written by the GEMM before the reduction reads it.
+        let out = unsafe { dev.alloc::<T>(total)? };
+        let ws = if splits > 1 {
+            Some(unsafe { dev.alloc::<f32>(splits * total)? })
+        } else {
+            None
+        };
+        let null = 0u64;
+        with_cuda(self.w, "weight", |wst, wl| {
+            let wv = view::<T>(wst, wl, "weight")?;
+            with_opt::<T, _>(self.ep.bias, "bias", |b| {
+                with_opt::<T, _>(self.ep.gate, "gate", |g| {
+                    with_opt::<T, _>(self.ep.residual, "residual", |r| {
+                        // bias, gate, residual (null when absent), output
+                        macro_rules! push_epilogue {
+                            ($lb:expr) => {
+                                match b {
+                                    Some(b) => $lb.arg(b),
+                                    None => $lb.arg(&null),
+                                };
+                                match g {
+                                    Some(g) => $lb.arg(g),
+                                    None => $lb.arg(&null),
+                                };
+                                match r {
+                                    Some(r) => $lb.arg(r),
+                                    None => $lb.arg(&null),
+                                };
+                                $lb.arg(&out);
+                            };
+                        }
+                        let mut lb = func.builder();
+                        lb.arg(&x).arg(&wv);
+                        push_epilogue!(lb);
+                        match &ws {
+                            Some(ws) => lb.arg(ws),
+                            None => lb.arg(&null),
+                        };
+                        lb.arg(&m_i).arg(&n_i);
+                        for v in &ints {
+                            lb.arg(v);
+                        }
+                        // SAFETY: argument types and counts match the kernel; x holds rows rows
+                        // of k (stride ldx), w n × k, the bias n, gate and residual rows × n
+                        // elements (checked by `linear`), the workspace splits × rows × n; null
+                        // pointers are never read (the workspace only with one split).
+                        unsafe { lb.launch(cfg) }.w()?;
+                        if let Some(ws) = &ws {
+                            let reduce = dev.get_or_load_custom_func(
+                                &format!("skinny_reduce_{}", suffix(T::DTYPE)?),
+                                MODULE,
+                                PTX,
+                            )?;
+                            let mut lb = reduce.builder();
+                            lb.arg(ws);
+                            push_epilogue!(lb);
+                            let splits_i = splits as i32;
+                            lb.arg(&m_i).arg(&n_i).arg(&splits_i).arg(&ints[3]);
+                            // SAFETY: as above; one thread per output element.
+                            unsafe { lb.launch(LaunchConfig::for_num_elems(total as u32)) }.w()?;
+                        }
+                        Ok(())
+                    })
+                })
+            })
+        })?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+}
+
+impl CustomOp1 for Gemm<'_> {
+    fn name(&self) -> &'static str {
+        "danceba-gpt-cuda-skinny-gemm"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("the CUDA skinny GEMM runs on CUDA devices only")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let out = match s.dtype() {
+            DType::F32 => self.launch::<f32>(s, l)?,
+            DType::F16 => self.launch::<half::f16>(s, l)?,
+            DType::BF16 => self.launch::<half::bf16>(s, l)?,
+            d => bail!("the CUDA skinny GEMM takes f32, f16 or bf16, not {d:?}"),
+        };
+        Ok((out, self.out_shape.clone()))
+    }
+}
+
+/// A contiguous copy of `t` (or `t`) checked to be a CUDA tensor of `dtype` with `dims`.
+fn operand(t: &Tensor, dtype: DType, dims: &[usize], what: &str) -> Result<Tensor> {
+    if !t.device().is_cuda() || t.dtype() != dtype || t.dims() != dims {
+        bail!(
+            "CUDA skinny GEMM: {what} is {:?} {:?} on {:?}, expected {dtype:?} {dims:?} on CUDA",
+            t.dtype(),
+            t.dims(),
+            t.device().location()
+        );
+    }
+    let t = t.contiguous()?;
+    let aligned = t.layout().start_offset().is_multiple_of(4);
+    Ok(if aligned { t } else { t.copy()? })
+}
+
+/// `epilogue(x · wᵀ)` for `x` (.., K) and `w` (N, K): (.., N). Errors unless [`supports`].
+pub fn linear(x: &Tensor, w: &Tensor, ep: Epilogue) -> Result<Tensor> {
+    if !supports(x, w) {
+        bail!(
+            "CUDA skinny GEMM: cannot take x {:?} {:?} with w {:?} {:?}",
+            x.dtype(),
+            x.dims(),
+            w.dtype(),
+            w.dims()
+        );
+    }
+    let (n, k) = w.dims2()?;
+    let rows = x.elem_count() / k;
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("x has a last dimension") = n;
+    let dtype = x.dtype();
+    let w = operand(w, dtype, &[n, k], "weight")?;
+    let bias = match ep.bias {
+        Some(b) => Some(operand(b, dtype, &[n], "bias")?),
+        None => None,
+    };
+    let gate = match ep.gate {
+        Some(g) => Some(operand(g, dtype, &out_dims, "gate")?),
+        None => None,
+    };
+    let residual = match ep.residual {
+        Some(r) => Some(operand(r, dtype, &out_dims, "residual")?),
+        None => None,
+    };
+    x.apply_op1_no_bwd(&Gemm {
+        w: &w,
+        ep: Epilogue {
+            bias: bias.as_ref(),
+            act: ep.act,
+            gate: gate.as_ref(),
+            residual: residual.as_ref(),
+        },
+        rows,
+        k,
+        n,
+        out_shape: Shape::from(out_dims),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan;
+
+    #[test]
+    fn plans_cover_k_and_fill_the_gpu() {
+        for &(rows, k, n) in &[
+            (28, 768, 6144),
+            (28, 3072, 768),
+            (28, 3072, 304),
+            (28, 48, 3072),
+            (84, 768, 2304),
+            (84, 3072, 768),
+            (1, 768, 512),
+            (96, 3076, 12),
+        ] {
+            let (bm, splits, kchunk) = plan(rows, k, n);
+            assert!(bm >= rows.min(16), "{rows} rows in tiles of {bm}");
+            assert!(splits >= 1);
+            assert_eq!(kchunk % super::KT, 0);
+            assert!(
+                splits * kchunk >= k && (splits - 1) * kchunk < k,
+                "{k}: {splits} × {kchunk}"
+            );
+        }
+        // a narrow layer with a long K is split, a wide one is not
+        assert!(plan(28, 3072, 768).1 > 1);
+        assert_eq!(plan(28, 768, 6144).1, 1);
+    }
+}
