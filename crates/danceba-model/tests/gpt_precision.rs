@@ -4,6 +4,18 @@
 //! * teacher-forced: at every step of every pipeline the window holds the golden (f32 greedy)
 //!   tokens, and the reduced-precision model's argmax of the last position must pick the golden
 //!   token — at least 98 % of all (step, stream) decisions;
+//! * the motion of those teacher-forced tokens (start token, then each step's argmax), decoded
+//!   as the pipeline decodes (f32 VQ-VAE, root integration, absolute joint positions in
+//!   metres), must stay within 1 cm of the golden motion in mean per-joint position error. The
+//!   largest error and the frames it touches are printed, not asserted: any differing token
+//!   moves joints by several cm around it (the decoder's receptive field is 31 tokens each
+//!   way), and one differing token of the lower half changes the decoded root velocity, which
+//!   the root trajectory integrates into an offset that every later frame keeps.
+//!
+//! f16 meets the motion criterion; bf16 does not, so its test is `#[ignore]`d, a known failure
+//! (run it with `--ignored`): its logits are up to 0.16 off the golden ones (scale 17.7; f16:
+//! 0.022), enough to flip lower-half tokens at the tiny random model's near-ties (margins
+//! 0.0007–0.013), and the integrated root then stays 8 cm (mono22k) and 22 cm (rock) away.
 //!
 //! The VQ-VAE always decodes in f32 (`danceba generate` loads it in f32 whatever `--dtype`
 //! says): decoding the golden tokens in f16 moved joints by up to 3.7 cm (the root trajectory
@@ -15,13 +27,20 @@
 
 mod gpt_common;
 
+use std::sync::OnceLock;
+
 use candle_core::{DType, Device, Tensor};
 use danceba_model::arch::VqVaeArch;
 use danceba_model::checkpoint;
 use danceba_model::gpt::sampler::window;
 use danceba_model::gpt::{GenerateOptions, Gpt};
 use danceba_model::vqvae::VqVae;
+use danceba_motion::skeleton::NUM_JOINTS;
+use danceba_motion::Motion;
 use gpt_common::*;
+
+/// Motion frame rate of DanceBa (the pipeline's `MOTION_FPS`).
+const FPS: f32 = 60.0;
 
 /// Index of the largest value (the lowest index on ties, like the sampler).
 fn argmax(t: &Tensor) -> u32 {
@@ -35,10 +54,16 @@ fn argmax(t: &Tensor) -> u32 {
     best as u32
 }
 
-/// (agreeing decisions, all decisions) of teacher-forced greedy steps.
-fn teacher_forced_agreement(gpt: &Gpt, p: &Golden) -> (usize, usize) {
+/// Teacher-forced greedy tokens of one pipeline: the golden start token, then at every step k
+/// the argmax of the last-position logits of the window of golden tokens ending at token k.
+struct TeacherForced {
+    up: Vec<u32>,
+    down: Vec<u32>,
+}
+
+fn teacher_forced(gpt: &Gpt, p: &Golden) -> TeacherForced {
     let n = p.cond.dim(0).unwrap();
-    let mut agree = 0;
+    let (mut up, mut down) = (vec![p.up[0]], vec![p.down[0]]);
     for k in 0..n {
         // step k predicts token k + 1 from the window ending at token k
         let (s, t) = window(k, gpt.arch().block_size);
@@ -50,12 +75,35 @@ fn teacher_forced_agreement(gpt: &Gpt, p: &Golden) -> (usize, usize) {
                 &c,
             )
             .unwrap();
-        let lu = lu.get(0).unwrap().get(t - 1).unwrap();
-        let ld = ld.get(0).unwrap().get(t - 1).unwrap();
-        agree += usize::from(argmax(&lu) == p.up[k + 1]);
-        agree += usize::from(argmax(&ld) == p.down[k + 1]);
+        up.push(argmax(&lu.get(0).unwrap().get(t - 1).unwrap()));
+        down.push(argmax(&ld.get(0).unwrap().get(t - 1).unwrap()));
     }
-    (agree, 2 * n)
+    assert_eq!(up.len(), p.up.len(), "{}: token count", p.name);
+    TeacherForced { up, down }
+}
+
+const DTYPES: [DType; 2] = [DType::F16, DType::BF16];
+
+type Shared = (Vec<Golden>, Vec<(DType, Vec<TeacherForced>)>);
+
+/// The golden pipelines and, for each of [`DTYPES`], every pipeline's teacher-forced tokens;
+/// computed once for all tests of this file.
+fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let pipes = golden_pipelines();
+        let tf = DTYPES
+            .iter()
+            .map(|&dtype| {
+                let gpt = tiny_gpt_dtype(dtype);
+                (
+                    dtype,
+                    pipes.iter().map(|p| teacher_forced(&gpt, p)).collect(),
+                )
+            })
+            .collect();
+        (pipes, tf)
+    })
 }
 
 fn vqvae(dtype: DType) -> VqVae {
@@ -70,10 +118,17 @@ fn vqvae(dtype: DType) -> VqVae {
     VqVae::load(sd.var_builder(dtype, &Device::Cpu), &arch).unwrap()
 }
 
+/// Tokens → absolute motion as the pipeline decodes them (`Pipeline::decode`: the VQ-VAE's
+/// `pose_decoded`, then root integration and absolute positions; its chunked decode equals
+/// the whole-song decode).
+fn decode(vq: &VqVae, up: &[u32], down: &[u32]) -> Motion {
+    Motion::from_decoded(&vq.decode(up, down).unwrap(), FPS).unwrap()
+}
+
 /// Largest joint-position difference in cm between two decoded motions.
 fn motion_cm(a: &[f32], b: &[f32]) -> f32 {
-    let ma = danceba_motion::Motion::from_decoded(a, 60.0).unwrap();
-    let mb = danceba_motion::Motion::from_decoded(b, 60.0).unwrap();
+    let ma = Motion::from_decoded(a, FPS).unwrap();
+    let mb = Motion::from_decoded(b, FPS).unwrap();
     ma.positions
         .iter()
         .zip(&mb.positions)
@@ -81,20 +136,75 @@ fn motion_cm(a: &[f32], b: &[f32]) -> f32 {
         * 100.0
 }
 
+/// Per-joint position error (Euclidean distance, metres) between two motions of equal length.
+struct JointError {
+    mean: f64,
+    max: f32,
+    /// frames where some joint moved at all
+    frames_nonzero: usize,
+    frames: usize,
+    /// first such frame
+    first_frame: Option<usize>,
+}
+
+fn joint_error(a: &Motion, b: &Motion) -> JointError {
+    assert_eq!(a.frames(), b.frames(), "frame counts");
+    let (mut sum, mut max, mut frames_nonzero, mut first_frame) = (0f64, 0f32, 0, None);
+    for (f, (ra, rb)) in a
+        .positions
+        .chunks_exact(3 * NUM_JOINTS)
+        .zip(b.positions.chunks_exact(3 * NUM_JOINTS))
+        .enumerate()
+    {
+        let mut frame_max = 0f32;
+        for (ja, jb) in ra.chunks_exact(3).zip(rb.chunks_exact(3)) {
+            let d = ja
+                .iter()
+                .zip(jb)
+                .map(|(x, y)| (x - y) * (x - y))
+                .sum::<f32>()
+                .sqrt();
+            sum += f64::from(d);
+            frame_max = frame_max.max(d);
+        }
+        max = max.max(frame_max);
+        if frame_max > 0.0 {
+            frames_nonzero += 1;
+            first_frame.get_or_insert(f);
+        }
+    }
+    JointError {
+        mean: sum / (a.frames() * NUM_JOINTS) as f64,
+        max,
+        frames_nonzero,
+        frames: a.frames(),
+        first_frame,
+    }
+}
+
 #[test]
 fn reduced_precision_gpt_agrees_with_f32_teacher_forced() {
     let f32_gpt = tiny_gpt();
     let vq = vqvae(DType::F32);
-    let pipes = golden_pipelines();
+    let (pipes, tf) = shared();
     let mut report = Vec::new();
-    for dtype in [DType::F16, DType::BF16] {
-        let gpt = tiny_gpt_dtype(dtype);
+    for (dtype, tokens_tf) in tf {
+        let gpt = tiny_gpt_dtype(*dtype);
         let (mut agree, mut all) = (0, 0);
         let (mut same, mut tokens, mut worst_cm) = (0, 0, 0f32);
-        for p in &pipes {
-            let (a, n) = teacher_forced_agreement(&gpt, p);
-            agree += a;
-            all += n;
+        for (p, tf) in pipes.iter().zip(tokens_tf) {
+            // token 0 is the start token, not a decision
+            agree += tf.up[1..]
+                .iter()
+                .zip(&p.up[1..])
+                .filter(|(a, b)| a == b)
+                .count();
+            agree += tf.down[1..]
+                .iter()
+                .zip(&p.down[1..])
+                .filter(|(a, b)| a == b)
+                .count();
+            all += 2 * (p.up.len() - 1);
             // reported only (see the module doc)
             let opts = GenerateOptions::default();
             let reference = f32_gpt.generate(&p.cond, &opts, &mut |_, _| {}).unwrap();
@@ -115,7 +225,7 @@ fn reduced_precision_gpt_agrees_with_f32_teacher_forced() {
              {:.2} % of tokens equal, motion differs by up to {worst_cm:.1} cm",
             100.0 * same as f64 / tokens as f64
         );
-        report.push((dtype, pct));
+        report.push((*dtype, pct));
     }
     for (dtype, pct) in report {
         assert!(
@@ -123,4 +233,81 @@ fn reduced_precision_gpt_agrees_with_f32_teacher_forced() {
             "{dtype:?}: teacher-forced agreement {pct:.2} % < 98 %"
         );
     }
+}
+
+/// The motion of `dtype`'s teacher-forced tokens against the golden motion, per pipeline:
+/// prints what differs and returns the pipelines whose mean per-joint position error is above
+/// 1 cm.
+fn teacher_forced_motion(dtype: DType) -> Vec<String> {
+    let vq = vqvae(DType::F32);
+    let (pipes, tf) = shared();
+    let tokens_tf = &tf.iter().find(|(d, _)| *d == dtype).unwrap().1;
+    let mut failures = Vec::new();
+    for (p, tf) in pipes.iter().zip(tokens_tf) {
+        // The fp32 reference: the golden tokens (the official f32 greedy run, which the f32
+        // model reproduces, see the agreement test), decoded; it must be the official motion.
+        let want = decode(&vq, &p.up, &p.down);
+        let official = load_st(&p.name)["pose_absolute"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(want.positions.len(), official.len(), "{}", p.name);
+        let err = want
+            .positions
+            .iter()
+            .zip(&official)
+            .fold(0f32, |w, (x, y)| w.max((x - y).abs()));
+        assert!(err < 1e-4, "{}: golden tokens decode {err} m off", p.name);
+
+        let got = decode(&vq, &tf.up, &tf.down);
+        let diff_up = tf.up.iter().zip(&p.up).filter(|(a, b)| a != b).count();
+        let diff_down = tf.down.iter().zip(&p.down).filter(|(a, b)| a != b).count();
+        let e = joint_error(&got, &want);
+        // without the root trajectory: what the pose itself does
+        let rel = joint_error(
+            &Motion::new(got.root_relative(), FPS).unwrap(),
+            &Motion::new(want.root_relative(), FPS).unwrap(),
+        );
+        println!(
+            "{dtype:?} {}: {diff_up} up + {diff_down} down of {} tokens differ; per-joint \
+             position error mean {:.3} cm, max {:.3} cm, non-zero on {} of {} frames{} \
+             (root-relative: mean {:.3} cm, max {:.3} cm)",
+            p.name.trim_end_matches(".pipeline.safetensors"),
+            2 * p.up.len(),
+            100.0 * e.mean,
+            100.0 * e.max,
+            e.frames_nonzero,
+            e.frames,
+            e.first_frame
+                .map(|f| format!(" from frame {f}"))
+                .unwrap_or_default(),
+            100.0 * rel.mean,
+            100.0 * rel.max,
+        );
+        if e.mean > 0.01 {
+            failures.push(format!("{}: mean {:.2} cm", p.name, 100.0 * e.mean));
+        }
+    }
+    failures
+}
+
+#[test]
+fn f16_teacher_forced_motion_within_1cm_of_f32() {
+    let failures = teacher_forced_motion(DType::F16);
+    assert!(
+        failures.is_empty(),
+        "F16: mean per-joint position error above 1 cm: {failures:?}"
+    );
+}
+
+#[test]
+#[ignore = "fails (mean 8.10 cm on mono22k, 25.94 cm on rock): bf16 flips lower-half tokens at \
+            near-ties, and root integration keeps the offset for the rest of the song"]
+fn bf16_teacher_forced_motion_within_1cm_of_f32() {
+    let failures = teacher_forced_motion(DType::BF16);
+    assert!(
+        failures.is_empty(),
+        "BF16: mean per-joint position error above 1 cm: {failures:?}"
+    );
 }
