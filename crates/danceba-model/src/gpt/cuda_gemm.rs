@@ -11,7 +11,8 @@
 //! of the unfused path (GEMM result, bias, activation, gate, residual).
 //!
 //! The model uses it for f32 products of at most [`max_rows`] rows (`DANCEBA_CUDA_GEMM_MAX_ROWS`,
-//! default 128; cuBLAS is better for bigger batches, and in f16/bf16 its tensor cores win);
+//! default 32: one song's 28-row Mamba/MLP layers; cuBLAS was faster on the base blocks' 84 rows
+//! and bigger batches, and in f16/bf16 its tensor cores win);
 //! `DANCEBA_CUDA_GEMM=all` takes every dtype, `DANCEBA_CUDA_GEMM=0|off|false|no` none ([`Mode`]).
 
 use std::sync::OnceLock;
@@ -37,8 +38,9 @@ const KT: usize = 128;
 /// Blocks to aim for: four per SM of an H100/H200 (132 SMs; registers and shared memory allow
 /// four); K is split until there are.
 const TARGET_BLOCKS: usize = 528;
-/// Default of [`max_rows`].
-pub const DEFAULT_MAX_ROWS: usize = 128;
+/// Default of [`max_rows`]. On an H200 (f32, batch 1): 32 → 2.87 ms per step, 128 (the 84-row
+/// base blocks too) → 2.96 ms, 16 (the ramp only) → 3.11 ms, cuBLAS only → 3.14 ms.
+pub const DEFAULT_MAX_ROWS: usize = 32;
 
 /// Which dtypes the model's linear layers send to the skinny GEMM (`DANCEBA_CUDA_GEMM`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,7 +69,7 @@ pub fn mode() -> Mode {
 }
 
 /// The most rows (product of the leading dimensions) the skinny GEMM takes; bigger products go
-/// to cuBLAS. `DANCEBA_CUDA_GEMM_MAX_ROWS` overrides the default (128).
+/// to cuBLAS. `DANCEBA_CUDA_GEMM_MAX_ROWS` overrides the default (32).
 pub fn max_rows() -> usize {
     static N: OnceLock<usize> = OnceLock::new();
     *N.get_or_init(|| {
@@ -115,20 +117,21 @@ fn row_stride(l: &Layout) -> Option<usize> {
         .then_some(ldx)
 }
 
-/// Whether the model's linear layers use [`linear`] for `x` with the weight `w`: [`supports`]
-/// and the [`mode`] takes the dtype.
+/// Whether the model's linear layers use [`linear`] for `x` with the weight `w`: [`supports`],
+/// at most [`max_rows`] rows, and the [`mode`] takes the dtype.
 pub fn applies(x: &Tensor, w: &Tensor) -> bool {
     let dtype_on = match mode() {
         Mode::Off => false,
         Mode::F32 => x.dtype() == DType::F32,
         Mode::All => true,
     };
-    dtype_on && supports(x, w)
+    let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+    dtype_on && rows <= max_rows() && supports(x, w)
 }
 
 /// Whether [`linear`] can take `x` (.., K) with the weight `w` (N, K): a CUDA tensor of the
 /// weight's dtype (f32/f16/bf16), K and N multiples of 4, rows evenly spaced (contiguous, or a
-/// `narrow` of the last dimension), at most [`max_rows`] rows.
+/// `narrow` of the last dimension).
 pub fn supports(x: &Tensor, w: &Tensor) -> bool {
     let (Some(&k), Ok((n, wk))) = (x.dims().last(), w.dims2()) else {
         return false;
@@ -143,7 +146,8 @@ pub fn supports(x: &Tensor, w: &Tensor) -> bool {
         && k.is_multiple_of(4)
         && n.is_multiple_of(4)
         && n > 0
-        && (1..=max_rows()).contains(&rows)
+        && rows >= 1
+        && rows <= i32::MAX as usize
 }
 
 struct Gemm<'a> {
