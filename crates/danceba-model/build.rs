@@ -22,6 +22,8 @@ fn main() {
         .map(|s| s.trim().replace('.', ""))
         .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()))
         .unwrap_or_else(|| "75".to_string());
+    // the host side picks kernels by it (tensor cores from 8.0)
+    println!("cargo:rustc-env=DANCEBA_CUDA_COMPUTE_CAP={cap}");
     let nvcc = std::env::var_os("NVCC").unwrap_or_else(|| "nvcc".into());
     for name in ["cuda_scan", "cuda_ops", "cuda_gemm"] {
         let src = format!("src/gpt/{name}.cu");

@@ -258,6 +258,135 @@ __device__ __forceinline__ void skinny_gemm(const T* __restrict__ x, const T* __
     }
 }
 
+#define MMA_BN 32        // output columns per block of the tensor-core kernel: 8 per warp
+#define MMA_S (KT + 8)   // elements per shared-memory row: the padding makes fragment loads
+                         // conflict-free (rows start 4 banks apart)
+
+// d = a·b + d on the tensor cores, m16n8k16, f32 accumulators (sm_80+).
+__device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], const unsigned b[2],
+                                         __half) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+__device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], const unsigned b[2],
+                                         __nv_bfloat16) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// The f16/bf16 skinny GEMM on the tensor cores. Grid (ceil(M / 16), ceil(N / MMA_BN), splits);
+// 4 warps, warp w computing the 16 × 8 tile of rows m0 .. m0 + 16 and columns
+// n0 = blockIdx.y·MMA_BN + 8w .. n0 + 8 with one m16n8k16 product per 16 k, over the block's k
+// range in chunks of KT staged in shared memory by the same cp.async pipeline as skinny_gemm
+// (rows padded to MMA_S). Lane l holds the outputs (row l/4 [+ 8], column n0 + 2(l%4) [+ 1]).
+// Before sm_80 the same tile is summed with FMAs (no tensor cores).
+template <typename T>
+__device__ __forceinline__ void skinny_mma(const T* __restrict__ x, const T* __restrict__ w,
+                                           const T* __restrict__ bias, const T* __restrict__ gate,
+                                           const T* __restrict__ res, T* __restrict__ y,
+                                           float* __restrict__ ws, int M, int N, int K, int ldx,
+                                           int kchunk, int act) {
+    constexpr int BM = 16;
+    constexpr int THREADS = 128;
+    constexpr int XQ = BM * KT / 4 / THREADS;
+    constexpr int WQ = MMA_BN * KT / 4 / THREADS;
+    static_assert(XQ * THREADS * 4 == BM * KT && WQ * THREADS * 4 == MMA_BN * KT, "even split");
+    __shared__ __align__(16) T xs[STAGES][BM * MMA_S];
+    __shared__ __align__(16) T wsh[STAGES][MMA_BN * MMA_S];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int m0 = blockIdx.x * BM;
+    const int nb = blockIdx.y * MMA_BN;
+    const int n0 = nb + 8 * warp;
+    const int rows = min(BM, M - m0);
+    const int kb = blockIdx.z * kchunk;
+    const int ke = min(K, kb + kchunk);
+    const int chunks = (ke - kb + KT - 1) / KT;
+
+    auto issue = [&](int c) {
+        if (c < chunks) {
+            const int slot = c % STAGES;
+            const int k0 = kb + c * KT;
+#pragma unroll
+            for (int i = 0; i < XQ; ++i) {
+                const int q = threadIdx.x + i * THREADS;
+                const int m = q / (KT / 4);
+                const int kq = q % (KT / 4);
+                const int k = k0 + 4 * kq;
+                const bool ok = m < rows && k < ke;
+                copy4(&xs[slot][m * MMA_S + 4 * kq], ok ? x + (long long)(m0 + m) * ldx + k : x,
+                      ok);
+            }
+#pragma unroll
+            for (int i = 0; i < WQ; ++i) {
+                const int q = threadIdx.x + i * THREADS;
+                const int j = q / (KT / 4);
+                const int kq = q % (KT / 4);
+                const int k = k0 + 4 * kq;
+                const bool ok = nb + j < N && k < ke;
+                copy4(&wsh[slot][j * MMA_S + 4 * kq], ok ? w + (long long)(nb + j) * K + k : w,
+                      ok);
+            }
+        }
+        copy_commit();
+    };
+
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) issue(s);
+    for (int ch = 0; ch < chunks; ++ch) {
+        copy_wait();
+        __syncthreads();
+        issue(ch + STAGES - 1);
+        const T* xa = xs[ch % STAGES];
+        const T* wb = wsh[ch % STAGES] + 8 * warp * MMA_S;
+#pragma unroll
+        for (int k0 = 0; k0 < KT; k0 += 16) {
+#if __CUDA_ARCH__ >= 800
+            unsigned a[4], b[2];
+            a[0] = *reinterpret_cast<const unsigned*>(xa + g * MMA_S + k0 + 2 * t);
+            a[1] = *reinterpret_cast<const unsigned*>(xa + (g + 8) * MMA_S + k0 + 2 * t);
+            a[2] = *reinterpret_cast<const unsigned*>(xa + g * MMA_S + k0 + 8 + 2 * t);
+            a[3] = *reinterpret_cast<const unsigned*>(xa + (g + 8) * MMA_S + k0 + 8 + 2 * t);
+            b[0] = *reinterpret_cast<const unsigned*>(wb + g * MMA_S + k0 + 2 * t);
+            b[1] = *reinterpret_cast<const unsigned*>(wb + g * MMA_S + k0 + 8 + 2 * t);
+            mma16816(c, a, b, T());
+#else
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int m = g + (i >= 2 ? 8 : 0);
+                const int j = 2 * t + (i & 1);
+                for (int k = k0; k < k0 + 16; ++k)
+                    c[i] = fmaf(to_f(xa[m * MMA_S + k]), to_f(wb[j * MMA_S + k]), c[i]);
+            }
+#endif
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int m = g + (i >= 2 ? 8 : 0);
+        const int col = n0 + 2 * t + (i & 1);
+        if (m >= rows || col >= N) continue;
+        const long long o = (long long)(m0 + m) * N + col;
+        if (gridDim.z == 1) {
+            epilogue<T>(c[i], bias, gate, res, y, o, col, act);
+        } else {
+            ws[(long long)blockIdx.z * M * N + o] = c[i];
+        }
+    }
+}
+
 // Sums the splits' partial products in order and applies the epilogue; one thread per output.
 template <typename T>
 __device__ __forceinline__ void skinny_reduce(const float* __restrict__ ws,
@@ -290,6 +419,15 @@ __device__ __forceinline__ void skinny_reduce(const float* __restrict__ ws,
         skinny_reduce<T>(ws, bias, gate, res, y, M, N, splits, act);                            \
     }
 
+#define MMA(T, S)                                                                               \
+    extern "C" __global__ void __launch_bounds__(128)                                           \
+        skinny_mma_##S(const T* x, const T* w, const T* bias, const T* gate, const T* res, T* y, \
+                       float* ws, int M, int N, int K, int ldx, int kchunk, int act) {          \
+        skinny_mma<T>(x, w, bias, gate, res, y, ws, M, N, K, ldx, kchunk, act);                 \
+    }
+
 GEMMS(float, f32)
 GEMMS(__half, f16)
 GEMMS(__nv_bfloat16, bf16)
+MMA(__half, f16)
+MMA(__nv_bfloat16, bf16)

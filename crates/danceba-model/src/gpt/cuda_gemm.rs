@@ -2,9 +2,10 @@
 //! rows (one window: 28 or 84 rows per song) with the bias, the activation, an elementwise gate
 //! and a residual add fused into its epilogue (`cuda_gemm.cu`, compiled to PTX by the build
 //! script). cuBLAS cuts such products into a few dozen 32×32 tiles and leaves most of the GPU
-//! idle; here each block computes 16 output columns of 8 or 16 rows, streaming x and the weights
-//! through a 3-deep cp.async pipeline in shared memory, and K is split over blocks (a second
-//! kernel adds the partial sums in order) until the GPU is full.
+//! idle; here each block streams x and the weights through a 3-deep cp.async pipeline in shared
+//! memory, and K is split over blocks (a second kernel adds the partial sums in order) until the
+//! GPU is full. f32 runs on CUDA-core FMAs (16 output columns of 8 or 16 rows per block),
+//! f16/bf16 on the tensor cores (m16n8k16 products, 32 columns of 16 rows per block).
 //!
 //! f32 results differ from cuBLAS only by the order of the K sum (deterministic: per-lane FMAs,
 //! a fixed shuffle tree, the K splits in order); f16/bf16 keep f32 sums and the rounding points
@@ -12,8 +13,9 @@
 //!
 //! The model uses it for f32 products of at most [`max_rows`] rows (`DANCEBA_CUDA_GEMM_MAX_ROWS`,
 //! default 32: one song's 28-row Mamba/MLP layers; cuBLAS was faster on the base blocks' 84 rows
-//! and bigger batches, and in f16/bf16 its tensor cores win);
-//! `DANCEBA_CUDA_GEMM=all` takes every dtype, `DANCEBA_CUDA_GEMM=0|off|false|no` none ([`Mode`]).
+//! and bigger batches). In f16/bf16 the tensor-core kernel and cuBLAS measured the same, so the
+//! default leaves them to cuBLAS; `DANCEBA_CUDA_GEMM=all` takes every dtype,
+//! `DANCEBA_CUDA_GEMM=0|off|false|no` none ([`Mode`]).
 
 use std::sync::OnceLock;
 
@@ -47,11 +49,12 @@ pub const DEFAULT_MAX_ROWS: usize = 32;
 pub enum Mode {
     /// `0`, `off`, `false`, `no`: cuBLAS for everything.
     Off,
-    /// The default (unset or `auto`): f32 only. In f16/bf16 cuBLAS's tensor-core kernels were
-    /// faster on an H200 (1.97 ms against 3.10 ms per step), in f32 the skinny GEMM (3.17 ms
-    /// against 3.41 ms).
+    /// The default (unset or `auto`): f32 only. On an H200, batch 1, per step: f32 2.84–2.90 ms
+    /// against 3.12 ms with cuBLAS; bf16 1.77 ms against 1.76 ms, f16 1.73 ms against 1.74 ms
+    /// (the tensor-core kernel gains nothing over cuBLAS there).
     F32,
-    /// `all`: every dtype.
+    /// `all`: every dtype (f16/bf16 on the tensor-core kernel, in builds for compute
+    /// capability ≥ 8.0).
     All,
 }
 
@@ -123,7 +126,7 @@ pub fn applies(x: &Tensor, w: &Tensor) -> bool {
     let dtype_on = match mode() {
         Mode::Off => false,
         Mode::F32 => x.dtype() == DType::F32,
-        Mode::All => true,
+        Mode::All => x.dtype() == DType::F32 || tensor_cores(),
     };
     let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
     dtype_on && rows <= max_rows() && supports(x, w)
@@ -230,16 +233,36 @@ fn with_opt<T: CudaDType + DeviceRepr, R>(
     }
 }
 
-/// Rows per block tile, K splits (blocks along K, their partial sums added by a second
-/// kernel) and k per split, for a product of `rows` × `k` → `n`.
-fn plan(rows: usize, k: usize, n: usize) -> (usize, usize, usize) {
-    let bm = if rows <= 8 { 8 } else { 16 };
-    let blocks = n.div_ceil(4 * WARPS) * rows.div_ceil(bm);
+/// Whether the PTX was built for a GPU with the m16n8k16 tensor-core products (compute
+/// capability ≥ 8.0, `CUDA_COMPUTE_CAP` at build time); before that the f16/bf16 kernel sums
+/// its tiles with FMAs.
+fn tensor_cores() -> bool {
+    env!("DANCEBA_CUDA_COMPUTE_CAP")
+        .parse::<u32>()
+        .is_ok_and(|cap| cap >= 80)
+}
+
+/// The kernel's tiles for a product of `rows` × `k` → `n` in `dtype`: (kernel name prefix, rows
+/// per block, columns per block, K splits, k per split). f32 runs on the FMA kernel (8/16 rows ×
+/// 16 columns), f16/bf16 on the tensor-core kernel (16 × 32). K is split over blocks (their
+/// partial sums added by a second kernel) until there are [`TARGET_BLOCKS`].
+fn plan(
+    rows: usize,
+    k: usize,
+    n: usize,
+    dtype: DType,
+) -> (&'static str, usize, usize, usize, usize) {
+    let (name, bm, bn) = match dtype {
+        DType::F16 | DType::BF16 => ("skinny_mma_", 16, 32),
+        _ if rows <= 8 => ("skinny_gemm8_", 8, 4 * WARPS),
+        _ => ("skinny_gemm16_", 16, 4 * WARPS),
+    };
+    let blocks = n.div_ceil(bn) * rows.div_ceil(bm);
     let chunks = k.div_ceil(KT);
     let splits = TARGET_BLOCKS.div_ceil(blocks).clamp(1, chunks);
     // whole chunks per split, then as few splits as that needs
     let kchunk = chunks.div_ceil(splits) * KT;
-    (bm, k.div_ceil(kchunk), kchunk)
+    (name, bm, bn, k.div_ceil(kchunk), kchunk)
 }
 
 impl Gemm<'_> {
@@ -250,19 +273,16 @@ impl Gemm<'_> {
     ) -> Result<CudaStorage> {
         let dev = xs.device().clone();
         let (x, ldx) = rows_view::<T>(xs, xl, self.rows, self.k)?;
-        let (bm, splits, kchunk) = plan(self.rows, self.k, self.n);
+        let (name, bm, bn, splits, kchunk) = plan(self.rows, self.k, self.n, T::DTYPE);
         if splits > u16::MAX as usize {
             bail!("CUDA skinny GEMM: input width {} is too large", self.k);
         }
-        let func = dev.get_or_load_custom_func(
-            &format!("skinny_gemm{bm}_{}", suffix(T::DTYPE)?),
-            MODULE,
-            PTX,
-        )?;
+        let func =
+            dev.get_or_load_custom_func(&format!("{name}{}", suffix(T::DTYPE)?), MODULE, PTX)?;
         let cfg = LaunchConfig {
             grid_dim: (
                 as_i32(self.rows.div_ceil(bm), "row tiles")? as u32,
-                as_i32(self.n.div_ceil(4 * WARPS), "column blocks")? as u32,
+                as_i32(self.n.div_ceil(bn), "column blocks")? as u32,
                 splits as u32,
             ),
             block_dim: ((32 * WARPS) as u32, 1, 1),
@@ -433,27 +453,31 @@ mod tests {
 
     #[test]
     fn plans_cover_k_and_fill_the_gpu() {
-        for &(rows, k, n) in &[
-            (28, 768, 6144),
-            (28, 3072, 768),
-            (28, 3072, 304),
-            (28, 48, 3072),
-            (84, 768, 2304),
-            (84, 3072, 768),
-            (1, 768, 512),
-            (96, 3076, 12),
-        ] {
-            let (bm, splits, kchunk) = plan(rows, k, n);
-            assert!(bm >= rows.min(16), "{rows} rows in tiles of {bm}");
-            assert!(splits >= 1);
-            assert_eq!(kchunk % super::KT, 0);
-            assert!(
-                splits * kchunk >= k && (splits - 1) * kchunk < k,
-                "{k}: {splits} × {kchunk}"
-            );
+        use candle_core::DType;
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for &(rows, k, n) in &[
+                (28, 768, 6144),
+                (28, 3072, 768),
+                (28, 3072, 304),
+                (28, 48, 3072),
+                (84, 768, 2304),
+                (84, 3072, 768),
+                (1, 768, 512),
+                (96, 3076, 12),
+            ] {
+                let (_, bm, bn, splits, kchunk) = plan(rows, k, n, dtype);
+                assert!(bm >= rows.min(16), "{rows} rows in tiles of {bm}");
+                assert!(bn >= 16);
+                assert!(splits >= 1);
+                assert_eq!(kchunk % super::KT, 0);
+                assert!(
+                    splits * kchunk >= k && (splits - 1) * kchunk < k,
+                    "{k}: {splits} × {kchunk}"
+                );
+            }
+            // a narrow layer with a long K is split more than a wide one with a short K
+            assert!(plan(28, 3072, 768, dtype).3 > 2);
+            assert!(plan(28, 768, 6144, dtype).3 <= 2);
         }
-        // a narrow layer with a long K is split, a wide one is not
-        assert!(plan(28, 3072, 768).1 > 1);
-        assert_eq!(plan(28, 768, 6144).1, 1);
     }
 }
