@@ -11,6 +11,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/gpt/cuda_scan.cu");
     println!("cargo:rerun-if-changed=src/gpt/cuda_ops.cu");
     println!("cargo:rerun-if-changed=src/gpt/cuda_gemm.cu");
+    println!("cargo:rerun-if-changed=src/gpt/cuda_common.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {

@@ -16,21 +16,7 @@
 // Requirements (checked by the host): K, N and ldx multiples of 4, x and w 16-byte (f32) / 8-byte
 // (f16, bf16) aligned.
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-    return __float2bfloat16(x);
-}
-
-template <typename T> __device__ __forceinline__ float rnd(float x) { return to_f(from_f<T>(x)); }
+#include "cuda_common.cuh"
 
 // Four consecutive values at p as floats.
 __device__ __forceinline__ void load4(const float* p, float v[4]) {
@@ -150,6 +136,37 @@ __device__ __forceinline__ void smem4(const __nv_bfloat16* p, float v[4]) {
     v[3] = __uint_as_float(t.y & 0xffff0000u);
 }
 
+// Copies the chunk [k0, min(k0 + KT, ke)) of the block's BM rows of x (from row m0) and of its
+// COLS weight rows (from row nb) into shared memory, rows S elements apart; zeros past M (`rows`),
+// N or ke. THREADS threads, 4 elements per copy, then one cp.async group.
+template <typename T, int BM, int COLS, int S, int THREADS>
+__device__ __forceinline__ void stage_chunk(T* __restrict__ xs, T* __restrict__ wsh,
+                                            const T* __restrict__ x, const T* __restrict__ w,
+                                            int m0, int rows, int nb, int N, int K, int ldx,
+                                            int k0, int ke) {
+    constexpr int XQ = BM * KT / 4 / THREADS;  // x quads each thread copies
+    constexpr int WQ = COLS * KT / 4 / THREADS;  // weight quads each thread copies
+    static_assert(XQ * THREADS * 4 == BM * KT && WQ * THREADS * 4 == COLS * KT, "even split");
+#pragma unroll
+    for (int i = 0; i < XQ; ++i) {
+        const int q = threadIdx.x + i * THREADS;
+        const int m = q / (KT / 4);
+        const int kq = q % (KT / 4);
+        const int k = k0 + 4 * kq;
+        const bool ok = m < rows && k < ke;
+        copy4(&xs[m * S + 4 * kq], ok ? x + (long long)(m0 + m) * ldx + k : x, ok);
+    }
+#pragma unroll
+    for (int i = 0; i < WQ; ++i) {
+        const int q = threadIdx.x + i * THREADS;
+        const int j = q / (KT / 4);
+        const int kq = q % (KT / 4);
+        const int k = k0 + 4 * kq;
+        const bool ok = nb + j < N && k < ke;
+        copy4(&wsh[j * S + 4 * kq], ok ? w + (long long)(nb + j) * K + k : w, ok);
+    }
+}
+
 // Grid (ceil(M / BM), ceil(N / BN), splits) — row tiles fastest, so the blocks sharing weights
 // run together; block = 4 warps, warp w computing the 4 columns n0 = blockIdx.y·BN + 4w ..
 // n0 + 4 for the block's BM rows over the k range [blockIdx.z·kchunk, min(K, (blockIdx.z+1)·
@@ -168,9 +185,6 @@ __device__ __forceinline__ void skinny_gemm(const T* __restrict__ x, const T* __
     constexpr int R = BM * 4;    // accumulators per lane: (row, column) = (i / 4, i % 4)
     constexpr int PER = R / 32;  // values per lane after the reduce-scatter
     constexpr int THREADS = 128;
-    constexpr int XQ = BM * KT / 4 / THREADS;  // x quads each thread copies per chunk
-    constexpr int WQ = BN * KT / 4 / THREADS;  // weight quads each thread copies per chunk
-    static_assert(XQ * THREADS * 4 == BM * KT && WQ * THREADS * 4 == BN * KT, "even split");
     __shared__ __align__(16) T xs[STAGES][BM * KT];
     __shared__ __align__(16) T wsh[STAGES][BN * KT];
     const int lane = threadIdx.x & 31;
@@ -186,24 +200,8 @@ __device__ __forceinline__ void skinny_gemm(const T* __restrict__ x, const T* __
     // copies chunk c into stage slot c % STAGES (nothing past the last chunk)
     auto issue = [&](int c) {
         if (c < chunks) {
-            const int slot = c % STAGES;
-            const int k0 = kb + c * KT;
-#pragma unroll
-            for (int i = 0; i < XQ; ++i) {
-                const int q = threadIdx.x + i * THREADS;
-                const int m = q / (KT / 4);
-                const int k = k0 + 4 * (q % (KT / 4));
-                const bool ok = m < rows && k < ke;
-                copy4(&xs[slot][4 * q], ok ? x + (long long)(m0 + m) * ldx + k : x, ok);
-            }
-#pragma unroll
-            for (int i = 0; i < WQ; ++i) {
-                const int q = threadIdx.x + i * THREADS;
-                const int j = q / (KT / 4);
-                const int k = k0 + 4 * (q % (KT / 4));
-                const bool ok = nb + j < N && k < ke;
-                copy4(&wsh[slot][4 * q], ok ? w + (long long)(nb + j) * K + k : w, ok);
-            }
+            stage_chunk<T, BM, BN, KT, THREADS>(xs[c % STAGES], wsh[c % STAGES], x, w, m0, rows,
+                                                nb, N, K, ldx, kb + c * KT, ke);
         }
         copy_commit();
     };
@@ -298,9 +296,6 @@ __device__ __forceinline__ void skinny_mma(const T* __restrict__ x, const T* __r
                                            int kchunk, int act) {
     constexpr int BM = 16;
     constexpr int THREADS = 128;
-    constexpr int XQ = BM * KT / 4 / THREADS;
-    constexpr int WQ = MMA_BN * KT / 4 / THREADS;
-    static_assert(XQ * THREADS * 4 == BM * KT && WQ * THREADS * 4 == MMA_BN * KT, "even split");
     __shared__ __align__(16) T xs[STAGES][BM * MMA_S];
     __shared__ __align__(16) T wsh[STAGES][MMA_BN * MMA_S];
     const int lane = threadIdx.x & 31;
@@ -316,28 +311,8 @@ __device__ __forceinline__ void skinny_mma(const T* __restrict__ x, const T* __r
 
     auto issue = [&](int c) {
         if (c < chunks) {
-            const int slot = c % STAGES;
-            const int k0 = kb + c * KT;
-#pragma unroll
-            for (int i = 0; i < XQ; ++i) {
-                const int q = threadIdx.x + i * THREADS;
-                const int m = q / (KT / 4);
-                const int kq = q % (KT / 4);
-                const int k = k0 + 4 * kq;
-                const bool ok = m < rows && k < ke;
-                copy4(&xs[slot][m * MMA_S + 4 * kq], ok ? x + (long long)(m0 + m) * ldx + k : x,
-                      ok);
-            }
-#pragma unroll
-            for (int i = 0; i < WQ; ++i) {
-                const int q = threadIdx.x + i * THREADS;
-                const int j = q / (KT / 4);
-                const int kq = q % (KT / 4);
-                const int k = k0 + 4 * kq;
-                const bool ok = nb + j < N && k < ke;
-                copy4(&wsh[slot][j * MMA_S + 4 * kq], ok ? w + (long long)(nb + j) * K + k : w,
-                      ok);
-            }
+            stage_chunk<T, BM, MMA_BN, MMA_S, THREADS>(xs[c % STAGES], wsh[c % STAGES], x, w, m0,
+                                                       rows, nb, N, K, ldx, kb + c * KT, ke);
         }
         copy_commit();
     };

@@ -10,22 +10,7 @@
 //  * split_heads_<T>: (B, n, 3·H·hd) → q, k, v heads (3, B, H, n, hd).
 //  * scale_mask_softmax_<T>: softmax(T(T(s·scale) + mask)) per row, one warp per row.
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-    return __float2bfloat16(x);
-}
-
-// rounds through T (identity for f32)
-template <typename T> __device__ __forceinline__ float rnd(float x) { return to_f(from_f<T>(x)); }
+#include "cuda_common.cuh"
 
 __device__ __forceinline__ float block_sum(float v, float* sh) {
 #pragma unroll
