@@ -9,11 +9,11 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use danceba_model::arch::{GptArch, MambaArch};
+use danceba_model::arch::MambaArch;
 use danceba_model::gpt::mamba::Mamba;
 use danceba_model::gpt::sampler::window;
-use danceba_model::gpt::{GenerateOptions, Gpt, MambaImpl};
-use gpt_common::{golden_dir, golden_pipelines, load_st, rel_err};
+use danceba_model::gpt::{GenerateOptions, MambaImpl};
+use gpt_common::{golden_pipelines, load_st, rel_err, tiny_gpt_on};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -139,18 +139,11 @@ fn fused_cuda_mamba_matches_portable_at_real_size() {
     }
 }
 
-fn tiny_gpt_on(dev: &Device) -> Gpt {
-    let p = golden_dir().join("model").join("tiny_gpt.pt");
-    let sd = danceba_model::checkpoint::load_on(&p, dev, DType::F32).unwrap();
-    let arch = GptArch::from_state_dict(&sd, None).unwrap();
-    Gpt::load(sd.var_builder(DType::F32, dev), &arch).unwrap()
-}
-
 #[test]
 fn tiny_golden_forward_on_cuda() {
     let dev = cuda();
     let g = load_st("gpt_forward.safetensors");
-    let mut gpt = tiny_gpt_on(&dev);
+    let mut gpt = tiny_gpt_on(&dev, DType::F32);
     assert_eq!(gpt.mamba_impl(), MambaImpl::FusedCuda);
     for imp in [MambaImpl::FusedCuda, MambaImpl::Portable] {
         gpt.set_mamba_impl(imp);
@@ -178,7 +171,7 @@ fn tiny_golden_forward_on_cuda() {
 #[test]
 fn tiny_golden_pipelines_on_cuda() {
     let dev = cuda();
-    let gpt = tiny_gpt_on(&dev);
+    let gpt = tiny_gpt_on(&dev, DType::F32);
     for g in golden_pipelines() {
         let (name, up, down, cond) = (&g.name, &g.up, &g.down, &g.cond);
         let (margin_up, margin_down) = (&g.margin_up, &g.margin_down);

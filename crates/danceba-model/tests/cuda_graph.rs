@@ -7,23 +7,15 @@
 mod gpt_common;
 
 use candle_core::{DType, Device};
-use danceba_model::arch::GptArch;
 use danceba_model::gpt::random::{official_gpt_arch, random_gpt_on};
 use danceba_model::gpt::sampler::window;
 use danceba_model::gpt::Gpt;
-use gpt_common::{golden_dir, load_st};
+use gpt_common::{golden_pipelines, tiny_gpt_on};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 fn cuda() -> Device {
     Device::new_cuda(0).expect("these tests need a CUDA GPU")
-}
-
-fn tiny_gpt_on(dev: &Device) -> Gpt {
-    let p = golden_dir().join("model").join("tiny_gpt.pt");
-    let sd = danceba_model::checkpoint::load_on(&p, dev, DType::F32).unwrap();
-    let arch = GptArch::from_state_dict(&sd, None).unwrap();
-    Gpt::load(sd.var_builder(DType::F32, dev), &arch).unwrap()
 }
 
 /// Largest |a − b| over max |b| (0 when both are zero).
@@ -76,7 +68,7 @@ fn graph_matches_direct(gpt: &Gpt, shapes: &[(usize, usize)], tol: f32, seed: u6
 #[test]
 fn tiny_model_graphs_match_direct_forward() {
     let dev = cuda();
-    let gpt = tiny_gpt_on(&dev);
+    let gpt = tiny_gpt_on(&dev, DType::F32);
     graph_matches_direct(&gpt, &[(1, 1), (1, 5), (1, 28), (3, 28), (2, 17)], 1e-6, 1);
 }
 
@@ -93,49 +85,38 @@ fn real_size_graphs_match_direct_forward() {
 #[test]
 fn graph_path_reproduces_golden_step_logits() {
     let dev = cuda();
-    let gpt = tiny_gpt_on(&dev);
+    let gpt = tiny_gpt_on(&dev, DType::F32);
     assert!(gpt.cuda_graphs());
-    let g = load_st("rock_armygeddon_20s.pipeline.safetensors");
-    let toks = |k: &str| -> Vec<u32> {
-        g[k].to_vec1::<i64>()
-            .unwrap()
-            .iter()
-            .map(|&v| v as u32)
-            .collect()
-    };
-    let (up, down) = (toks("tokens_up"), toks("tokens_down"));
-    let cond = g["cond"].squeeze(0).unwrap();
-    let (n, nm) = cond.dims2().unwrap();
-    let cond = cond.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let (vu, vd) = (gpt.arch().vocab_up, gpt.arch().vocab_down);
-    let mut worst = 0f32;
-    for k in 0..n {
-        let (s, t) = window(k, gpt.arch().block_size);
-        let (lu, ld) = gpt
-            .last_logits(
-                &up[s..s + t],
-                &down[s..s + t],
-                &cond[s * nm..(s + t) * nm],
-                1,
-                t,
-            )
-            .unwrap();
-        let wu = g["step_logits_up"]
-            .get(k)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let wd = g["step_logits_down"]
-            .get(k)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let (eu, ed) = (rel(&lu[..vu], &wu), rel(&ld[..vd], &wd));
-        assert!(
-            eu <= 1e-4 && ed <= 1e-4,
-            "step {k}: rel err up {eu} down {ed}"
+    for g in golden_pipelines() {
+        let (n, nm) = g.cond.dims2().unwrap();
+        let cond = g.cond.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut worst = 0f32;
+        for k in 0..n {
+            let (s, t) = window(k, gpt.arch().block_size);
+            let (lu, ld) = gpt
+                .last_logits(
+                    &g.up[s..s + t],
+                    &g.down[s..s + t],
+                    &cond[s * nm..(s + t) * nm],
+                    1,
+                    t,
+                )
+                .unwrap();
+            let wu = g.logits_up.get(k).unwrap().to_vec1::<f32>().unwrap();
+            let wd = g.logits_down.get(k).unwrap().to_vec1::<f32>().unwrap();
+            let (eu, ed) = (rel(&lu[..vu], &wu), rel(&ld[..vd], &wd));
+            assert!(
+                eu <= 1e-4 && ed <= 1e-4,
+                "{} step {k}: rel err up {eu} down {ed}",
+                g.name
+            );
+            worst = worst.max(eu).max(ed);
+        }
+        println!(
+            "{}: {n} steps through the graph path, worst rel err {worst:e}",
+            g.name
         );
-        worst = worst.max(eu).max(ed);
     }
     let (_, captured, failed) = gpt.cuda_graph_stats();
     assert_eq!(failed, 0);
@@ -143,5 +124,4 @@ fn graph_path_reproduces_golden_step_logits() {
         captured >= 1,
         "the steady window was never replayed from a graph"
     );
-    println!("{n} steps through the graph path, worst rel err {worst:e}");
 }

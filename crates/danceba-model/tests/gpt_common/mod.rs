@@ -56,15 +56,20 @@ pub fn tiny_vb() -> (candle_nn::VarBuilder<'static>, GptArch) {
     (sd.var_builder(DType::F32, &Device::Cpu), arch)
 }
 
-/// The tiny golden GPT (`golden/model/tiny_gpt.pt`) in `dtype` on the CPU, its sizes
-/// detected from the checkpoint.
-pub fn tiny_gpt_dtype(dtype: DType) -> Gpt {
+/// The tiny golden GPT (`golden/model/tiny_gpt.pt`) in `dtype` on `dev`, its sizes detected
+/// from the checkpoint.
+pub fn tiny_gpt_on(dev: &Device, dtype: DType) -> Gpt {
     let p = golden_dir().join("model").join("tiny_gpt.pt");
-    let sd = danceba_model::checkpoint::load_on(&p, &Device::Cpu, dtype)
+    let sd = danceba_model::checkpoint::load_on(&p, dev, dtype)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
     let arch = GptArch::from_state_dict(&sd, None).expect("tiny gpt architecture");
     assert_eq!(arch, tiny_arch(), "the tiny golden GPT's detected sizes");
-    Gpt::load(sd.var_builder(dtype, &Device::Cpu), &arch).expect("load tiny gpt")
+    Gpt::load(sd.var_builder(dtype, dev), &arch).expect("load tiny gpt")
+}
+
+/// The tiny golden GPT in `dtype` on the CPU.
+pub fn tiny_gpt_dtype(dtype: DType) -> Gpt {
+    tiny_gpt_on(&Device::Cpu, dtype)
 }
 
 /// The tiny golden GPT in f32.
