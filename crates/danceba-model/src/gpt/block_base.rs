@@ -1,7 +1,7 @@
 //! `Block_Base` (temporal-gated causal attention, reference §3.4), and the small layers shared
 //! by the GPT: linear layers and RMSNorm.
 
-use candle_core::{CpuStorage, DType, Device, Storage, Tensor, D};
+use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor, D};
 
 use super::cpu_gemm;
 use candle_nn::VarBuilder;
@@ -29,6 +29,43 @@ pub enum Act {
 pub struct Lin {
     w: Tensor,
     b: Option<Tensor>,
+    /// Host f32 copy of the bias for [`cpu_gemm`] (CPU weights only).
+    b_host: Option<Vec<f32>>,
+}
+
+/// `f(data)` with the row-major f32 data of `t` when it is an f32 tensor on the CPU
+/// (made contiguous first if needed); `None` otherwise.
+pub(crate) fn with_host_f32<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> Result<Option<R>>,
+) -> Result<Option<R>> {
+    if !matches!(t.device(), Device::Cpu) || t.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match host_f32(&s, l) {
+        Some(v) => f(v),
+        None => Ok(None),
+    }
+}
+
+/// The f32 data of a contiguous CPU tensor's storage.
+fn host_f32<'a>(s: &'a Storage, l: &Layout) -> Option<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Some(&v[a..b]),
+        _ => None,
+    }
+}
+
+impl From<Act> for cpu_gemm::Act {
+    fn from(a: Act) -> Self {
+        match a {
+            Act::Identity => cpu_gemm::Act::Identity,
+            Act::Silu => cpu_gemm::Act::Silu,
+            Act::GeluErf => cpu_gemm::Act::GeluErf,
+        }
+    }
 }
 
 impl Lin {
@@ -47,7 +84,16 @@ impl Lin {
         } else {
             None
         };
-        Ok(Self { w, b })
+        Self::new(w, b)
+    }
+
+    /// From the weight (out, in) and the optional bias (out).
+    fn new(w: Tensor, b: Option<Tensor>) -> Result<Self> {
+        let b_host = match (&b, w.device()) {
+            (Some(b), Device::Cpu) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            _ => None,
+        };
+        Ok(Self { w, b, b_host })
     }
 
     /// Output width.
@@ -67,8 +113,8 @@ impl Lin {
         let rows: usize = dims[..last].iter().product();
         let mut out_dims = dims.clone();
         out_dims[last] = self.out_dim();
-        if let Some(y) = self.forward_cpu_gemm(x, rows, dims[last])? {
-            return Ok(Tensor::from_vec(y, out_dims, x.device())?);
+        if let Some(y) = self.forward_cpu_gemm(x, Act::Identity, None, None)? {
+            return Ok(y);
         }
         if x.dtype() != self.w.dtype() {
             let y = self.forward(&x.to_dtype(self.w.dtype())?)?;
@@ -111,6 +157,9 @@ impl Lin {
                 return Ok(y.reshape(out_dims)?);
             }
         }
+        if let Some(y) = self.forward_cpu_gemm(x, act, gate, None)? {
+            return Ok(y);
+        }
         let y = self.forward(x)?;
         let y = match act {
             Act::Identity => y,
@@ -143,6 +192,9 @@ impl Lin {
             };
             return Ok(super::cuda_gemm::linear(x, &self.w, ep)?);
         }
+        if let Some(y) = self.forward_cpu_gemm(x, act, gate, residual)? {
+            return Ok(y);
+        }
         let y = self.forward_act(x, act, gate)?;
         Ok(match residual {
             Some(r) => (r + y)?,
@@ -164,33 +216,112 @@ impl Lin {
         Ok(y.reshape(out_dims)?)
     }
 
-    /// [`cpu_gemm::linear`] for f32 `x` on the CPU with f32/f16/bf16 weights, at most
+    /// `residual + act(x·Wᵀ + b) [· gate]` with [`cpu_gemm::linear_ep`] for f32 `x` (and
+    /// `gate`, `residual`, of the output's shape) on the CPU with f32/f16/bf16 weights, at most
     /// [`cpu_gemm::MAX_ROWS`] rows, when the kernel is available; `None` otherwise.
-    fn forward_cpu_gemm(&self, x: &Tensor, rows: usize, k: usize) -> Result<Option<Vec<f32>>> {
+    fn forward_cpu_gemm(
+        &self,
+        x: &Tensor,
+        act: Act,
+        gate: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        let dims = x.dims();
+        let Some((&k, lead)) = dims.split_last() else {
+            return Ok(None);
+        };
+        let rows: usize = lead.iter().product();
+        if k != self.w.dims()[1] {
+            // candle's matmul reports the mismatch
+            return Ok(None);
+        }
+        let mut out_dims = dims.to_vec();
+        out_dims[lead.len()] = self.out_dim();
+        let on_cpu_f32 = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
+        let extra_ok = |t: Option<&Tensor>| t.is_none_or(|t| on_cpu_f32(t) && t.dims() == out_dims);
         if rows > cpu_gemm::MAX_ROWS
-            || !matches!(x.device(), Device::Cpu)
-            || x.dtype() != DType::F32
+            || !on_cpu_f32(x)
+            || !extra_ok(gate)
+            || !extra_ok(residual)
             || !cpu_gemm::available()
         {
             return Ok(None);
         }
         let x = x.contiguous()?;
+        let gate = gate.map(|g| g.contiguous()).transpose()?;
+        let residual = residual.map(|r| r.contiguous()).transpose()?;
         let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = self.w.storage_and_layout();
-        let (Storage::Cpu(CpuStorage::F32(xv)), Some((x0, x1)), Some((w0, w1))) =
-            (&*xs, xl.contiguous_offsets(), wl.contiguous_offsets())
-        else {
+        let gs = gate.as_ref().map(|g| g.storage_and_layout());
+        let rs = residual.as_ref().map(|r| r.storage_and_layout());
+        let Some(xv) = host_f32(&xs, xl) else {
             return Ok(None);
         };
-        let bias = match &self.b {
-            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        let g = match &gs {
             None => None,
+            Some((g, l)) => match host_f32(g, l) {
+                Some(v) => Some(v),
+                None => return Ok(None),
+            },
         };
-        let (x, b, n) = (&xv[x0..x1], bias.as_deref(), self.out_dim());
+        let r = match &rs {
+            None => None,
+            Some((r, l)) => match host_f32(r, l) {
+                Some(v) => Some(v),
+                None => return Ok(None),
+            },
+        };
+        let y = self.linear_host(xv, rows, act, g, r)?;
+        Ok(match y {
+            Some(y) => Some(Tensor::from_vec(y, out_dims, x.device())?),
+            None => None,
+        })
+    }
+
+    /// [`cpu_gemm::linear_ep`] on host data: `x` (rows × in) row-major, `gate` and `residual`
+    /// (rows × out). `None` when the kernel does not apply (not available, too many rows, the
+    /// weight not on the CPU).
+    pub(crate) fn linear_host(
+        &self,
+        x: &[f32],
+        rows: usize,
+        act: Act,
+        gate: Option<&[f32]>,
+        residual: Option<&[f32]>,
+    ) -> Result<Option<Vec<f32>>> {
+        if rows > cpu_gemm::MAX_ROWS || !cpu_gemm::available() {
+            return Ok(None);
+        }
+        let (n, k) = self.w.dims2()?;
+        let sizes_ok = x.len() == rows * k
+            && gate.is_none_or(|g| g.len() == rows * n)
+            && residual.is_none_or(|r| r.len() == rows * n);
+        if !sizes_ok {
+            return Err(candle_core::Error::Msg(format!(
+                "linear layer {n}×{k}: host input of {} values for {rows} rows (or gate/residual \
+                 not {rows}×{n})",
+                x.len()
+            ))
+            .into());
+        }
+        if self.b.is_some() && self.b_host.is_none() {
+            return Ok(None);
+        }
+        let ep = cpu_gemm::Epilogue {
+            bias: self.b_host.as_deref(),
+            act: act.into(),
+            gate,
+            residual,
+        };
+        let (ws, wl) = self.w.storage_and_layout();
+        let Some((w0, w1)) = wl.contiguous_offsets() else {
+            return Ok(None);
+        };
         Ok(match &*ws {
-            Storage::Cpu(CpuStorage::F32(w)) => cpu_gemm::linear(x, &w[w0..w1], b, rows, k, n),
-            Storage::Cpu(CpuStorage::F16(w)) => cpu_gemm::linear(x, &w[w0..w1], b, rows, k, n),
-            Storage::Cpu(CpuStorage::BF16(w)) => cpu_gemm::linear(x, &w[w0..w1], b, rows, k, n),
+            Storage::Cpu(CpuStorage::F32(w)) => cpu_gemm::linear_ep(x, &w[w0..w1], rows, k, n, &ep),
+            Storage::Cpu(CpuStorage::F16(w)) => cpu_gemm::linear_ep(x, &w[w0..w1], rows, k, n, &ep),
+            Storage::Cpu(CpuStorage::BF16(w)) => {
+                cpu_gemm::linear_ep(x, &w[w0..w1], rows, k, n, &ep)
+            }
             _ => None,
         })
     }
@@ -278,13 +409,13 @@ impl BlockBase {
         let q = Lin::load(&attn, "query", c, c, true)?;
         let k = Lin::load(&attn, "key", c, c, true)?;
         let v = Lin::load(&attn, "value", c, c, true)?;
-        let qkv = Lin {
-            w: Tensor::cat(&[&q.w, &k.w, &v.w], 0)?,
-            b: match (q.b, k.b, v.b) {
+        let qkv = Lin::new(
+            Tensor::cat(&[&q.w, &k.w, &v.w], 0)?,
+            match (q.b, k.b, v.b) {
                 (Some(a), Some(b), Some(c)) => Some(Tensor::cat(&[a, b, c], 0)?),
                 _ => None,
             },
-        };
+        )?;
         Ok(Self {
             norm1: RmsNorm::load(&vb, "norm1", c)?,
             norm2: RmsNorm::load(&vb, "norm2", c)?,

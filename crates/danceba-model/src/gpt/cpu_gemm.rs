@@ -95,6 +95,43 @@ impl Weight for half::bf16 {
     const KIND: WeightKind = WeightKind::Bf16;
 }
 
+/// The activation [`Epilogue`] applies after the bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    Identity,
+    /// `v / (1 + e^(−v))`, as candle's f32 `silu`.
+    Silu,
+    /// `(erf(v / √2) + 1) · 0.5 · v`, as candle's f32 `gelu_erf`.
+    GeluErf,
+}
+
+/// What [`linear_ep`] does to every output after the product, in this order: `+ bias[j]`,
+/// the activation, `· gate[i, j]`, `residual[i, j] +`. Each step is the same f32 operation
+/// as the separate candle op it replaces, so the results are bitwise the same; it is applied
+/// by the thread that computed the columns, while they are in cache.
+#[derive(Clone, Copy, Debug)]
+pub struct Epilogue<'a> {
+    /// (n)
+    pub bias: Option<&'a [f32]>,
+    pub act: Act,
+    /// (m × n)
+    pub gate: Option<&'a [f32]>,
+    /// (m × n)
+    pub residual: Option<&'a [f32]>,
+}
+
+impl<'a> Epilogue<'a> {
+    /// Only the bias (or nothing).
+    pub fn bias(bias: Option<&'a [f32]>) -> Self {
+        Self {
+            bias,
+            act: Act::Identity,
+            gate: None,
+            residual: None,
+        }
+    }
+}
+
 /// `y (m × n) = x (m × k) · wᵀ + b`, with `w` (n × k) row-major and `b` (n) optional, all
 /// arithmetic in f32.
 ///
@@ -111,29 +148,90 @@ pub fn linear<W: Weight>(
     k: usize,
     n: usize,
 ) -> Option<Vec<f32>> {
+    linear_ep(x, w, m, k, n, &Epilogue::bias(b))
+}
+
+/// [`linear`] with the whole [`Epilogue`] (bias, activation, gate, residual) applied in the
+/// same parallel loop.
+///
+/// # Panics
+/// If the slice lengths do not match the sizes.
+pub fn linear_ep<W: Weight>(
+    x: &[f32],
+    w: &[W],
+    m: usize,
+    k: usize,
+    n: usize,
+    ep: &Epilogue,
+) -> Option<Vec<f32>> {
     if !available() {
         return None;
     }
-    Some(linear_avx512(x, w, b, m, k, n))
+    Some(linear_avx512(x, w, m, k, n, ep))
+}
+
+/// `v` after the activation, the gate `g` and the residual `r` (bias already added).
+#[inline(always)]
+fn finish(v: f32, act: Act, g: Option<f32>, r: Option<f32>) -> f32 {
+    let mut v = match act {
+        Act::Identity => v,
+        Act::Silu => v / (1.0 + (-v).exp()),
+        Act::GeluErf => {
+            (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v
+        }
+    };
+    if let Some(g) = g {
+        v *= g;
+    }
+    if let Some(r) = r {
+        // IEEE addition is commutative: the same bits as `r + v`
+        v += r;
+    }
+    v
+}
+
+/// Applies the activation, gate and residual of `ep` to columns `n0..n1` of `y` (m × n).
+///
+/// # Safety
+/// `y` points to m × n writable f32 that no other thread touches in columns `n0..n1`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+unsafe fn epilogue_columns(ep: &Epilogue, y: OutPtr, m: usize, n: usize, n0: usize, n1: usize) {
+    if ep.act == Act::Identity && ep.gate.is_none() && ep.residual.is_none() {
+        return;
+    }
+    for i in 0..m {
+        for j in n0..n1 {
+            let p = y.0.add(i * n + j);
+            let g = ep.gate.map(|g| g[i * n + j]);
+            let r = ep.residual.map(|r| r[i * n + j]);
+            *p = finish(*p, ep.act, g, r);
+        }
+    }
 }
 
 fn linear_avx512<W: Weight>(
     x: &[f32],
     w: &[W],
-    b: Option<&[f32]>,
     m: usize,
     k: usize,
     n: usize,
+    ep: &Epilogue,
 ) -> Vec<f32> {
     assert_eq!(x.len(), m * k, "x is not m × k");
     assert_eq!(w.len(), n * k, "w is not n × k");
-    if let Some(b) = b {
+    if let Some(b) = ep.bias {
         assert_eq!(b.len(), n, "bias is not n");
+    }
+    for (name, t) in [("gate", ep.gate), ("residual", ep.residual)] {
+        if let Some(t) = t {
+            assert_eq!(t.len(), m * n, "{name} is not m × n");
+        }
     }
     let mut y = vec![0f32; m * n];
     if m == 0 || n == 0 {
         return y;
     }
+    let b = ep.bias;
     // Column chunks of whole register blocks; enough of them to balance the threads.
     let threads = rayon::current_num_threads().max(1);
     let blocks = n.div_ceil(NR);
@@ -147,7 +245,8 @@ fn linear_avx512<W: Weight>(
         // this chunk writes only columns n0..n1 of y.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            avx512::columns(x, w, b, m, k, n, n0, n1, out)
+            avx512::columns(x, w, b, m, k, n, n0, n1, out);
+            epilogue_columns(ep, out, m, n, n0, n1);
         };
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -425,9 +524,21 @@ mod tests {
             let wb16_f32: Vec<f32> = wb16.iter().map(|v| v.to_f32()).collect();
             for bias in [None, Some(b.as_slice())] {
                 for (kind, y, wref) in [
-                    ("f32", linear_avx512(&x, &w, bias, m, k, n), &w),
-                    ("f16", linear_avx512(&x, &w16, bias, m, k, n), &w16_f32),
-                    ("bf16", linear_avx512(&x, &wb16, bias, m, k, n), &wb16_f32),
+                    (
+                        "f32",
+                        linear_avx512(&x, &w, m, k, n, &Epilogue::bias(bias)),
+                        &w,
+                    ),
+                    (
+                        "f16",
+                        linear_avx512(&x, &w16, m, k, n, &Epilogue::bias(bias)),
+                        &w16_f32,
+                    ),
+                    (
+                        "bf16",
+                        linear_avx512(&x, &wb16, m, k, n, &Epilogue::bias(bias)),
+                        &wb16_f32,
+                    ),
                 ] {
                     let r = reference(&x, wref, bias, m, k, n);
                     for (i, (a, (e, abs))) in y.iter().zip(&r).enumerate() {
@@ -445,11 +556,74 @@ mod tests {
     }
 
     #[test]
+    fn epilogue_equals_the_separate_ops_bitwise() {
+        if !detected() {
+            return;
+        }
+        let mut seed = 11u64;
+        let (m, k, n) = (5, 40, 29);
+        let x = rnd(m * k, &mut seed);
+        let w = rnd(n * k, &mut seed);
+        let b = rnd(n, &mut seed);
+        let g = rnd(m * n, &mut seed);
+        let r = rnd(m * n, &mut seed);
+        let plain = linear_avx512(&x, &w, m, k, n, &Epilogue::bias(Some(&b)));
+        type ActFn = fn(f32) -> f32;
+        let acts: [(Act, ActFn); 3] = [
+            (Act::Identity, |v| v),
+            (Act::Silu, |v| v / (1.0 + (-v).exp())),
+            (Act::GeluErf, |v| {
+                (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v
+            }),
+        ];
+        for (act, f) in acts {
+            for gate in [None, Some(g.as_slice())] {
+                for residual in [None, Some(r.as_slice())] {
+                    let ep = Epilogue {
+                        bias: Some(&b),
+                        act,
+                        gate,
+                        residual,
+                    };
+                    let y = linear_avx512(&x, &w, m, k, n, &ep);
+                    for (i, (&got, &p)) in y.iter().zip(&plain).enumerate() {
+                        let mut e = f(p);
+                        if let Some(g) = gate {
+                            e *= g[i];
+                        }
+                        if let Some(r) = residual {
+                            e += r[i];
+                        }
+                        assert_eq!(got.to_bits(), e.to_bits(), "{act:?} at {i}");
+                    }
+                }
+            }
+        }
+        // the activations are candle's
+        let t = candle_core::Tensor::new(&plain[..], &candle_core::Device::Cpu).unwrap();
+        let silu: Vec<f32> = t.silu().unwrap().to_vec1().unwrap();
+        let gelu: Vec<f32> = t.gelu_erf().unwrap().to_vec1().unwrap();
+        for (i, &p) in plain.iter().enumerate() {
+            assert_eq!(
+                silu[i].to_bits(),
+                finish(p, Act::Silu, None, None).to_bits()
+            );
+            assert_eq!(
+                gelu[i].to_bits(),
+                finish(p, Act::GeluErf, None, None).to_bits()
+            );
+        }
+    }
+
+    #[test]
     fn empty_sizes_give_empty_or_bias_free_output() {
         if !detected() {
             return;
         }
-        assert!(linear_avx512::<f32>(&[], &[], None, 0, 0, 0).is_empty());
-        assert_eq!(linear_avx512::<f32>(&[], &[], None, 2, 0, 3), vec![0.0; 6]);
+        assert!(linear_avx512::<f32>(&[], &[], 0, 0, 0, &Epilogue::bias(None)).is_empty());
+        assert_eq!(
+            linear_avx512::<f32>(&[], &[], 2, 0, 3, &Epilogue::bias(None)),
+            vec![0.0; 6]
+        );
     }
 }

@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::block_base::{Lin, RmsNorm};
+use super::block_base::{with_host_f32, Act, Lin, RmsNorm};
 use super::scan;
 use super::Result;
 use crate::arch::MambaArch;
@@ -231,6 +231,9 @@ impl Mamba {
     /// The fused CPU path. In f16/bf16 the linear layers run in that precision and the
     /// convolution, the scan (state, softplus, D skip, gate) in f32, like the CUDA kernels.
     fn forward_fused(&self, x: &Tensor, host: &MambaHost) -> Result<Tensor> {
+        if let Some(y) = self.forward_fused_host(x, host)? {
+            return Ok(y);
+        }
         let (b, l, _) = x.dims3()?;
         let (di, ds, dr) = (self.d_inner, self.d_state, self.dt_rank);
         let dtype = x.dtype();
@@ -268,6 +271,55 @@ impl Mamba {
     }
 }
 
+impl Mamba {
+    /// [`Mamba::forward_fused`] for f32 on the CPU with every linear layer in
+    /// [`super::cpu_gemm`] on host vectors: no tensors between the layers, one at the end.
+    /// `None` where the kernel does not apply (then the tensor path runs).
+    fn forward_fused_host(&self, x: &Tensor, host: &MambaHost) -> Result<Option<Tensor>> {
+        let (b, l, c) = x.dims3()?;
+        let (di, ds, dr) = (self.d_inner, self.d_state, self.dt_rank);
+        let rows = b * l;
+        let lin = |m: &Lin, v: &[f32]| m.linear_host(v, rows, Act::Identity, None, None);
+        let Some(xz) = with_host_f32(x, |xv| lin(&self.in_proj, xv))? else {
+            return Ok(None);
+        };
+        let u = scan::causal_conv_silu(&xz, b, l, 2 * di, 0, di, &host.conv_w, &host.conv_b);
+        let Some(xd) = lin(&self.x_proj, &u)? else {
+            return Ok(None);
+        };
+        let stride = dr + 2 * ds;
+        let dt_in: Vec<f32> = xd
+            .chunks_exact(stride)
+            .flat_map(|r| r[..dr].iter().copied())
+            .collect();
+        let Some(dpre) = lin(&self.dt_proj, &dt_in)? else {
+            return Ok(None);
+        };
+        let y = scan::selective_scan(&scan::ScanInputs {
+            batch: b,
+            len: l,
+            d: di,
+            n: ds,
+            u: &u,
+            delta_pre: &dpre,
+            delta_bias: &host.dt_bias,
+            a: &host.a,
+            bc: &xd,
+            bc_stride: stride,
+            b_offset: dr,
+            c_offset: dr + ds,
+            d_skip: &host.d_skip,
+            z: &xz,
+            z_stride: 2 * di,
+            z_offset: di,
+        });
+        let Some(out) = lin(&self.out_proj, &y)? else {
+            return Ok(None);
+        };
+        Ok(Some(Tensor::from_vec(out, (b, l, c), x.device())?))
+    }
+}
+
 /// `GatedMLP`: `fc2(v ⊙ silu(g))` with `[v, g] = fc1(x)`.
 #[derive(Debug, Clone)]
 pub struct GatedMlp {
@@ -300,11 +352,59 @@ impl GatedMlp {
                 .fc2
                 .forward_fused(&gated, Act::Identity, None, residual);
         }
+        if let Some(y) = self.forward_host(x, &h, residual)? {
+            return Ok(y);
+        }
         let v = h.narrow(D::Minus1, 0, self.hidden)?;
         let g = h.narrow(D::Minus1, self.hidden, self.hidden)?;
         let gated = v.mul(&candle_nn::ops::silu(&g.contiguous()?)?)?;
         self.fc2
             .forward_fused(&gated, Act::Identity, None, residual)
+    }
+}
+
+impl GatedMlp {
+    /// The CPU f32 tail of [`GatedMlp::forward_residual`] from `h = fc1(x)`: the gate on host
+    /// data (parallel over rows, the same f32 operations as the candle ops) and `fc2` with the
+    /// residual in [`super::cpu_gemm`]'s epilogue. `None` where that kernel does not apply.
+    fn forward_host(
+        &self,
+        x: &Tensor,
+        h: &Tensor,
+        residual: Option<&Tensor>,
+    ) -> Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let dims = h.dims();
+        let hid = self.hidden;
+        if dims.last() != Some(&(2 * hid)) || residual.is_some_and(|r| r.dims() != x.dims()) {
+            return Ok(None);
+        }
+        let rows = h.elem_count() / (2 * hid);
+        let Some(gated) = with_host_f32(h, |hv| {
+            let mut gated = vec![0f32; rows * hid];
+            gated
+                .par_chunks_mut(hid)
+                .zip(hv.par_chunks(2 * hid))
+                .for_each(|(o, r)| {
+                    let (v, g) = r.split_at(hid);
+                    for ((o, &v), &g) in o.iter_mut().zip(v).zip(g) {
+                        *o = v * (g / (1.0 + (-g).exp()));
+                    }
+                });
+            Ok(Some(gated))
+        })?
+        else {
+            return Ok(None);
+        };
+        let fc2 = |r: Option<&[f32]>| self.fc2.linear_host(&gated, rows, Act::Identity, None, r);
+        let y = match residual {
+            Some(r) => with_host_f32(r, |rv| fc2(Some(rv)))?,
+            None => fc2(None)?,
+        };
+        let Some(y) = y else {
+            return Ok(None);
+        };
+        Ok(Some(Tensor::from_vec(y, x.dims(), x.device())?))
     }
 }
 

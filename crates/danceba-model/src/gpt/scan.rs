@@ -324,6 +324,7 @@ mod avx512 {
     }
 
     /// `out[i] = f(x[i] (+ add[i]))` over a slice, 16 lanes at a time with a masked tail.
+    #[cfg(test)]
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn map16(
@@ -347,6 +348,26 @@ mod avx512 {
             _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, f(v));
             i += 16;
         }
+    }
+
+    /// softplus(Δ + bias) and SiLU(z) of 16 channels (`mask`ed lanes read nothing), as
+    /// [`softplus16`] and [`silu16`] compute them.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn softplus_silu16(
+        mask: __mmask16,
+        delta_pre: *const f32,
+        bias: *const f32,
+        z: *const f32,
+    ) -> ([f32; 16], [f32; 16]) {
+        let v = _mm512_add_ps(
+            _mm512_maskz_loadu_ps(mask, delta_pre),
+            _mm512_maskz_loadu_ps(mask, bias),
+        );
+        let (mut dv, mut gv) = ([0f32; 16], [0f32; 16]);
+        _mm512_storeu_ps(dv.as_mut_ptr(), softplus16(v));
+        _mm512_storeu_ps(gv.as_mut_ptr(), silu16(_mm512_maskz_loadu_ps(mask, z)));
+        (dv, gv)
     }
 
     /// One channel's scan with Δ (`delta[l]`) and the gate (`gate[l]` = SiLU(z)) already
@@ -469,50 +490,88 @@ fn use_avx2() -> bool {
     }
 }
 
-/// softplus(Δ + bias) and SiLU(z) of every (batch, position, channel), vectorised with
-/// AVX-512, returned channel-major: (batch, d, len).
-fn pre_pass_avx512(p: &ScanInputs) -> (Vec<f32>, Vec<f32>) {
+/// A raw pointer to the (batch, len, d) output, shared by the tasks of
+/// [`selective_scan_avx512`]; each writes its own channels.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the tasks write disjoint elements (different channels) and the buffer outlives the
+// parallel loop.
+#[cfg(target_arch = "x86_64")]
+unsafe impl Send for OutPtr {}
+#[cfg(target_arch = "x86_64")]
+unsafe impl Sync for OutPtr {}
+#[cfg(target_arch = "x86_64")]
+impl OutPtr {
+    /// Element `i` (a method, so that closures capture the `Sync` wrapper, not the pointer).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// The AVX-512 scan in one parallel loop over blocks of 16 channels of one batch item: each
+/// task computes softplus(Δ + bias) and SiLU(z) of its channels for every position (16 lanes
+/// = 16 channels, [`avx512::softplus16`] and [`avx512::silu16`]), runs
+/// [`avx512::scan_channel`] per channel and writes its channels of y (batch, len, d) in
+/// place: one parallel region per scan, no transposes of the whole input or output.
+#[cfg(target_arch = "x86_64")]
+fn selective_scan_avx512(p: &ScanInputs) -> Vec<f32> {
+    const W: usize = 16;
     let (bsz, len, d) = (p.batch, p.len, p.d);
-    let rows = bsz * len;
-    let mut delta = vec![0f32; rows * d];
-    let mut gate = vec![0f32; rows * d];
-    delta
-        .par_chunks_mut(d)
-        .zip(gate.par_chunks_mut(d))
-        .enumerate()
-        .for_each(|(pos, (dr, gr))| {
-            let z = &p.z[pos * p.z_stride + p.z_offset..pos * p.z_stride + p.z_offset + d];
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: only called when AVX-512F was detected; the slices have d elements.
+    let mut out = vec![0f32; bsz * len * d];
+    let blocks = d.div_ceil(W);
+    let ptr = OutPtr(out.as_mut_ptr());
+    (0..bsz * blocks).into_par_iter().for_each_init(
+        || {
+            (
+                vec![0f32; len * W],
+                vec![0f32; len * W],
+                vec![0f32; len * W],
+            )
+        },
+        |(delta, gate, y), task| {
+            let (bi, c0) = (task / blocks, task % blocks * W);
+            let cw = (d - c0).min(W);
+            let mask: u16 = if cw == W {
+                0xffff
+            } else {
+                ((1u32 << cw) - 1) as u16
+            };
+            // SAFETY: AVX-512F was detected and p.n % 16 == 0 (checked by the caller); the
+            // masked loads stay within channels c0..c0+cw of rows of the sizes of `p`; this task
+            // writes only channels c0..c0+cw of `out`.
             unsafe {
-                avx512::map16(
-                    &p.delta_pre[pos * d..(pos + 1) * d],
-                    Some(p.delta_bias),
-                    dr,
-                    avx512::softplus16,
-                );
-                avx512::map16(z, None, gr, avx512::silu16);
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                let _ = (z, dr, gr);
-                unreachable!("AVX-512 is x86-64 only");
-            }
-        });
-    // (batch, len, d) → (batch, d, len)
-    let transpose = |v: &[f32]| -> Vec<f32> {
-        let mut out = vec![0f32; rows * d];
-        for bi in 0..bsz {
-            for l in 0..len {
-                let src = &v[(bi * len + l) * d..(bi * len + l + 1) * d];
-                for (c, x) in src.iter().enumerate() {
-                    out[(bi * d + c) * len + l] = *x;
+                let (dl, gl) = (delta.as_mut_slice(), gate.as_mut_slice());
+                for l in 0..len {
+                    let pos = bi * len + l;
+                    let z = p.z.as_ptr().add(pos * p.z_stride + p.z_offset + c0);
+                    let dp = p.delta_pre.as_ptr().add(pos * d + c0);
+                    let (dv, gv) =
+                        avx512::softplus_silu16(mask, dp, p.delta_bias.as_ptr().add(c0), z);
+                    // channel-major in the task: [j * len + l]
+                    for j in 0..cw {
+                        dl[j * len + l] = dv[j];
+                        gl[j * len + l] = gv[j];
+                    }
+                }
+                for j in 0..cw {
+                    let ys = &mut y[j * len..(j + 1) * len];
+                    avx512::scan_channel(
+                        p,
+                        bi,
+                        c0 + j,
+                        &dl[j * len..(j + 1) * len],
+                        &gl[j * len..(j + 1) * len],
+                        ys,
+                    );
+                    for (l, v) in ys.iter().enumerate() {
+                        *ptr.at((bi * len + l) * d + c0 + j) = *v;
+                    }
                 }
             }
-        }
-        out
-    };
-    (transpose(&delta), transpose(&gate))
+        },
+    );
+    out
 }
 
 /// The selective scan from a zero state, with softplus(Δ + bias), the D skip and the SiLU(z)
@@ -540,19 +599,13 @@ pub fn selective_scan_with(p: &ScanInputs, kernel: ScanKernel) -> Vec<f32> {
     debug_assert_eq!(p.a.len(), d * n);
     debug_assert!(p.bc.len() >= bsz * len * p.bc_stride);
     debug_assert!(p.z.len() >= bsz * len * p.z_stride);
+    #[cfg(target_arch = "x86_64")]
+    if kernel == ScanKernel::Best && use_avx512() && n.is_multiple_of(16) {
+        return selective_scan_avx512(p);
+    }
     // channel-major scratch output: (batch, d, len)
     let mut ycm = vec![0f32; bsz * d * len];
-    let avx512 = kernel == ScanKernel::Best && use_avx512() && n.is_multiple_of(16);
     let avx2 = kernel != ScanKernel::Loop && use_avx2() && n.is_multiple_of(8);
-    // With AVX-512: softplus(Δ + bias) and SiLU(z) for every position, vectorised, in
-    // channel-major order (batch, d, len) like the output.
-    let (delta_cm, gate_cm) = if avx512 {
-        pre_pass_avx512(p)
-    } else {
-        (Vec::new(), Vec::new())
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (&delta_cm, &gate_cm);
     const GROUP: usize = 16;
     ycm.par_chunks_mut(len * GROUP)
         .enumerate()
@@ -563,22 +616,13 @@ pub fn selective_scan_with(p: &ScanInputs, kernel: ScanKernel) -> Vec<f32> {
                 let row = gi * GROUP + j;
                 let (bi, c) = (row / d, row % d);
                 #[cfg(target_arch = "x86_64")]
-                if avx512 {
-                    let dl = &delta_cm[row * len..(row + 1) * len];
-                    let gl = &gate_cm[row * len..(row + 1) * len];
-                    // SAFETY: AVX-512F support was detected at run time, n % 16 == 0 was
-                    // checked, and the slices have the sizes of `p` (checked by the caller).
-                    unsafe { avx512::scan_channel(p, bi, c, dl, gl, y) };
-                    continue;
-                }
-                #[cfg(target_arch = "x86_64")]
                 if avx2 {
                     // SAFETY: AVX2 and FMA support was detected at run time, n % 8 == 0 was
                     // checked, and h has n elements.
                     unsafe { avx2::scan_channel(p, bi, c, &mut h, y) };
                     continue;
                 }
-                let _ = (avx2, avx512);
+                let _ = avx2;
                 scan_channel(p, bi, c, &mut h, &mut da, y);
             }
         });
