@@ -61,19 +61,31 @@ pub fn causal_conv_silu(
     b: &[f32],
 ) -> Vec<f32> {
     let k = w.len() / d.max(1);
+    // taps-major weights (K, d), so that the channel loops below run over contiguous slices
+    // and vectorise; per channel the sum is still b + Σ_j w_j·x_j in tap order
+    let mut wt = vec![0f32; k * d];
+    for c in 0..d {
+        for j in 0..k {
+            wt[j * d + c] = w[c * k + j];
+        }
+    }
     let mut out = vec![0f32; batch * len * d];
     out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
         let (bi, l) = (row / len, row % len);
-        for (c, oc) in o.iter_mut().enumerate() {
-            let mut acc = b[c];
-            for j in 0..k {
-                // tap j multiplies x[l − (k−1) + j]
-                if l + j + 1 >= k {
-                    let src = l + j + 1 - k;
-                    acc += w[c * k + j] * x[(bi * len + src) * stride + offset + c];
+        o.copy_from_slice(&b[..d]);
+        for j in 0..k {
+            // tap j multiplies x[l − (k−1) + j]
+            if l + j + 1 >= k {
+                let src = (bi * len + l + j + 1 - k) * stride + offset;
+                let xs = &x[src..src + d];
+                let wj = &wt[j * d..(j + 1) * d];
+                for ((oc, &wv), &xv) in o.iter_mut().zip(wj).zip(xs) {
+                    *oc += wv * xv;
                 }
             }
-            *oc = silu(acc);
+        }
+        for oc in o.iter_mut() {
+            *oc = silu(*oc);
         }
     });
     out
