@@ -50,6 +50,33 @@ fn input_err<T>(msg: String) -> Result<T> {
     Err(GptError::Input(msg))
 }
 
+/// Every token id of a stream must index its codebook of `vocab` entries.
+fn check_token_ids(ids: impl Iterator<Item = i64>, name: &str, vocab: usize) -> Result<()> {
+    for x in ids {
+        if x < 0 || x as u64 >= vocab as u64 {
+            return input_err(format!(
+                "{name} token id {x} is outside the codebook of {vocab} entries"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The condition (batch, t, width values, row-major) must be finite; the error names the
+/// first bad value's place.
+fn check_finite_condition(cond: &[f32], t: usize, width: usize) -> Result<()> {
+    if let Some(i) = cond.iter().position(|v| !v.is_finite()) {
+        return input_err(format!(
+            "the condition contains a non-finite value ({}) at batch {}, row {}, column {}",
+            cond[i],
+            i / (t * width),
+            (i / width) % t,
+            i % width
+        ));
+    }
+    Ok(())
+}
+
 /// Intermediate values of one forward pass, for parity tests.
 #[derive(Debug, Clone)]
 pub struct ForwardTrace {
@@ -234,31 +261,18 @@ impl Gpt {
         }
         #[cfg(feature = "cuda")]
         if self.cuda_graphs() {
-            if t > self.arch.block_size {
-                return input_err(format!(
-                    "a window of {t} positions exceeds the model's block_size {}",
-                    self.arch.block_size
-                ));
-            }
-            for (ids, name, vocab) in [
-                (up, "upper-body", self.arch.vocab_up),
-                (down, "lower-body", self.arch.vocab_down),
-            ] {
-                if let Some(bad) = ids.iter().find(|&&x| x as usize >= vocab) {
-                    return input_err(format!(
-                        "{name} token id {bad} is outside the codebook of {vocab} entries"
-                    ));
-                }
-            }
-            if let Some(i) = cond.iter().position(|v| !v.is_finite()) {
-                return input_err(format!(
-                    "the condition contains a non-finite value ({}) at batch {}, row {}, column {}",
-                    cond[i],
-                    i / (t * nm),
-                    (i / nm) % t,
-                    i % nm
-                ));
-            }
+            self.check_window_len(t)?;
+            check_token_ids(
+                up.iter().map(|&x| x as i64),
+                "upper-body",
+                self.arch.vocab_up,
+            )?;
+            check_token_ids(
+                down.iter().map(|&x| x as i64),
+                "lower-body",
+                self.arch.vocab_down,
+            )?;
+            check_finite_condition(cond, t, nm)?;
             return cuda_graph::last_logits(self, &self.graphs, up, down, cond, b, t);
         }
         let dev = &self.device;
@@ -318,6 +332,17 @@ impl Gpt {
         self.arch.block_size
     }
 
+    /// A window of `t` positions must fit the model's `block_size`.
+    fn check_window_len(&self, t: usize) -> Result<()> {
+        if t > self.arch.block_size {
+            return input_err(format!(
+                "a window of {t} positions exceeds the model's block_size {}",
+                self.arch.block_size
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks the shapes and values of one forward's inputs and returns the host copy of the
     /// condition, (B, t), and the token ids as u32 tensors.
     fn check_inputs(
@@ -343,22 +368,9 @@ impl Gpt {
         if b == 0 || t == 0 {
             return input_err(format!("the condition is empty (shape {:?})", cond.dims()));
         }
-        if t > self.arch.block_size {
-            return input_err(format!(
-                "a window of {t} positions exceeds the model's block_size {}",
-                self.arch.block_size
-            ));
-        }
+        self.check_window_len(t)?;
         let host = cond.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        if let Some(i) = host.iter().position(|v| !v.is_finite()) {
-            return input_err(format!(
-                "the condition contains a non-finite value ({}) at batch {}, row {}, column {}",
-                host[i],
-                i / (t * w),
-                (i / w) % t,
-                i % w
-            ));
-        }
+        check_finite_condition(&host, t, w)?;
         let check_idx = |idx: &Tensor, name: &str, vocab: usize| -> Result<Tensor> {
             if idx.dims() != [b, t] {
                 return input_err(format!(
@@ -375,11 +387,7 @@ impl Gpt {
                 }
             };
             let v = ids.flatten_all()?.to_vec1::<i64>()?;
-            if let Some(bad) = v.iter().find(|&&x| x < 0 || x as u64 >= vocab as u64) {
-                return input_err(format!(
-                    "{name} token id {bad} is outside the codebook of {vocab} entries"
-                ));
-            }
+            check_token_ids(v.iter().copied(), name, vocab)?;
             let v: Vec<u32> = v.iter().map(|&x| x as u32).collect();
             Ok(Tensor::from_vec(v, (b, t), &self.device)?)
         };
