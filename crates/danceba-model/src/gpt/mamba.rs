@@ -235,7 +235,7 @@ impl Mamba {
             return Ok(y);
         }
         let (b, l, _) = x.dims3()?;
-        let (di, ds, dr) = (self.d_inner, self.d_state, self.dt_rank);
+        let (di, dr) = (self.d_inner, self.dt_rank);
         let dtype = x.dtype();
         let host_f32 = |t: &Tensor| -> Result<Vec<f32>> {
             Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
@@ -248,30 +248,48 @@ impl Mamba {
         let dpre = self.dt_proj.forward(&xd.narrow(D::Minus1, 0, dr)?)?;
         let xd_h = host_f32(&xd)?;
         let dpre_h = host_f32(&dpre)?;
-        let y = scan::selective_scan(&scan::ScanInputs {
-            batch: b,
-            len: l,
-            d: di,
-            n: ds,
-            u: &u,
-            delta_pre: &dpre_h,
-            delta_bias: &host.dt_bias,
-            a: &host.a,
-            bc: &xd_h,
-            bc_stride: dr + 2 * ds,
-            b_offset: dr,
-            c_offset: dr + ds,
-            d_skip: &host.d_skip,
-            z: &xz_h,
-            z_stride: 2 * di,
-            z_offset: di,
-        });
+        let y = self.scan_host(host, b, l, &u, &dpre_h, &xd_h, &xz_h);
         let y = Tensor::from_vec(y, (b, l, di), x.device())?.to_dtype(dtype)?;
         self.out_proj.forward(&y)
     }
 }
 
 impl Mamba {
+    /// The fused CPU scan (softplus(Δ), selective scan, D skip, SiLU(z) gate) of `b` × `l`
+    /// positions on host rows: `u` and `dpre` (d_inner wide), `xd` (x_proj's output: Δ rank,
+    /// B, C), `xz` (in_proj's output: x, z).
+    #[allow(clippy::too_many_arguments)]
+    fn scan_host(
+        &self,
+        host: &MambaHost,
+        b: usize,
+        l: usize,
+        u: &[f32],
+        dpre: &[f32],
+        xd: &[f32],
+        xz: &[f32],
+    ) -> Vec<f32> {
+        let (di, ds, dr) = (self.d_inner, self.d_state, self.dt_rank);
+        scan::selective_scan(&scan::ScanInputs {
+            batch: b,
+            len: l,
+            d: di,
+            n: ds,
+            u,
+            delta_pre: dpre,
+            delta_bias: &host.dt_bias,
+            a: &host.a,
+            bc: xd,
+            bc_stride: dr + 2 * ds,
+            b_offset: dr,
+            c_offset: dr + ds,
+            d_skip: &host.d_skip,
+            z: xz,
+            z_stride: 2 * di,
+            z_offset: di,
+        })
+    }
+
     /// [`Mamba::forward_fused`] for f32 on the CPU with every linear layer in
     /// [`super::cpu_gemm`] on host vectors: no tensors between the layers, one at the end.
     /// `None` where the kernel does not apply (then the tensor path runs).
@@ -295,24 +313,7 @@ impl Mamba {
         let Some(dpre) = lin(&self.dt_proj, &dt_in)? else {
             return Ok(None);
         };
-        let y = scan::selective_scan(&scan::ScanInputs {
-            batch: b,
-            len: l,
-            d: di,
-            n: ds,
-            u: &u,
-            delta_pre: &dpre,
-            delta_bias: &host.dt_bias,
-            a: &host.a,
-            bc: &xd,
-            bc_stride: stride,
-            b_offset: dr,
-            c_offset: dr + ds,
-            d_skip: &host.d_skip,
-            z: &xz,
-            z_stride: 2 * di,
-            z_offset: di,
-        });
+        let y = self.scan_host(host, b, l, &u, &dpre, &xd, &xz);
         let Some(out) = lin(&self.out_proj, &y)? else {
             return Ok(None);
         };
