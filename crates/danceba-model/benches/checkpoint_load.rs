@@ -59,14 +59,7 @@ fn write_checkpoint(path: &Path) -> std::io::Result<u64> {
             PickleWrite::tensor(&i.to_string(), dtype, shape, dtype == StorageDtype::F32),
         ));
     }
-    let easy = |items: Vec<(&str, PickleWrite)>| PickleWrite::DictObject {
-        module: "easydict".into(),
-        name: "EasyDict".into(),
-        items: items
-            .into_iter()
-            .map(|(k, v)| (PickleWrite::str(k), v))
-            .collect(),
-    };
+    let easy = PickleWrite::easydict;
     let base = easy(vec![
         ("n_embd", PickleWrite::Int(768)),
         ("n_head", PickleWrite::Int(12)),

@@ -24,17 +24,6 @@ use danceba_model::vqvae::{official_vqvae_arch, random_vqvae_weights};
 
 type Error = Box<dyn std::error::Error>;
 
-fn easydict(items: Vec<(&str, PickleWrite)>) -> PickleWrite {
-    PickleWrite::DictObject {
-        module: "easydict".into(),
-        name: "EasyDict".into(),
-        items: items
-            .into_iter()
-            .map(|(k, v)| (PickleWrite::str(k), v))
-            .collect(),
-    }
-}
-
 /// `torch.save({'model': OrderedDict('module.' + key → tensor), 'config': config, 'epoch':
 /// epoch}, path)`, the tensors in `order`, each storage serialised only when it is written.
 fn write_official(
@@ -127,7 +116,7 @@ fn main() -> Result<(), Error> {
     let g = official_gpt_arch();
     let gpt_path = dir.join("experiments/cc_motion_gpt/ckpt/epoch_0.pt");
     let block = |n_layer: usize| {
-        easydict(vec![
+        PickleWrite::easydict(vec![
             ("n_embd", PickleWrite::Int(g.n_embd as i64)),
             ("n_head", PickleWrite::Int(g.n_head as i64)),
             ("n_layer", PickleWrite::Int(n_layer as i64)),
@@ -135,11 +124,11 @@ fn main() -> Result<(), Error> {
             ("n_music", PickleWrite::Int(g.n_music as i64)),
         ])
     };
-    let gpt_config = easydict(vec![
+    let gpt_config = PickleWrite::easydict(vec![
         ("expname", PickleWrite::str("cc_motion_gpt")),
         (
             "structure_generate",
-            easydict(vec![
+            PickleWrite::easydict(vec![
                 ("base", block(g.n_layer_base)),
                 ("head", block(g.n_layer_head)),
             ]),
@@ -155,7 +144,7 @@ fn main() -> Result<(), Error> {
 
     let v = official_vqvae_arch();
     let vq_path = dir.join("experiments/sep_vqvae_root/ckpt/epoch_500.pt");
-    let half = easydict(vec![
+    let half = PickleWrite::easydict(vec![
         ("width", PickleWrite::Int(v.width as i64)),
         ("emb_width", PickleWrite::Int(v.emb_width as i64)),
         ("l_bins", PickleWrite::Int(v.l_bins as i64)),
@@ -173,11 +162,11 @@ fn main() -> Result<(), Error> {
             PickleWrite::Int(v.dilation_growth_rate as i64),
         ),
     ]);
-    let vq_config = easydict(vec![
+    let vq_config = PickleWrite::easydict(vec![
         ("expname", PickleWrite::str("sep_vqvae_root")),
         (
             "structure",
-            easydict(vec![
+            PickleWrite::easydict(vec![
                 ("up_half", half.clone()),
                 ("down_half", half),
                 ("use_bottleneck", PickleWrite::Bool(true)),

@@ -21,18 +21,14 @@ fn golden() -> PathBuf {
 fn small_checkpoint() -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("small.pt");
-    let cfg = PickleWrite::DictObject {
-        module: "easydict".into(),
-        name: "EasyDict".into(),
-        items: vec![
-            (PickleWrite::str("n_head"), PickleWrite::Int(4)),
-            (PickleWrite::str("lr"), PickleWrite::Float(3e-4)),
-            (
-                PickleWrite::str("betas"),
-                PickleWrite::List(vec![PickleWrite::Float(0.5), PickleWrite::Float(0.9)]),
-            ),
-        ],
-    };
+    let cfg = PickleWrite::easydict(vec![
+        ("n_head", PickleWrite::Int(4)),
+        ("lr", PickleWrite::Float(3e-4)),
+        (
+            "betas",
+            PickleWrite::List(vec![PickleWrite::Float(0.5), PickleWrite::Float(0.9)]),
+        ),
+    ]);
     let model = PickleWrite::OrderedDict(vec![
         (
             PickleWrite::str("module.a"),

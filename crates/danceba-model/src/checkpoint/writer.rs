@@ -51,6 +51,18 @@ impl PickleWrite {
         PickleWrite::Str(s.to_string())
     }
 
+    /// An `easydict.EasyDict` with string keys (the official checkpoints' config objects).
+    pub fn easydict(items: Vec<(&str, PickleWrite)>) -> Self {
+        PickleWrite::DictObject {
+            module: "easydict".into(),
+            name: "EasyDict".into(),
+            items: items
+                .into_iter()
+                .map(|(k, v)| (PickleWrite::str(k), v))
+                .collect(),
+        }
+    }
+
     /// A contiguous tensor over a whole storage.
     pub fn tensor(
         storage_key: &str,
