@@ -101,80 +101,22 @@ impl Lin {
         self.w.dims()[0]
     }
 
-    /// `x` in another dtype than the weight (f32 activations with f16/bf16 weights) is
-    /// rounded to the weight's dtype for the product and the result returned in `x`'s dtype.
+    /// `x·Wᵀ + b`. `x` in another dtype than the weight (f32 activations with f16/bf16
+    /// weights) is rounded to the weight's dtype for the product and the result returned in
+    /// `x`'s dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if super::cuda_gemm::applies(x, &self.w) {
-            return self.forward_fused(x, Act::Identity, None, None);
-        }
-        let dims = x.dims().to_vec();
-        let last = dims.len() - 1;
-        let rows: usize = dims[..last].iter().product();
-        let mut out_dims = dims.clone();
-        out_dims[last] = self.out_dim();
-        if let Some(y) = self.forward_cpu_gemm(x, Act::Identity, None, None)? {
-            return Ok(y);
-        }
-        if x.dtype() != self.w.dtype() {
-            let y = self.forward(&x.to_dtype(self.w.dtype())?)?;
-            return Ok(y.to_dtype(x.dtype())?);
-        }
-        let x2 = x.reshape((rows, dims[last]))?;
-        let mut y = x2.matmul(&self.w.t()?)?;
-        if let Some(b) = &self.b {
-            #[cfg(feature = "cuda")]
-            if super::cuda_ops::usable(&y) {
-                let y = super::cuda_ops::bias_act(&y, b, Act::Identity, None)?;
-                return Ok(y.reshape(out_dims)?);
-            }
-            y = y.broadcast_add(b)?;
-        }
-        Ok(y.reshape(out_dims)?)
+        self.forward_fused(x, Act::Identity, None, None)
     }
 
-    /// `act(self.forward(x))`, times `gate` (the output's shape) when given. On CUDA with a
-    /// bias: the GEMM and one fused bias + activation + gate kernel ([`super::cuda_ops`]).
+    /// `act(self.forward(x))`, times `gate` (the output's shape) when given.
     pub fn forward_act(&self, x: &Tensor, act: Act, gate: Option<&Tensor>) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if super::cuda_gemm::applies(x, &self.w) {
-            return self.forward_fused(x, act, gate, None);
-        }
-        #[cfg(feature = "cuda")]
-        if let Some(b) = &self.b {
-            if super::cuda_ops::usable(x) && x.dtype() == self.w.dtype() {
-                let dims = x.dims().to_vec();
-                let last = dims.len() - 1;
-                let rows: usize = dims[..last].iter().product();
-                let mut out_dims = dims.clone();
-                out_dims[last] = self.out_dim();
-                let y = x.reshape((rows, dims[last]))?.matmul(&self.w.t()?)?;
-                let g = match gate {
-                    Some(g) => Some(g.reshape((rows, self.out_dim()))?),
-                    None => None,
-                };
-                let y = super::cuda_ops::bias_act(&y, b, act, g.as_ref())?;
-                return Ok(y.reshape(out_dims)?);
-            }
-        }
-        if let Some(y) = self.forward_cpu_gemm(x, act, gate, None)? {
-            return Ok(y);
-        }
-        let y = self.forward(x)?;
-        let y = match act {
-            Act::Identity => y,
-            Act::Silu => candle_nn::ops::silu(&y)?,
-            Act::GeluErf => y.gelu_erf()?,
-        };
-        Ok(match gate {
-            Some(g) => (y * g)?,
-            None => y,
-        })
+        self.forward_fused(x, act, gate, None)
     }
 
-    /// `residual + act(self.forward(x)) [· gate]` (`residual`: the output's shape). On CUDA for
-    /// few rows one launch of the skinny GEMM with all of it in its epilogue
-    /// ([`super::cuda_gemm`]); elsewhere [`Lin::forward_act`] and an add.
+    /// `residual + act(self.forward(x)) [· gate]` (`residual`: the output's shape), the one
+    /// dispatcher of the products: on CUDA for few rows one launch of the skinny GEMM with all
+    /// of it in its epilogue ([`super::cuda_gemm`]); on the CPU [`cpu_gemm`] with the same
+    /// epilogue; elsewhere the unfused product, activation, gate and add.
     pub fn forward_fused(
         &self,
         x: &Tensor,
@@ -195,11 +137,71 @@ impl Lin {
         if let Some(y) = self.forward_cpu_gemm(x, act, gate, residual)? {
             return Ok(y);
         }
-        let y = self.forward_act(x, act, gate)?;
+        let y = self.unfused_act(x, act, gate)?;
         Ok(match residual {
             Some(r) => (r + y)?,
             None => y,
         })
+    }
+
+    /// `act(x·Wᵀ + b) [· gate]` without the fused GEMMs. On CUDA with a bias: cuBLAS and one
+    /// fused bias + activation + gate kernel ([`super::cuda_ops`]).
+    fn unfused_act(&self, x: &Tensor, act: Act, gate: Option<&Tensor>) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(b) = &self.b {
+            if super::cuda_ops::usable(x) && x.dtype() == self.w.dtype() {
+                let dims = x.dims().to_vec();
+                let last = dims.len() - 1;
+                let rows: usize = dims[..last].iter().product();
+                let mut out_dims = dims.clone();
+                out_dims[last] = self.out_dim();
+                let y = x.reshape((rows, dims[last]))?.matmul(&self.w.t()?)?;
+                let g = match gate {
+                    Some(g) => Some(g.reshape((rows, self.out_dim()))?),
+                    None => None,
+                };
+                let y = super::cuda_ops::bias_act(&y, b, act, g.as_ref())?;
+                return Ok(y.reshape(out_dims)?);
+            }
+        }
+        let y = self.unfused_product(x)?;
+        let y = match act {
+            Act::Identity => y,
+            Act::Silu => candle_nn::ops::silu(&y)?,
+            Act::GeluErf => y.gelu_erf()?,
+        };
+        Ok(match gate {
+            Some(g) => (y * g)?,
+            None => y,
+        })
+    }
+
+    /// `x·Wᵀ + b` with [`cpu_gemm`] where it applies, else candle's matmul (and the fused CUDA
+    /// bias kernel).
+    fn unfused_product(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_cpu_gemm(x, Act::Identity, None, None)? {
+            return Ok(y);
+        }
+        if x.dtype() != self.w.dtype() {
+            let y = self.forward(&x.to_dtype(self.w.dtype())?)?;
+            return Ok(y.to_dtype(x.dtype())?);
+        }
+        let dims = x.dims().to_vec();
+        let last = dims.len() - 1;
+        let rows: usize = dims[..last].iter().product();
+        let mut out_dims = dims.clone();
+        out_dims[last] = self.out_dim();
+        let x2 = x.reshape((rows, dims[last]))?;
+        let mut y = x2.matmul(&self.w.t()?)?;
+        if let Some(b) = &self.b {
+            #[cfg(feature = "cuda")]
+            if super::cuda_ops::usable(&y) {
+                let y = super::cuda_ops::bias_act(&y, b, Act::Identity, None)?;
+                return Ok(y.reshape(out_dims)?);
+            }
+            y = y.broadcast_add(b)?;
+        }
+        Ok(y.reshape(out_dims)?)
     }
 
     /// The same product with candle's matmul, whatever the device (the oracle of the tests).
