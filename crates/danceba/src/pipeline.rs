@@ -394,12 +394,19 @@ impl Pipeline {
 mod tests {
     use super::*;
 
+    /// `golden/model/name`, the golden directory from `DANCEBA_GOLDEN` or `../shared/golden`
+    /// beside the repository.
     fn golden_model(name: &str) -> PathBuf {
-        PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../../shared/golden/model"
-        ))
-        .join(name)
+        std::env::var_os("DANCEBA_GOLDEN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../../../shared/golden"
+                ))
+            })
+            .join("model")
+            .join(name)
     }
 
     #[test]
