@@ -96,6 +96,20 @@ impl Lin {
         Ok(Self { w, b, b_host })
     }
 
+    /// The weight (out, in).
+    #[cfg(feature = "cuda")]
+    pub(super) fn weight(&self) -> &Tensor {
+        &self.w
+    }
+
+    #[cfg(feature = "cuda")]
+    /// Replaces the weight by `w`, equal to it (a view of a stacked copy that a grouped path
+    /// reads too, so that the two share memory).
+    pub(super) fn share_weight(&mut self, w: Tensor) {
+        debug_assert_eq!(w.dims(), self.w.dims());
+        self.w = w;
+    }
+
     /// Output width.
     pub fn out_dim(&self) -> usize {
         self.w.dims()[0]
@@ -340,6 +354,19 @@ impl RmsNorm {
         Ok(Self {
             w: vb.pp(name).get(dim, "weight")?,
         })
+    }
+
+    /// The weight (dim).
+    #[cfg(feature = "cuda")]
+    pub(super) fn weight(&self) -> &Tensor {
+        &self.w
+    }
+
+    #[cfg(feature = "cuda")]
+    /// Replaces the weight by `w`, equal to it (see [`Lin::share_weight`]).
+    pub(super) fn share_weight(&mut self, w: Tensor) {
+        debug_assert_eq!(w.dims(), self.w.dims());
+        self.w = w;
     }
 
     /// In `x`'s dtype (the weight is converted if it differs).

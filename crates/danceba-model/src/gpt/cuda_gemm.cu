@@ -167,21 +167,22 @@ __device__ __forceinline__ void stage_chunk(T* __restrict__ xs, T* __restrict__ 
     }
 }
 
-// Grid (ceil(M / BM), ceil(N / BN), splits) — row tiles fastest, so the blocks sharing weights
-// run together; block = 4 warps, warp w computing the 4 columns n0 = blockIdx.y·BN + 4w ..
-// n0 + 4 for the block's BM rows over the k range [blockIdx.z·kchunk, min(K, (blockIdx.z+1)·
-// kchunk)), in chunks of KT. The block copies each chunk of x (BM × KT, zeros past M or the
-// range) and of its BN weight rows (zeros past N) into shared memory with a STAGES-deep
-// cp.async pipeline; lane l takes the quad k = 4l of each chunk. With one split the epilogue
-// follows; with several the f32 partial sums go to ws[split][row][col] and skinny_reduce
-// finishes. act: 0 identity, 1 SiLU, 2 GELU (erf). bias, gate, res may be null.
+// Grid (ceil(M / BM), ceil(N / BN), groups · splits) — row tiles fastest, so the blocks sharing
+// weights run together; block = 4 warps, warp w computing the 4 columns n0 = blockIdx.y·BN + 4w
+// .. n0 + 4 for the block's BM rows over the k range [split·kchunk, min(K, (split+1)·kchunk)),
+// in chunks of KT (the group's pointers already offset, see GROUP_OFFSETS). The block copies
+// each chunk of x (BM × KT, zeros past M or the range) and of its BN weight rows (zeros past N)
+// into shared memory with a STAGES-deep cp.async pipeline; lane l takes the quad k = 4l of each
+// chunk. With one split the epilogue follows; with several the f32 partial sums go to
+// ws[split][row][col] and skinny_reduce finishes. act: 0 identity, 1 SiLU, 2 GELU (erf). bias,
+// gate, res may be null.
 template <typename T, int BM>
 __device__ __forceinline__ void skinny_gemm(const T* __restrict__ x, const T* __restrict__ w,
                                             const T* __restrict__ bias,
                                             const T* __restrict__ gate,
                                             const T* __restrict__ res, T* __restrict__ y,
                                             float* __restrict__ ws, int M, int N, int K, int ldx,
-                                            int kchunk, int act) {
+                                            int kchunk, int act, int split, int splits) {
     constexpr int R = BM * 4;    // accumulators per lane: (row, column) = (i / 4, i % 4)
     constexpr int PER = R / 32;  // values per lane after the reduce-scatter
     constexpr int THREADS = 128;
@@ -193,7 +194,7 @@ __device__ __forceinline__ void skinny_gemm(const T* __restrict__ x, const T* __
     const int nb = blockIdx.y * BN;
     const int n0 = nb + 4 * warp;
     const int rows = min(BM, M - m0);
-    const int kb = blockIdx.z * kchunk;
+    const int kb = split * kchunk;
     const int ke = min(K, kb + kchunk);
     const int chunks = (ke - kb + KT - 1) / KT;
 
@@ -248,10 +249,10 @@ __device__ __forceinline__ void skinny_gemm(const T* __restrict__ x, const T* __
         const int col = n0 + (v & 3);
         if (m >= rows || col >= N) continue;
         const long long o = (long long)(m0 + m) * N + col;
-        if (gridDim.z == 1) {
+        if (splits == 1) {
             epilogue<T>(acc[i], bias, gate, res, y, o, col, act);
         } else {
-            ws[(long long)blockIdx.z * M * N + o] = acc[i];
+            ws[(long long)split * M * N + o] = acc[i];
         }
     }
 }
@@ -282,7 +283,8 @@ __device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], const 
 #endif
 }
 
-// The f16/bf16 skinny GEMM on the tensor cores. Grid (ceil(M / 16), ceil(N / MMA_BN), splits);
+// The f16/bf16 skinny GEMM on the tensor cores. Grid (ceil(M / 16), ceil(N / MMA_BN),
+// groups · splits);
 // 4 warps, warp w computing the 16 × 8 tile of rows m0 .. m0 + 16 and columns
 // n0 = blockIdx.y·MMA_BN + 8w .. n0 + 8 with one m16n8k16 product per 16 k, over the block's k
 // range in chunks of KT staged in shared memory by the same cp.async pipeline as skinny_gemm
@@ -293,7 +295,7 @@ __device__ __forceinline__ void skinny_mma(const T* __restrict__ x, const T* __r
                                            const T* __restrict__ bias, const T* __restrict__ gate,
                                            const T* __restrict__ res, T* __restrict__ y,
                                            float* __restrict__ ws, int M, int N, int K, int ldx,
-                                           int kchunk, int act) {
+                                           int kchunk, int act, int split, int splits) {
     constexpr int BM = 16;
     constexpr int THREADS = 128;
     __shared__ __align__(16) T xs[STAGES][BM * MMA_S];
@@ -305,7 +307,7 @@ __device__ __forceinline__ void skinny_mma(const T* __restrict__ x, const T* __r
     const int nb = blockIdx.y * MMA_BN;
     const int n0 = nb + 8 * warp;
     const int rows = min(BM, M - m0);
-    const int kb = blockIdx.z * kchunk;
+    const int kb = split * kchunk;
     const int ke = min(K, kb + kchunk);
     const int chunks = (ke - kb + KT - 1) / KT;
 
@@ -354,35 +356,58 @@ __device__ __forceinline__ void skinny_mma(const T* __restrict__ x, const T* __r
         const int col = n0 + 2 * t + (i & 1);
         if (m >= rows || col >= N) continue;
         const long long o = (long long)(m0 + m) * N + col;
-        if (gridDim.z == 1) {
+        if (splits == 1) {
             epilogue<T>(c[i], bias, gate, res, y, o, col, act);
         } else {
-            ws[(long long)blockIdx.z * M * N + o] = c[i];
+            ws[(long long)split * M * N + o] = c[i];
         }
     }
 }
 
-// Sums the splits' partial products in order and applies the epilogue; one thread per output.
+// Sums the splits' partial products in order and applies the epilogue; one thread per output
+// of every group (the workspace holds (groups, splits, M, N), the outputs (groups, M, N)).
 template <typename T>
 __device__ __forceinline__ void skinny_reduce(const float* __restrict__ ws,
                                               const T* __restrict__ bias,
                                               const T* __restrict__ gate,
                                               const T* __restrict__ res, T* __restrict__ y, int M,
-                                              int N, int splits, int act) {
-    const long long o = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+                                              int N, int splits, int act, int groups) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long total = (long long)M * N;
-    if (o >= total) return;
+    if (i >= total * groups) return;
+    const long long grp = i / total, o = i % total;
+    ws += grp * splits * total;
     float s = ws[o];
     for (int p = 1; p < splits; ++p) s += ws[p * total + o];
-    epilogue<T>(s, bias, gate, res, y, o, (int)(o % N), act);
+    epilogue<T>(s, bias == nullptr ? nullptr : bias + grp * N,
+                gate == nullptr ? nullptr : gate + grp * total,
+                res == nullptr ? nullptr : res + grp * total, y + grp * total, o, (int)(o % N),
+                act);
 }
+
+// The kernels' grid z is (group, split), split fastest: group g reads x + g·xg and the weights
+// w + g·wg, its bias b + g·N, gate, residual and output (and workspace) the g-th (M, N) block
+// (the three streams of a Block_Head, each with its own weights, in one launch).
+#define GROUP_OFFSETS                                                                           \
+    const int split = blockIdx.z % splits;                                                     \
+    const long long grp = blockIdx.z / splits;                                                 \
+    const long long mn = (long long)M * N;                                                     \
+    x += grp * xg;                                                                             \
+    w += grp * wg;                                                                             \
+    if (bias != nullptr) bias += grp * N;                                                      \
+    if (gate != nullptr) gate += grp * mn;                                                     \
+    if (res != nullptr) res += grp * mn;                                                       \
+    y += grp * mn;                                                                             \
+    if (ws != nullptr) ws += grp * splits * mn;
 
 #define GEMM(T, S, BM)                                                                          \
     extern "C" __global__ void __launch_bounds__(128)                               \
         skinny_gemm##BM##_##S(const T* x, const T* w, const T* bias, const T* gate,             \
                               const T* res, T* y, float* ws, int M, int N, int K, int ldx,       \
-                              int kchunk, int act) {                                            \
-        skinny_gemm<T, BM>(x, w, bias, gate, res, y, ws, M, N, K, ldx, kchunk, act);            \
+                              int kchunk, int act, int splits, long long xg, long long wg) {   \
+        GROUP_OFFSETS                                                                           \
+        skinny_gemm<T, BM>(x, w, bias, gate, res, y, ws, M, N, K, ldx, kchunk, act, split,      \
+                           splits);                                                             \
     }
 
 #define GEMMS(T, S)                                                                             \
@@ -390,15 +415,17 @@ __device__ __forceinline__ void skinny_reduce(const float* __restrict__ ws,
     GEMM(T, S, 16)                                                                              \
     extern "C" __global__ void skinny_reduce_##S(const float* ws, const T* bias, const T* gate, \
                                                  const T* res, T* y, int M, int N, int splits,  \
-                                                 int act) {                                     \
-        skinny_reduce<T>(ws, bias, gate, res, y, M, N, splits, act);                            \
+                                                 int act, int groups) {                         \
+        skinny_reduce<T>(ws, bias, gate, res, y, M, N, splits, act, groups);                    \
     }
 
 #define MMA(T, S)                                                                               \
     extern "C" __global__ void __launch_bounds__(128)                                           \
         skinny_mma_##S(const T* x, const T* w, const T* bias, const T* gate, const T* res, T* y, \
-                       float* ws, int M, int N, int K, int ldx, int kchunk, int act) {          \
-        skinny_mma<T>(x, w, bias, gate, res, y, ws, M, N, K, ldx, kchunk, act);                 \
+                       float* ws, int M, int N, int K, int ldx, int kchunk, int act,            \
+                       int splits, long long xg, long long wg) {                                \
+        GROUP_OFFSETS                                                                           \
+        skinny_mma<T>(x, w, bias, gate, res, y, ws, M, N, K, ldx, kchunk, act, split, splits);  \
     }
 
 GEMMS(float, f32)

@@ -121,41 +121,67 @@ fn row_stride(l: &Layout) -> Option<usize> {
 }
 
 /// Whether the model's linear layers use [`linear`] for `x` with the weight `w`: [`supports`],
-/// at most [`max_rows`] rows, and the [`mode`] takes the dtype.
+/// at most [`max_rows`] rows (per group), and the [`mode`] takes the dtype.
 pub fn applies(x: &Tensor, w: &Tensor) -> bool {
     let dtype_on = match mode() {
         Mode::Off => false,
         Mode::F32 => x.dtype() == DType::F32,
         Mode::All => x.dtype() == DType::F32 || tensor_cores(),
     };
-    let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-    dtype_on && rows <= max_rows() && supports(x, w)
+    dtype_on && supports(x, w) && group_shape(x, w).is_some_and(|g| g.rows <= max_rows())
 }
 
-/// Whether [`linear`] can take `x` (.., K) with the weight `w` (N, K): a CUDA tensor of the
-/// weight's dtype (f32/f16/bf16), K and N multiples of 4, rows evenly spaced (contiguous, or a
-/// `narrow` of the last dimension).
+/// The product's shape: `groups` products of `rows` × `k` → `n`.
+struct GroupShape {
+    groups: usize,
+    rows: usize,
+    k: usize,
+    n: usize,
+}
+
+/// The shape of `x` (.., K) times `w` (N, K) (one group), or of `x` (G, .., K) times `w`
+/// (G, N, K) (group g: `x[g]·w[g]ᵀ`); `None` when they do not fit together.
+fn group_shape(x: &Tensor, w: &Tensor) -> Option<GroupShape> {
+    let &k = x.dims().last()?;
+    let (groups, n, wk) = match *w.dims() {
+        [n, wk] => (1, n, wk),
+        [g, n, wk] if x.rank() >= 2 && x.dims()[0] == g => (g, n, wk),
+        _ => return None,
+    };
+    (k == wk && k > 0 && groups > 0).then(|| GroupShape {
+        groups,
+        rows: x.elem_count() / k / groups,
+        k,
+        n,
+    })
+}
+
+/// Whether [`linear`] can take `x` (.., K) with the weight `w` (N, K), or `x` (G, .., K) with
+/// stacked weights `w` (G, N, K): a CUDA tensor of the weight's dtype (f32/f16/bf16), K and N
+/// multiples of 4, rows evenly spaced (contiguous, or a `narrow` of the last dimension).
 pub fn supports(x: &Tensor, w: &Tensor) -> bool {
-    let (Some(&k), Ok((n, wk))) = (x.dims().last(), w.dims2()) else {
+    let Some(GroupShape { groups, rows, k, n }) = group_shape(x, w) else {
         return false;
     };
-    let rows = x.elem_count() / k.max(1);
     x.device().is_cuda()
         && x.dtype() == w.dtype()
         && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
-        && k == wk
-        && k > 0
         && row_stride(x.layout()).is_some()
         && k.is_multiple_of(4)
         && n.is_multiple_of(4)
         && n > 0
         && rows >= 1
         && rows <= i32::MAX as usize
+        && groups <= u16::MAX as usize
 }
 
 struct Gemm<'a> {
     w: &'a Tensor,
     ep: Epilogue<'a>,
+    /// Independent products, each with its own weights (rows of x, bias, gate, residual and
+    /// output in `groups` equal consecutive blocks).
+    groups: usize,
+    /// Rows per group.
     rows: usize,
     k: usize,
     n: usize,
@@ -245,8 +271,9 @@ fn tensor_cores() -> bool {
 /// The kernel's tiles for a product of `rows` × `k` → `n` in `dtype`: (kernel name prefix, rows
 /// per block, columns per block, K splits, k per split). f32 runs on the FMA kernel (8/16 rows ×
 /// 16 columns), f16/bf16 on the tensor-core kernel (16 × 32). K is split over blocks (their
-/// partial sums added by a second kernel) until there are [`TARGET_BLOCKS`].
+/// partial sums added by a second kernel) until the `groups` products have [`TARGET_BLOCKS`].
 fn plan(
+    groups: usize,
     rows: usize,
     k: usize,
     n: usize,
@@ -257,7 +284,7 @@ fn plan(
         _ if rows <= 8 => ("skinny_gemm8_", 8, 4 * WARPS),
         _ => ("skinny_gemm16_", 16, 4 * WARPS),
     };
-    let blocks = n.div_ceil(bn) * rows.div_ceil(bm);
+    let blocks = groups * n.div_ceil(bn) * rows.div_ceil(bm);
     let chunks = k.div_ceil(KT);
     let splits = TARGET_BLOCKS.div_ceil(blocks).clamp(1, chunks);
     // whole chunks per split, then as few splits as that needs
@@ -272,10 +299,14 @@ impl Gemm<'_> {
         xl: &Layout,
     ) -> Result<CudaStorage> {
         let dev = xs.device().clone();
-        let (x, ldx) = rows_view::<T>(xs, xl, self.rows, self.k)?;
-        let (name, bm, bn, splits, kchunk) = plan(self.rows, self.k, self.n, T::DTYPE);
-        if splits > u16::MAX as usize {
-            bail!("CUDA skinny GEMM: input width {} is too large", self.k);
+        let (x, ldx) = rows_view::<T>(xs, xl, self.groups * self.rows, self.k)?;
+        let (name, bm, bn, splits, kchunk) = plan(self.groups, self.rows, self.k, self.n, T::DTYPE);
+        if self.groups * splits > u16::MAX as usize {
+            bail!(
+                "CUDA skinny GEMM: {} products of input width {} are too many for one launch",
+                self.groups,
+                self.k
+            );
         }
         let func =
             dev.get_or_load_custom_func(&format!("{name}{}", suffix(T::DTYPE)?), MODULE, PTX)?;
@@ -283,7 +314,7 @@ impl Gemm<'_> {
             grid_dim: (
                 as_i32(self.rows.div_ceil(bm), "row tiles")? as u32,
                 as_i32(self.n.div_ceil(bn), "column blocks")? as u32,
-                splits as u32,
+                (self.groups * splits) as u32,
             ),
             block_dim: ((32 * WARPS) as u32, 1, 1),
             shared_mem_bytes: 0,
@@ -295,10 +326,15 @@ impl Gemm<'_> {
             as_i32(kchunk, "K chunk")?,
             act_code(self.ep.act),
         ];
-        let total = self.rows * self.n;
-        // SAFETY: every output element (row < rows, column < n) is written once, by the GEMM
-        // (one split) or by the reduction; with splits every workspace element (split, row <
-        // rows, column < n) is written by the GEMM before the reduction reads it.
+        let total = self.groups * self.rows * self.n;
+        let splits_i = splits as i32;
+        // group strides of x (rows evenly spaced) and of the stacked weights
+        let xg = (self.rows * ldx) as i64;
+        let wg = (self.n * self.k) as i64;
+        let groups_i = self.groups as i32;
+        // SAFETY: every output element (group, row < rows, column < n) is written once, by the
+        // GEMM (one split) or by the reduction; with splits every workspace element (group,
+        // split, row, column) is written by the GEMM before the reduction reads it.
         let out = unsafe { dev.alloc::<T>(total)? };
         let ws = if splits > 1 {
             Some(unsafe { dev.alloc::<f32>(splits * total)? })
@@ -340,10 +376,12 @@ impl Gemm<'_> {
                         for v in &ints {
                             lb.arg(v);
                         }
-                        // SAFETY: argument types and counts match the kernel; x holds rows rows
-                        // of k (stride ldx), w n × k, the bias n, gate and residual rows × n
-                        // elements (checked by `linear`), the workspace splits × rows × n; null
-                        // pointers are never read (the workspace only with one split).
+                        lb.arg(&splits_i).arg(&xg).arg(&wg);
+                        // SAFETY: argument types and counts match the kernel; x holds groups ×
+                        // rows rows of k (stride ldx), w groups × n × k, the bias groups × n,
+                        // gate and residual groups × rows × n elements (checked by `linear`),
+                        // the workspace groups × splits × rows × n; null pointers are never
+                        // read (the workspace only with one split).
                         unsafe { lb.launch(cfg) }.w()?;
                         if let Some(ws) = &ws {
                             let reduce = dev.get_or_load_custom_func(
@@ -354,8 +392,8 @@ impl Gemm<'_> {
                             let mut lb = reduce.builder();
                             lb.arg(ws);
                             push_epilogue!(lb);
-                            let splits_i = splits as i32;
                             lb.arg(&m_i).arg(&n_i).arg(&splits_i).arg(&ints[3]);
+                            lb.arg(&groups_i);
                             // SAFETY: as above; one thread per output element.
                             unsafe { lb.launch(LaunchConfig::for_num_elems(total as u32)) }.w()?;
                         }
@@ -403,9 +441,12 @@ fn operand(t: &Tensor, dtype: DType, dims: &[usize], what: &str) -> Result<Tenso
     Ok(if aligned { t } else { t.copy()? })
 }
 
-/// `epilogue(x · wᵀ)` for `x` (.., K) and `w` (N, K): (.., N). Errors unless [`supports`].
+/// `epilogue(x · wᵀ)` for `x` (.., K) and `w` (N, K): (.., N); or, with stacked weights `w`
+/// (G, N, K), `x[g]·w[g]ᵀ` for each g of `x` (G, .., K) in one launch, the bias then (G, N).
+/// Errors unless [`supports`].
 pub fn linear(x: &Tensor, w: &Tensor, ep: Epilogue) -> Result<Tensor> {
-    if !supports(x, w) {
+    let shape = group_shape(x, w).filter(|_| supports(x, w));
+    let Some(GroupShape { groups, rows, k, n }) = shape else {
         bail!(
             "CUDA skinny GEMM: cannot take x {:?} {:?} with w {:?} {:?}",
             x.dtype(),
@@ -413,15 +454,14 @@ pub fn linear(x: &Tensor, w: &Tensor, ep: Epilogue) -> Result<Tensor> {
             w.dtype(),
             w.dims()
         );
-    }
-    let (n, k) = w.dims2()?;
-    let rows = x.elem_count() / k;
+    };
     let mut out_dims = x.dims().to_vec();
     *out_dims.last_mut().expect("x has a last dimension") = n;
     let dtype = x.dtype();
-    let w = operand(w, dtype, &[n, k], "weight")?;
+    let w = operand(w, dtype, w.dims(), "weight")?;
+    let bias_dims: &[usize] = if w.rank() == 3 { &[groups, n] } else { &[n] };
     let bias = match ep.bias {
-        Some(b) => Some(operand(b, dtype, &[n], "bias")?),
+        Some(b) => Some(operand(b, dtype, bias_dims, "bias")?),
         None => None,
     };
     let gate = match ep.gate {
@@ -440,6 +480,7 @@ pub fn linear(x: &Tensor, w: &Tensor, ep: Epilogue) -> Result<Tensor> {
             gate: gate.as_ref(),
             residual: residual.as_ref(),
         },
+        groups,
         rows,
         k,
         n,
@@ -465,7 +506,7 @@ mod tests {
                 (1, 768, 512),
                 (96, 3076, 12),
             ] {
-                let (_, bm, bn, splits, kchunk) = plan(rows, k, n, dtype);
+                let (_, bm, bn, splits, kchunk) = plan(1, rows, k, n, dtype);
                 assert!(bm >= rows.min(16), "{rows} rows in tiles of {bm}");
                 assert!(bn >= 16);
                 assert!(splits >= 1);
@@ -476,8 +517,10 @@ mod tests {
                 );
             }
             // a narrow layer with a long K is split more than a wide one with a short K
-            assert!(plan(28, 3072, 768, dtype).3 > 2);
-            assert!(plan(28, 768, 6144, dtype).3 <= 2);
+            assert!(plan(1, 28, 3072, 768, dtype).3 > 2);
+            assert!(plan(1, 28, 768, 6144, dtype).3 <= 2);
+            // three stacked products fill the GPU with fewer splits each
+            assert!(plan(3, 28, 3072, 768, dtype).3 < plan(1, 28, 3072, 768, dtype).3);
         }
     }
 }

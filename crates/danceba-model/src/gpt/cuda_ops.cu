@@ -25,13 +25,15 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
     return v;
 }
 
-// x, r, s, y: (rows, n) contiguous; w: (n). r/s may be null (plain RMSNorm).
+// x, r, s, y: (rows, n) contiguous; w: (groups, n), group g weighting the rows
+// g·rpg .. (g + 1)·rpg (one group: rpg = rows). r/s may be null (plain RMSNorm).
 template <typename T>
 __device__ __forceinline__ void rmsnorm_row(const T* __restrict__ x, const T* __restrict__ r,
                                             const T* __restrict__ w, T* __restrict__ s,
-                                            T* __restrict__ y, int n, float eps) {
+                                            T* __restrict__ y, int n, float eps, int rpg) {
     __shared__ float sh[32];
     const long long base = (long long)blockIdx.x * n;
+    w += (long long)(blockIdx.x / rpg) * n;
     float acc = 0.0f;
     for (int c = threadIdx.x; c < n; c += blockDim.x) {
         float v = to_f(x[base + c]);
@@ -128,12 +130,13 @@ __device__ __forceinline__ void scale_mask_softmax(const T* __restrict__ s,
 }
 
 #define OPS(T, S)                                                                               \
-    extern "C" __global__ void rmsnorm_##S(const T* x, const T* w, T* y, int n, float eps) {    \
-        rmsnorm_row<T>(x, nullptr, w, nullptr, y, n, eps);                                      \
+    extern "C" __global__ void rmsnorm_##S(const T* x, const T* w, T* y, int n, float eps,      \
+                                           int rpg) {                                           \
+        rmsnorm_row<T>(x, nullptr, w, nullptr, y, n, eps, rpg);                                 \
     }                                                                                           \
     extern "C" __global__ void add_rmsnorm_##S(const T* x, const T* r, const T* w, T* out,      \
-                                               int n, float eps) {                              \
-        rmsnorm_row<T>(x, r, w, out, out + (long long)gridDim.x * n, n, eps);                   \
+                                               int n, float eps, int rpg) {                     \
+        rmsnorm_row<T>(x, r, w, out, out + (long long)gridDim.x * n, n, eps, rpg);              \
     }                                                                                           \
     extern "C" __global__ void bias_act_##S(const T* x, const T* b, const T* g, T* y,           \
                                             long long total, int n, int act) {                  \

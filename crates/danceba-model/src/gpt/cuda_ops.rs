@@ -103,11 +103,13 @@ fn with_cuda<R>(t: &Tensor, f: impl FnOnce(&CudaStorage, &Layout) -> Result<R>) 
 
 /// Which kernel, and its extra inputs (contiguous, checked).
 enum Kind<'a> {
-    /// `rmsnorm(x)·w`, or with `r`: `[x + r, rmsnorm(x + r)·w]`.
+    /// `rmsnorm(x)·w`, or with `r`: `[x + r, rmsnorm(x + r)·w]`; `w` holds one row of weights
+    /// per group of `rows / groups` consecutive rows.
     Norm {
         w: &'a Tensor,
         r: Option<&'a Tensor>,
         eps: f32,
+        groups: usize,
     },
     BiasAct {
         b: &'a Tensor,
@@ -148,8 +150,9 @@ impl Op<'_> {
         let total = self.rows * self.n;
         let sfx = suffix(T::DTYPE)?;
         match &self.kind {
-            Kind::Norm { w, r, eps } => {
+            Kind::Norm { w, r, eps, groups } => {
                 as_i32(self.rows, "rows")?;
+                let rpg = as_i32(self.rows / groups, "rows per group")?;
                 let cfg = LaunchConfig {
                     grid_dim: (self.rows as u32, 1, 1),
                     block_dim: (NORM_THREADS, 1, 1),
@@ -168,7 +171,7 @@ impl Op<'_> {
                                 PTX,
                             )?;
                             let mut lb = func.builder();
-                            lb.arg(&x).arg(&wv).arg(&out).arg(&n).arg(eps);
+                            lb.arg(&x).arg(&wv).arg(&out).arg(&n).arg(eps).arg(&rpg);
                             // SAFETY: argument types and counts match the kernel; the views
                             // cover rows × n elements (checked shapes).
                             unsafe { lb.launch(cfg) }.w()?;
@@ -182,7 +185,13 @@ impl Op<'_> {
                                 PTX,
                             )?;
                             let mut lb = func.builder();
-                            lb.arg(&x).arg(&rv).arg(&wv).arg(&out).arg(&n).arg(eps);
+                            lb.arg(&x)
+                                .arg(&rv)
+                                .arg(&wv)
+                                .arg(&out)
+                                .arg(&n)
+                                .arg(eps)
+                                .arg(&rpg);
                             // SAFETY: as above; the output holds 2 × rows × n elements.
                             unsafe { lb.launch(cfg) }.w()?;
                             Ok(())
@@ -319,13 +328,21 @@ fn rows_and_width(x: &Tensor) -> Result<(usize, usize)> {
 /// `x · rsqrt(mean(x²) + eps) · w` over the last dimension (`w`: (n)), as
 /// `candle_nn::ops::rms_norm`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    rms_norm_grouped(x, w, eps, 1)
+}
+
+/// [`rms_norm`] with one weight row per group: `w` (groups, n) weights the rows of `x` in
+/// `groups` equal runs of consecutive rows (`x` (groups, .., n): one stream per group).
+pub fn rms_norm_grouped(x: &Tensor, w: &Tensor, eps: f32, groups: usize) -> Result<Tensor> {
     let (rows, n) = rows_and_width(x)?;
-    let w = prep(w, x.dtype(), n, "norm weight")?;
+    check_groups(rows, groups)?;
+    let w = prep(w, x.dtype(), groups * n, "norm weight")?;
     x.contiguous()?.apply_op1_no_bwd(&Op {
         kind: Kind::Norm {
             w: &w,
             r: None,
             eps,
+            groups,
         },
         rows,
         n,
@@ -333,9 +350,28 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     })
 }
 
+fn check_groups(rows: usize, groups: usize) -> Result<()> {
+    if groups == 0 || !rows.is_multiple_of(groups) {
+        bail!("fused CUDA op: {rows} rows do not split into {groups} equal groups");
+    }
+    Ok(())
+}
+
 /// `s = x + r` and `rms_norm(s, w, eps)` in one launch; returns `(s, norm)`.
 pub fn add_rms_norm(x: &Tensor, r: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    add_rms_norm_grouped(x, r, w, eps, 1)
+}
+
+/// [`add_rms_norm`] with one weight row per group of rows (as [`rms_norm_grouped`]).
+pub fn add_rms_norm_grouped(
+    x: &Tensor,
+    r: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    groups: usize,
+) -> Result<(Tensor, Tensor)> {
     let (rows, n) = rows_and_width(x)?;
+    check_groups(rows, groups)?;
     if r.dims() != x.dims() {
         bail!(
             "fused CUDA op: residual {:?} does not match {:?}",
@@ -344,7 +380,7 @@ pub fn add_rms_norm(x: &Tensor, r: &Tensor, w: &Tensor, eps: f32) -> Result<(Ten
         );
     }
     let r = prep(r, x.dtype(), rows * n, "residual")?;
-    let w = prep(w, x.dtype(), n, "norm weight")?;
+    let w = prep(w, x.dtype(), groups * n, "norm weight")?;
     let mut dims = vec![2];
     dims.extend_from_slice(x.dims());
     let both = x.contiguous()?.apply_op1_no_bwd(&Op {
@@ -352,6 +388,7 @@ pub fn add_rms_norm(x: &Tensor, r: &Tensor, w: &Tensor, eps: f32) -> Result<(Ten
             w: &w,
             r: Some(&r),
             eps,
+            groups,
         },
         rows,
         n,

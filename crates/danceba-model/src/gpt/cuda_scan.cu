@@ -3,6 +3,10 @@
 //
 //  * mamba_conv_silu_<T>: causal depthwise convolution (zero history) + bias + SiLU over the
 //    first `d` columns of the in_proj output, one thread per (batch, position, channel).
+//
+// Both kernels take their per-channel weights in groups: batch item b uses group b / gb (`gb`
+// batch items per group), so one launch runs the three streams of a Block_Head, each with its
+// own Mamba weights (one group: gb = batch).
 //  * mamba_scan_<T>_g<G>_s<S>: softplus(Δ + bias), the selective scan from a zero state, the D
 //    skip and the SiLU(z) gate. G lanes per channel, each holding S states in registers (so the
 //    (L, d, d_state) state tensor never reaches memory); the B and C rows and the channels' Δ, u
@@ -265,16 +269,19 @@ __device__ __forceinline__ void scan(const T* __restrict__ u, const T* __restric
         mamba_scan_##SUFFIX##_g##G##_s##S(const T* u, const T* dpre, const T* dt_bias,            \
                                           const T* a, const T* bc, int bc_stride, int b_off,      \
                                           int c_off, const T* dskip, const T* z, int z_stride,    \
-                                          int z_off, T* y, int len, int d, int n, int lt) {       \
-        scan<T, G, S, SCAN_THREADS>(u, dpre, dt_bias, a, bc, bc_stride, b_off, c_off, dskip, z, \
-                                    z_stride, z_off, y, len, d, n, lt);                          \
+                                          int z_off, T* y, int len, int d, int n, int lt,        \
+                                          int gb) {                                               \
+        const long long g = blockIdx.y / gb; /* the batch item's weight group */                   \
+        scan<T, G, S, SCAN_THREADS>(u, dpre, dt_bias + g * d, a + g * d * n, bc, bc_stride, b_off, \
+                                    c_off, dskip + g * d, z, z_stride, z_off, y, len, d, n, lt);  \
     }
 
 #define DANCEBA_MAMBA_KERNELS(SUFFIX, T)                                                        \
     extern "C" __global__ void mamba_conv_silu_##SUFFIX(const T* xz, const T* w, const T* bias, \
                                                         T* u, int len, int d, int k,            \
-                                                        int xz_stride) {                        \
-        conv_silu<T>(xz, w, bias, u, len, d, k, xz_stride);                                     \
+                                                        int xz_stride, int gb) {                \
+        const long long g = blockIdx.z / gb; /* the batch item's weight group */                  \
+        conv_silu<T>(xz, w + g * d * k, bias + g * d, u, len, d, k, xz_stride);                 \
     }                                                                                           \
     DANCEBA_MAMBA_SCAN(SUFFIX, T, 4, 4)                                                         \
     DANCEBA_MAMBA_SCAN(SUFFIX, T, 8, 4)                                                         \

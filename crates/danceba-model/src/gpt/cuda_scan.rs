@@ -135,6 +135,8 @@ struct ConvSilu<'a> {
     d: usize,
     k: usize,
     stride: usize,
+    /// Batch items per weight group.
+    gb: usize,
 }
 
 impl ConvSilu<'_> {
@@ -146,11 +148,12 @@ impl ConvSilu<'_> {
         let dev = xz.device().clone();
         let x = view::<T>(xz, xl, "in_proj output")?;
         let n = self.batch * self.len * self.d;
-        let (len, d, k, stride) = (
+        let (len, d, k, stride, gb) = (
             as_i32(self.len, "len")?,
             as_i32(self.d, "d_inner")?,
             as_i32(self.k, "d_conv")?,
             as_i32(self.stride, "row stride")?,
+            as_i32(self.gb, "batch items per group")?,
         );
         as_i32(n, "batch·len·d_inner")?;
         as_i32(self.batch * self.len * self.stride, "in_proj output size")?;
@@ -167,7 +170,7 @@ impl ConvSilu<'_> {
                 let b = view::<T>(bs, bl, "conv bias")?;
                 let mut lb = func.builder();
                 lb.arg(&x).arg(&w).arg(&b).arg(&out);
-                lb.arg(&len).arg(&d).arg(&k).arg(&stride);
+                lb.arg(&len).arg(&d).arg(&k).arg(&stride).arg(&gb);
                 // one thread per output: x over channels, y over positions, z over batch items
                 let cfg = LaunchConfig {
                     grid_dim: (
@@ -211,14 +214,36 @@ impl CustomOp1 for ConvSilu<'_> {
 /// Causal depthwise convolution (kernel `w`: (d, K), zero history) plus `bias` (d), then SiLU,
 /// over the first `d` columns of `xz` (B, L, S ≥ d). Returns (B, L, d).
 pub fn conv_silu(xz: &Tensor, d: usize, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    conv_silu_grouped(xz, d, w, bias, 1)
+}
+
+/// Batch items in each of `groups` equal weight groups of a batch of `batch`.
+fn per_group(batch: usize, groups: usize) -> Result<usize> {
+    if groups == 0 || !batch.is_multiple_of(groups) {
+        bail!("fused CUDA Mamba: a batch of {batch} does not split into {groups} weight groups");
+    }
+    Ok(batch / groups)
+}
+
+/// [`conv_silu`] with `groups` sets of weights, `w` (groups, d, K) and `bias` (groups, d): the
+/// batch splits into `groups` equal runs, run g convolved with set g (the streams of a
+/// Block_Head in one launch).
+pub fn conv_silu_grouped(
+    xz: &Tensor,
+    d: usize,
+    w: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+) -> Result<Tensor> {
     let (batch, len, stride) = xz.dims3()?;
     if d == 0 || d > stride {
         bail!("fused CUDA Mamba: {d} channels do not fit rows of {stride}");
     }
-    let k = w.elem_count() / d;
+    let gb = per_group(batch, groups)?;
+    let k = w.elem_count() / (groups * d);
     let dt = xz.dtype();
-    check(w, dt, d * k, "conv weight")?;
-    check(bias, dt, d, "conv bias")?;
+    check(w, dt, groups * d * k, "conv weight")?;
+    check(bias, dt, groups * d, "conv bias")?;
     if k == 0 {
         bail!("fused CUDA Mamba: empty convolution kernel");
     }
@@ -232,6 +257,7 @@ pub fn conv_silu(xz: &Tensor, d: usize, w: &Tensor, bias: &Tensor) -> Result<Ten
         d,
         k,
         stride,
+        gb,
     })
 }
 
@@ -262,6 +288,8 @@ struct Scan<'a> {
     n: usize,
     bc_stride: usize,
     z_stride: usize,
+    /// Batch items per weight group.
+    gb: usize,
 }
 
 impl Scan<'_> {
@@ -286,6 +314,7 @@ impl Scan<'_> {
             as_i32(self.len, "len")?,
             as_i32(self.d, "d_inner")?,
             as_i32(self.n, "d_state")?,
+            as_i32(self.gb, "batch items per group")?,
         ];
         let sc = ScanConfig::for_d_state(self.n)?;
         let blocks_x = self.d.div_ceil(sc.channels_per_block());
@@ -317,7 +346,7 @@ impl Scan<'_> {
                                 lb.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]);
                                 lb.arg(&dsk).arg(&z).arg(&ints[3]).arg(&ints[4]).arg(&out);
                                 lb.arg(&ints[5]).arg(&ints[6]).arg(&ints[7]);
-                                lb.arg(&lt);
+                                lb.arg(&lt).arg(&ints[8]);
                                 let cfg = LaunchConfig {
                                     grid_dim: (blocks_x as u32, self.batch as u32, 1),
                                     block_dim: (SCAN_THREADS as u32, 1, 1),
@@ -361,16 +390,24 @@ impl CustomOp1 for Scan<'_> {
 /// `y = (C·h_t + D·u) ⊙ SiLU(z)` with `h_t = exp(Δ_t A) h_{t−1} + Δ_t B_t u_t` from `h_0 = 0`
 /// and `Δ = softplus(delta_pre + delta_bias)`, for `u` (B, L, d). Returns (B, L, d).
 pub fn selective_scan(u: &Tensor, args: &ScanArgs) -> Result<Tensor> {
+    selective_scan_grouped(u, args, 1)
+}
+
+/// [`selective_scan`] with `groups` sets of per-channel weights: `a` (groups, d, n),
+/// `delta_bias` and `d_skip` (groups, d); the batch splits into `groups` equal runs, run g
+/// scanned with set g (the streams of a Block_Head in one launch).
+pub fn selective_scan_grouped(u: &Tensor, args: &ScanArgs, groups: usize) -> Result<Tensor> {
     let (batch, len, d) = u.dims3()?;
+    let gb = per_group(batch, groups)?;
     let dt = u.dtype();
-    let n = args.a.elem_count() / d.max(1);
+    let n = args.a.elem_count() / (groups * d).max(1);
     if !supports(n, dt) {
         bail!("fused CUDA Mamba: d_state {n} / {dt:?} is not supported (at most {MAX_D_STATE})");
     }
-    check(args.a, dt, d * n, "A")?;
+    check(args.a, dt, groups * d * n, "A")?;
     check(args.delta_pre, dt, batch * len * d, "delta")?;
-    check(args.delta_bias, dt, d, "delta bias")?;
-    check(args.d_skip, dt, d, "D")?;
+    check(args.delta_bias, dt, groups * d, "delta bias")?;
+    check(args.d_skip, dt, groups * d, "D")?;
     let (b2, l2, bc_stride) = args.bc.dims3()?;
     let (b3, l3, z_stride) = args.z.dims3()?;
     if (b2, l2) != (batch, len) || (b3, l3) != (batch, len) {
@@ -416,5 +453,6 @@ pub fn selective_scan(u: &Tensor, args: &ScanArgs) -> Result<Tensor> {
         n,
         bc_stride,
         z_stride,
+        gb,
     })
 }

@@ -430,6 +430,137 @@ impl Stream {
 #[derive(Debug, Clone)]
 pub struct BlockHead {
     streams: [Stream; 3],
+    /// The streams' weights stacked for the grouped CUDA path (CUDA devices only; the streams'
+    /// own weights are views of these).
+    #[cfg(feature = "cuda")]
+    grouped: Option<HeadGroup>,
+}
+
+/// Whether [`BlockHead`] runs its three streams as one group of launches on CUDA (default on;
+/// `DANCEBA_CUDA_GROUPED=0|off|false|no` runs them one after another, for comparison).
+#[cfg(feature = "cuda")]
+pub fn grouped_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        !matches!(
+            std::env::var("DANCEBA_CUDA_GROUPED")
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+                .as_str(),
+            "0" | "off" | "false" | "no"
+        )
+    })
+}
+
+/// The three streams' weights of one `Block_Head`, each stacked along a new first dimension
+/// (music, up, down), so that each step of the layer is one launch for the three streams: the
+/// grouped skinny GEMM (or cuBLAS's batched GEMM), and the norm, convolution and scan kernels
+/// with per-group weights.
+#[cfg(feature = "cuda")]
+#[derive(Debug, Clone)]
+struct HeadGroup {
+    norm_a: Tensor,   // (3, C)
+    norm_b: Tensor,   // (3, C)
+    in_proj: Tensor,  // (3, 2·d_inner, C)
+    conv_w: Tensor,   // (3, d_inner, d_conv)
+    conv_b: Tensor,   // (3, d_inner)
+    x_proj: Tensor,   // (3, dt_rank + 2·d_state, d_inner)
+    dt_proj: Tensor,  // (3, d_inner, dt_rank)
+    dt_bias: Tensor,  // (3, d_inner)
+    a: Tensor,        // (3, d_inner, d_state)
+    d_skip: Tensor,   // (3, d_inner)
+    out_proj: Tensor, // (3, C, d_inner)
+    fc1: Tensor,      // (3, 2·hidden, C)
+    fc2: Tensor,      // (3, C, hidden)
+}
+
+#[cfg(feature = "cuda")]
+impl HeadGroup {
+    /// Stacks the streams' weights and replaces each stream's by its view of the stack (no
+    /// second copy stays in memory).
+    fn stack(streams: &mut [Stream; 3]) -> Result<Self> {
+        fn stack(
+            streams: &mut [Stream; 3],
+            get: impl Fn(&Stream) -> &Tensor,
+            set: impl Fn(&mut Stream, Tensor),
+        ) -> Result<Tensor> {
+            let parts: Vec<&Tensor> = streams.iter().map(&get).collect();
+            let all = Tensor::stack(&parts, 0)?;
+            for (i, s) in streams.iter_mut().enumerate() {
+                set(s, all.get(i)?);
+            }
+            Ok(all)
+        }
+        Ok(Self {
+            norm_a: stack(
+                streams,
+                |s| s.norm_a.weight(),
+                |s, w| s.norm_a.share_weight(w),
+            )?,
+            norm_b: stack(
+                streams,
+                |s| s.norm_b.weight(),
+                |s, w| s.norm_b.share_weight(w),
+            )?,
+            in_proj: stack(
+                streams,
+                |s| s.mamba.in_proj.weight(),
+                |s, w| s.mamba.in_proj.share_weight(w),
+            )?,
+            conv_w: stack(streams, |s| &s.mamba.conv_w, |s, w| s.mamba.conv_w = w)?,
+            conv_b: stack(streams, |s| &s.mamba.conv_b, |s, w| s.mamba.conv_b = w)?,
+            x_proj: stack(
+                streams,
+                |s| s.mamba.x_proj.weight(),
+                |s, w| s.mamba.x_proj.share_weight(w),
+            )?,
+            dt_proj: stack(
+                streams,
+                |s| s.mamba.dt_proj.weight(),
+                |s, w| s.mamba.dt_proj.share_weight(w),
+            )?,
+            dt_bias: stack(streams, |s| &s.mamba.dt_bias, |s, w| s.mamba.dt_bias = w)?,
+            a: stack(streams, |s| &s.mamba.a, |s, w| s.mamba.a = w)?,
+            d_skip: stack(streams, |s| &s.mamba.d_skip, |s, w| s.mamba.d_skip = w)?,
+            out_proj: stack(
+                streams,
+                |s| s.mamba.out_proj.weight(),
+                |s, w| s.mamba.out_proj.share_weight(w),
+            )?,
+            fc1: stack(
+                streams,
+                |s| s.mlp.fc1.weight(),
+                |s, w| s.mlp.fc1.share_weight(w),
+            )?,
+            fc2: stack(
+                streams,
+                |s| s.mlp.fc2.weight(),
+                |s, w| s.mlp.fc2.share_weight(w),
+            )?,
+        })
+    }
+}
+
+/// `x[g]·w[g]ᵀ (+ residual[g])` for `x` (G, M, K) and stacked weights `w` (G, N, K): the
+/// grouped skinny GEMM where it applies, else cuBLAS's batched GEMM (and the add).
+#[cfg(feature = "cuda")]
+fn grouped_linear(x: &Tensor, w: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    use super::cuda_gemm;
+    if cuda_gemm::applies(x, w) {
+        let ep = cuda_gemm::Epilogue {
+            bias: None,
+            act: super::block_base::Act::Identity,
+            gate: None,
+            residual,
+        };
+        return Ok(cuda_gemm::linear(x, w, ep)?);
+    }
+    let y = x.contiguous()?.matmul(&w.transpose(1, 2)?)?;
+    Ok(match residual {
+        Some(r) => (r + y)?,
+        None => y,
+    })
 }
 
 impl BlockHead {
@@ -447,17 +578,114 @@ impl BlockHead {
                 mlp: GatedMlp::load(vb.pp(format!("gate_mlp_{}", i + 1)), n_embd, gated_hidden)?,
             })
         };
+        #[allow(unused_mut)]
+        let mut streams = [stream(0)?, stream(1)?, stream(2)?];
         Ok(Self {
-            streams: [stream(0)?, stream(1)?, stream(2)?],
+            #[cfg(feature = "cuda")]
+            grouped: if vb.device().is_cuda() {
+                Some(HeadGroup::stack(&mut streams)?)
+            } else {
+                None
+            },
+            streams,
         })
     }
 
-    /// `x`: (B, 3t, C) → (B, 3t, C).
+    /// `x`: (B, 3t, C) → (B, 3t, C). On CUDA with the fused kernels the three streams run as
+    /// one group of launches ([`BlockHead::forward_streams`] is the same math stream by
+    /// stream).
     pub fn forward(&self, x: &Tensor, t: usize, imp: MambaImpl) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.grouped {
+            let mamba = &self.streams[0].mamba;
+            if imp != MambaImpl::Portable
+                && grouped_enabled()
+                && super::cuda_ops::usable(x)
+                && super::cuda_scan::supports(mamba.d_state, x.dtype())
+            {
+                return self.forward_grouped(g, x, t);
+            }
+        }
+        self.forward_streams(x, t, imp)
+    }
+
+    /// [`BlockHead::forward`] one stream after another.
+    pub fn forward_streams(&self, x: &Tensor, t: usize, imp: MambaImpl) -> Result<Tensor> {
         let mut outs = Vec::with_capacity(3);
         for (i, s) in self.streams.iter().enumerate() {
             outs.push(s.forward(&x.narrow(1, i * t, t)?.contiguous()?, imp)?);
         }
         Ok(Tensor::cat(&outs, 1)?)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl BlockHead {
+    /// The three streams as one group of CUDA launches: the rows stream-major (3, B·t, C)
+    /// (a reshape at batch 1), then each step of the layer once for the three.
+    fn forward_grouped(&self, g: &HeadGroup, x: &Tensor, t: usize) -> Result<Tensor> {
+        use super::block_base::RMS_EPS;
+        use super::{cuda_ops, cuda_scan};
+        let (b, rows, c) = x.dims3()?;
+        if rows != 3 * t {
+            return Err(super::GptError::Input(format!(
+                "Block_Head: {rows} rows are not three streams of {t}"
+            )));
+        }
+        let dtype = x.dtype();
+        let cast = |w: &Tensor| -> Result<Tensor> {
+            Ok(if w.dtype() == dtype {
+                w.clone()
+            } else {
+                w.to_dtype(dtype)?
+            })
+        };
+        let xs = if b == 1 {
+            x.reshape((3, t, c))?
+        } else {
+            x.reshape((b, 3, t, c))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((3, b * t, c))?
+        };
+        let m = &self.streams[0].mamba;
+        let (di, ds, dr) = (m.d_inner, m.d_state, m.dt_rank);
+        // Mamba
+        let n = cuda_ops::rms_norm_grouped(&xs, &cast(&g.norm_a)?, RMS_EPS, 3)?;
+        let xz = grouped_linear(&n, &g.in_proj, None)?.contiguous()?;
+        let xz3 = xz.reshape((3 * b, t, 2 * di))?;
+        let u = cuda_scan::conv_silu_grouped(&xz3, di, &g.conv_w, &g.conv_b, 3)?;
+        let xd = grouped_linear(&u.reshape((3, b * t, di))?, &g.x_proj, None)?.contiguous()?;
+        // the skinny GEMM reads the Δ columns of `xd` in place (no copy)
+        let dpre = grouped_linear(&xd.narrow(D::Minus1, 0, dr)?, &g.dt_proj, None)?;
+        let y = cuda_scan::selective_scan_grouped(
+            &u,
+            &cuda_scan::ScanArgs {
+                delta_pre: &dpre.reshape((3 * b, t, di))?,
+                delta_bias: &g.dt_bias,
+                a: &g.a,
+                bc: &xd.reshape((3 * b, t, dr + 2 * ds))?,
+                b_offset: dr,
+                c_offset: dr + ds,
+                d_skip: &g.d_skip,
+                z: &xz3,
+                z_offset: di,
+            },
+            3,
+        )?;
+        let y = grouped_linear(&y.reshape((3, b * t, di))?, &g.out_proj, None)?;
+        // GatedMLP
+        let (xs, n) = cuda_ops::add_rms_norm_grouped(&xs, &y, &cast(&g.norm_b)?, RMS_EPS, 3)?;
+        let h = grouped_linear(&n, &g.fc1, None)?;
+        let gated = cuda_ops::silu_gate(&h)?;
+        let out = grouped_linear(&gated, &g.fc2, Some(&xs))?;
+        Ok(if b == 1 {
+            out.reshape((1, 3 * t, c))?
+        } else {
+            out.reshape((3, b, t, c))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((b, 3 * t, c))?
+        })
     }
 }
