@@ -362,10 +362,13 @@ fn fused_cuda_small_ops_match_candle_ops() {
                 let got = cuda_ops::bias_act(&x, &b, act, None).unwrap();
                 check(&format!("bias_act {act:?}"), &got, &want);
                 let got = cuda_ops::bias_act(&x, &b, act, Some(&g)).unwrap();
+                let gated = (want * &g).unwrap();
+                check(&format!("bias_act {act:?} gated"), &got, &gated);
+                let got = cuda_ops::bias_act_residual(&x, &b, act, Some(&g), Some(&r)).unwrap();
                 check(
-                    &format!("bias_act {act:?} gated"),
+                    &format!("bias_act {act:?} gated + residual"),
                     &got,
-                    &(want * &g).unwrap(),
+                    &(&r + &gated).unwrap(),
                 );
             }
             let h = Tensor::cat(&[&x, &r], 1).unwrap();
@@ -379,6 +382,8 @@ fn fused_cuda_small_ops_match_candle_ops() {
             assert!(
                 cuda_ops::bias_act(&x, &w.narrow(0, 0, n - 1).unwrap(), Act::Silu, None).is_err()
             );
+            let short = r.narrow(1, 0, n - 1).unwrap();
+            assert!(cuda_ops::bias_act_residual(&x, &b, Act::Silu, None, Some(&short)).is_err());
         }
     }
     // attention: q/k/v head split and scale + mask + softmax, against the portable ops
@@ -386,6 +391,7 @@ fn fused_cuda_small_ops_match_candle_ops() {
         (1usize, 28usize, 12usize, 64usize),
         (8, 28, 12, 64),
         (2, 5, 3, 7),
+        (3, 29, 2, 40),
     ] {
         let n = 3 * t;
         for dt in [DType::F32, DType::F16, DType::BF16] {
@@ -423,7 +429,7 @@ fn fused_cuda_small_ops_match_candle_ops() {
             let e = rel_err(&got, &want);
             println!("scale_mask_softmax {b}x{n} {dt:?}: rel err {e:.2e}");
             assert!(e <= tol, "scale_mask_softmax {b}x{n} {dt:?}: rel err {e}");
-            assert!(cuda_ops::split_heads(&qkv, 5).is_err());
+            assert!(cuda_ops::split_heads(&qkv, c + 1).is_err());
             assert!(
                 cuda_ops::scale_mask_softmax(&sc, &mask.narrow(0, 0, n - 1).unwrap(), 1.0).is_err()
             );

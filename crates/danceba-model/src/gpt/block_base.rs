@@ -151,16 +151,18 @@ impl Lin {
         if let Some(y) = self.forward_cpu_gemm(x, act, gate, residual)? {
             return Ok(y);
         }
-        let y = self.unfused_act(x, act, gate)?;
-        Ok(match residual {
-            Some(r) => (r + y)?,
-            None => y,
-        })
+        self.unfused(x, act, gate, residual)
     }
 
-    /// `act(x·Wᵀ + b) [· gate]` without the fused GEMMs. On CUDA with a bias: cuBLAS and one
-    /// fused bias + activation + gate kernel ([`super::cuda_ops`]).
-    fn unfused_act(&self, x: &Tensor, act: Act, gate: Option<&Tensor>) -> Result<Tensor> {
+    /// `residual + act(x·Wᵀ + b) [· gate]` without the fused GEMMs. On CUDA with a bias:
+    /// cuBLAS and one fused bias + activation + gate + residual kernel ([`super::cuda_ops`]).
+    fn unfused(
+        &self,
+        x: &Tensor,
+        act: Act,
+        gate: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some(b) = &self.b {
             if super::cuda_ops::usable(x) && x.dtype() == self.w.dtype() {
@@ -170,11 +172,14 @@ impl Lin {
                 let mut out_dims = dims.clone();
                 out_dims[last] = self.out_dim();
                 let y = x.reshape((rows, dims[last]))?.matmul(&self.w.t()?)?;
-                let g = match gate {
-                    Some(g) => Some(g.reshape((rows, self.out_dim()))?),
-                    None => None,
+                let as_rows = |t: Option<&Tensor>| -> Result<Option<Tensor>> {
+                    Ok(match t {
+                        Some(t) => Some(t.reshape((rows, self.out_dim()))?),
+                        None => None,
+                    })
                 };
-                let y = super::cuda_ops::bias_act(&y, b, act, g.as_ref())?;
+                let (g, r) = (as_rows(gate)?, as_rows(residual)?);
+                let y = super::cuda_ops::bias_act_residual(&y, b, act, g.as_ref(), r.as_ref())?;
                 return Ok(y.reshape(out_dims)?);
             }
         }
@@ -184,8 +189,12 @@ impl Lin {
             Act::Silu => candle_nn::ops::silu(&y)?,
             Act::GeluErf => y.gelu_erf()?,
         };
-        Ok(match gate {
+        let y = match gate {
             Some(g) => (y * g)?,
+            None => y,
+        };
+        Ok(match residual {
+            Some(r) => (r + y)?,
             None => y,
         })
     }

@@ -4,8 +4,8 @@
 //
 //  * rmsnorm_<T>: one block per row: y = T(x·rsqrt(mean(x²)+eps)·w)  (candle_nn::ops::rms_norm)
 //  * add_rmsnorm_<T>: s = T(x + r) and y = rmsnorm(s) in one pass; writes (2, rows, n) = [s, y].
-//  * bias_act_<T>: y = act(T(x + b)) [· g], act ∈ {identity, SiLU, GELU(erf)}; the bias add
-//    after a GEMM, its activation and an optional elementwise gate in one launch.
+//  * bias_act_<T>: y = act(T(x + b)) [· g] [+ r], act ∈ {identity, SiLU, GELU(erf)}; the bias
+//    add after a GEMM, its activation, an optional elementwise gate and residual in one launch.
 //  * silu_gate_<T>: y[r, c] = h[r, c] · T(SiLU(h[r, n + c])) (the GatedMLP's v ⊙ silu(g)).
 //  * split_heads_<T>: (B, n, 3·H·hd) → q, k, v heads (3, B, H, n, hd).
 //  * scale_mask_softmax_<T>: softmax(T(T(s·scale) + mask)) per row, one warp per row.
@@ -52,17 +52,19 @@ __device__ __forceinline__ void rmsnorm_row(const T* __restrict__ x, const T* __
     }
 }
 
-// act: 0 identity, 1 SiLU, 2 GELU (erf). x, g, y: (rows, n); b: (n); g may be null.
+// act: 0 identity, 1 SiLU, 2 GELU (erf). x, g, r, y: (rows, n); b: (n); g and r may be null.
+// With r: y = T(r + T(v)) (the residual add after the stored result, as candle's add).
 template <typename T>
 __device__ __forceinline__ void bias_act(const T* __restrict__ x, const T* __restrict__ b,
-                                         const T* __restrict__ g, T* __restrict__ y,
-                                         long long total, int n, int act) {
+                                         const T* __restrict__ g, const T* __restrict__ r,
+                                         T* __restrict__ y, long long total, int n, int act) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= total) return;
     float v = rnd<T>(to_f(x[i]) + to_f(b[i % n]));
     if (act == 1) v = rnd<T>(v / (1.0f + expf(-v)));
     else if (act == 2) v = rnd<T>(v * normcdff(v));
     if (g != nullptr) v = v * to_f(g[i]);
+    if (r != nullptr) v = to_f(r[i]) + rnd<T>(v);
     y[i] = from_f<T>(v);
 }
 
@@ -138,9 +140,9 @@ __device__ __forceinline__ void scale_mask_softmax(const T* __restrict__ s,
                                                int n, float eps, int rpg) {                     \
         rmsnorm_row<T>(x, r, w, out, out + (long long)gridDim.x * n, n, eps, rpg);              \
     }                                                                                           \
-    extern "C" __global__ void bias_act_##S(const T* x, const T* b, const T* g, T* y,           \
-                                            long long total, int n, int act) {                  \
-        bias_act<T>(x, b, g, y, total, n, act);                                                 \
+    extern "C" __global__ void bias_act_##S(const T* x, const T* b, const T* g, const T* r,     \
+                                            T* y, long long total, int n, int act) {            \
+        bias_act<T>(x, b, g, r, y, total, n, act);                                              \
     }                                                                                           \
     extern "C" __global__ void silu_gate_##S(const T* h, T* y, long long total, int n) {       \
         silu_gate<T>(h, y, total, n);                                                           \

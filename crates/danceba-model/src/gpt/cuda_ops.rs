@@ -93,6 +93,17 @@ fn prep(t: &Tensor, dtype: DType, elems: usize, what: &str) -> Result<Tensor> {
     t.contiguous()
 }
 
+/// Runs `f` with the view of an optional operand.
+fn with_opt<T: CudaDType, R>(
+    t: Option<&Tensor>,
+    f: impl FnOnce(Option<&CudaView<'_, T>>) -> Result<R>,
+) -> Result<R> {
+    match t {
+        None => f(None),
+        Some(t) => with_cuda(t, |s, l| f(Some(&view::<T>(s, l)?))),
+    }
+}
+
 fn with_cuda<R>(t: &Tensor, f: impl FnOnce(&CudaStorage, &Layout) -> Result<R>) -> Result<R> {
     let (s, l) = t.storage_and_layout();
     match &*s {
@@ -114,6 +125,7 @@ enum Kind<'a> {
     BiasAct {
         b: &'a Tensor,
         g: Option<&'a Tensor>,
+        r: Option<&'a Tensor>,
         act: Act,
     },
     SiluGate,
@@ -200,7 +212,7 @@ impl Op<'_> {
                 })?;
                 Ok(CudaStorage::wrap_cuda_slice(out, dev))
             }
-            Kind::BiasAct { b, g, act } => {
+            Kind::BiasAct { b, g, r, act } => {
                 let total_i = total as i64;
                 let act = act_code(*act);
                 // SAFETY: one thread per output element.
@@ -209,27 +221,27 @@ impl Op<'_> {
                 let cfg = LaunchConfig::for_num_elems(total as u32);
                 with_cuda(b, |bs, bl| {
                     let bv = view::<T>(bs, bl)?;
-                    match g {
-                        None => {
+                    with_opt::<T, _>(*g, |gv| {
+                        with_opt::<T, _>(*r, |rv| {
                             let null = 0u64;
                             let mut lb = func.builder();
-                            lb.arg(&x).arg(&bv).arg(&null).arg(&out);
-                            lb.arg(&total_i).arg(&n).arg(&act);
-                            // SAFETY: argument types and counts match the kernel (a null gate
-                            // pointer is never read); the views cover every index it reads.
+                            lb.arg(&x).arg(&bv);
+                            match gv {
+                                Some(gv) => lb.arg(gv),
+                                None => lb.arg(&null),
+                            };
+                            match rv {
+                                Some(rv) => lb.arg(rv),
+                                None => lb.arg(&null),
+                            };
+                            lb.arg(&out).arg(&total_i).arg(&n).arg(&act);
+                            // SAFETY: argument types and counts match the kernel (null gate and
+                            // residual pointers are never read); the views cover every index
+                            // it reads (gate and residual rows × n elements, checked).
                             unsafe { lb.launch(cfg) }.w()?;
                             Ok(())
-                        }
-                        Some(g) => with_cuda(g, |gs, gl| {
-                            let gv = view::<T>(gs, gl)?;
-                            let mut lb = func.builder();
-                            lb.arg(&x).arg(&bv).arg(&gv).arg(&out);
-                            lb.arg(&total_i).arg(&n).arg(&act);
-                            // SAFETY: as above, with a gate of rows × n elements.
-                            unsafe { lb.launch(cfg) }.w()?;
-                            Ok(())
-                        }),
-                    }
+                        })
+                    })
                 })?;
                 Ok(CudaStorage::wrap_cuda_slice(out, dev))
             }
@@ -399,25 +411,41 @@ pub fn add_rms_norm_grouped(
 
 /// `act(x + b)`, times `g` when given, over the last dimension (`b`: (n); `g`: `x`'s shape).
 pub fn bias_act(x: &Tensor, b: &Tensor, act: Act, g: Option<&Tensor>) -> Result<Tensor> {
+    bias_act_residual(x, b, act, g, None)
+}
+
+/// [`bias_act`] and then `r + ·` when a residual `r` (`x`'s shape) is given, in one launch.
+pub fn bias_act_residual(
+    x: &Tensor,
+    b: &Tensor,
+    act: Act,
+    g: Option<&Tensor>,
+    r: Option<&Tensor>,
+) -> Result<Tensor> {
     let (rows, n) = rows_and_width(x)?;
     let b = prep(b, x.dtype(), n, "bias")?;
-    let g = match g {
-        Some(g) => {
-            if g.dims() != x.dims() {
-                bail!(
-                    "fused CUDA op: gate {:?} does not match {:?}",
-                    g.dims(),
-                    x.dims()
-                );
+    let same = |t: Option<&Tensor>, what: &str| -> Result<Option<Tensor>> {
+        match t {
+            Some(t) => {
+                if t.dims() != x.dims() {
+                    bail!(
+                        "fused CUDA op: {what} {:?} does not match {:?}",
+                        t.dims(),
+                        x.dims()
+                    );
+                }
+                Ok(Some(prep(t, x.dtype(), rows * n, what)?))
             }
-            Some(prep(g, x.dtype(), rows * n, "gate")?)
+            None => Ok(None),
         }
-        None => None,
     };
+    let g = same(g, "gate")?;
+    let r = same(r, "residual")?;
     x.contiguous()?.apply_op1_no_bwd(&Op {
         kind: Kind::BiasAct {
             b: &b,
             g: g.as_ref(),
+            r: r.as_ref(),
             act,
         },
         rows,
