@@ -382,6 +382,21 @@ fn fused_cuda_small_ops_match_candle_ops() {
             assert!(
                 cuda_ops::bias_act(&x, &w.narrow(0, 0, n - 1).unwrap(), Act::Silu, None).is_err()
             );
+            // two stacked products, one bias row each, in one launch
+            let b2 = mk(&mut rng, &[2, n], -1.0, 1.0);
+            let x2 = Tensor::stack(&[&x, &r], 0).unwrap();
+            let got = cuda_ops::bias_act_grouped(&x2, &b2, Act::Silu, None, None, 2).unwrap();
+            for i in 0..2 {
+                let want =
+                    cuda_ops::bias_act(&x2.get(i).unwrap(), &b2.get(i).unwrap(), Act::Silu, None)
+                        .unwrap();
+                assert_eq!(
+                    rel_err(&got.get(i).unwrap(), &want),
+                    0.0,
+                    "bias_act_grouped {i}"
+                );
+            }
+            assert!(cuda_ops::bias_act_grouped(&x2, &b2, Act::Silu, None, None, 3).is_err());
             let short = r.narrow(1, 0, n - 1).unwrap();
             assert!(cuda_ops::bias_act_residual(&x, &b, Act::Silu, None, Some(&short)).is_err());
         }

@@ -110,6 +110,19 @@ impl Lin {
         self.w = w;
     }
 
+    /// The bias (out), if any.
+    #[cfg(feature = "cuda")]
+    pub(super) fn bias(&self) -> Option<&Tensor> {
+        self.b.as_ref()
+    }
+
+    /// Replaces the bias by `b`, equal to it (see [`Lin::share_weight`]).
+    #[cfg(feature = "cuda")]
+    pub(super) fn share_bias(&mut self, b: Tensor) {
+        debug_assert_eq!(Some(b.dims()), self.b.as_ref().map(|b| b.dims()));
+        self.b = Some(b);
+    }
+
     /// Output width.
     pub fn out_dim(&self) -> usize {
         self.w.dims()[0]
@@ -438,6 +451,11 @@ pub struct BlockBase {
     fc1: Lin,
     fc2: Lin,
     n_head: usize,
+    /// On CUDA: act_proj's and in_proj's weights (2, C, C) and biases (2, C) stacked (the two
+    /// `Lin`s keep views), so that both products of the block's normed input are one batched
+    /// GEMM and one bias + SiLU launch.
+    #[cfg(feature = "cuda")]
+    gate_in: Option<(Tensor, Tensor)>,
 }
 
 impl BlockBase {
@@ -454,18 +472,67 @@ impl BlockBase {
                 _ => None,
             },
         )?;
+        #[allow(unused_mut)]
+        let mut in_proj = Lin::load(&vb, "in_proj", c, c, true)?;
+        #[allow(unused_mut)]
+        let mut act_proj = Lin::load(&vb, "act_proj", c, c, true)?;
+        #[cfg(feature = "cuda")]
+        let gate_in = match (act_proj.bias(), in_proj.bias()) {
+            (Some(ba), Some(bi)) if vb.device().is_cuda() => {
+                let w = Tensor::stack(&[act_proj.weight(), in_proj.weight()], 0)?;
+                let b = Tensor::stack(&[ba, bi], 0)?;
+                act_proj.share_weight(w.get(0)?);
+                in_proj.share_weight(w.get(1)?);
+                act_proj.share_bias(b.get(0)?);
+                in_proj.share_bias(b.get(1)?);
+                Some((w, b))
+            }
+            _ => None,
+        };
         Ok(Self {
             norm1: RmsNorm::load(&vb, "norm1", c)?,
             norm2: RmsNorm::load(&vb, "norm2", c)?,
-            in_proj: Lin::load(&vb, "in_proj", c, c, true)?,
-            act_proj: Lin::load(&vb, "act_proj", c, c, true)?,
+            in_proj,
+            act_proj,
             out_proj: Lin::load(&vb, "out_proj", c, c, true)?,
             qkv,
             proj: Lin::load(&attn, "proj", c, c, true)?,
             fc1: Lin::load(&vb, "mlp.0", c, mlp_hidden, true)?,
             fc2: Lin::load(&vb, "mlp.2", mlp_hidden, c, true)?,
             n_head,
+            #[cfg(feature = "cuda")]
+            gate_in,
         })
+    }
+
+    /// `silu(act_proj(a))` and `silu(in_proj(a))`. On CUDA, where the skinny GEMM does not take
+    /// them, one batched cuBLAS GEMM of `a` with the stacked weights and one bias + SiLU launch
+    /// (the same products and rounding points as two of each).
+    fn gate_and_input(&self, a: &Tensor) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if let Some((w, b)) = &self.gate_in {
+            if super::cuda_ops::usable(a)
+                && a.dtype() == w.dtype()
+                && !super::cuda_gemm::applies(a, self.act_proj.weight())
+            {
+                let dims = a.dims();
+                let c = dims[dims.len() - 1];
+                let rows = a.elem_count() / c;
+                let y = a
+                    .reshape((1, rows, c))?
+                    .broadcast_as((2, rows, c))?
+                    .matmul(&w.transpose(1, 2)?)?;
+                let z = super::cuda_ops::bias_act_grouped(&y, b, Act::Silu, None, None, 2)?;
+                let out = w.dims()[1];
+                let mut out_dims = dims.to_vec();
+                *out_dims.last_mut().expect("a has a last dimension") = out;
+                return Ok((z.get(0)?.reshape(&*out_dims)?, z.get(1)?.reshape(out_dims)?));
+            }
+        }
+        Ok((
+            self.act_proj.forward_act(a, Act::Silu, None)?,
+            self.in_proj.forward_act(a, Act::Silu, None)?,
+        ))
     }
 
     /// `x`: (B, 3t, C); `mask`: (3t, 3t) additive mask from [`tiled_causal_mask`].
@@ -473,8 +540,7 @@ impl BlockBase {
         let (b, n, c) = x.dims3()?;
         let hd = c / self.n_head;
         let a = self.norm1.forward(x)?;
-        let g = self.act_proj.forward_act(&a, Act::Silu, None)?;
-        let h = self.in_proj.forward_act(&a, Act::Silu, None)?;
+        let (g, h) = self.gate_and_input(&a)?;
         let qkv = self.qkv.forward(&h)?; // (B, n, 3C)
         let scale = 1.0 / (hd as f64).sqrt();
         #[cfg(feature = "cuda")]

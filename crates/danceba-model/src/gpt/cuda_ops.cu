@@ -52,15 +52,17 @@ __device__ __forceinline__ void rmsnorm_row(const T* __restrict__ x, const T* __
     }
 }
 
-// act: 0 identity, 1 SiLU, 2 GELU (erf). x, g, r, y: (rows, n); b: (n); g and r may be null.
-// With r: y = T(r + T(v)) (the residual add after the stored result, as candle's add).
+// act: 0 identity, 1 SiLU, 2 GELU (erf). x, g, r, y: (rows, n); b: (groups, n), group j adding
+// its row to the `gsize` = rows·n / groups consecutive elements j·gsize ..; g and r may be
+// null. With r: y = T(r + T(v)) (the residual add after the stored result, as candle's add).
 template <typename T>
 __device__ __forceinline__ void bias_act(const T* __restrict__ x, const T* __restrict__ b,
                                          const T* __restrict__ g, const T* __restrict__ r,
-                                         T* __restrict__ y, long long total, int n, int act) {
+                                         T* __restrict__ y, long long total, int n, int act,
+                                         long long gsize) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= total) return;
-    float v = rnd<T>(to_f(x[i]) + to_f(b[i % n]));
+    float v = rnd<T>(to_f(x[i]) + to_f(b[(i / gsize) * n + i % n]));
     if (act == 1) v = rnd<T>(v / (1.0f + expf(-v)));
     else if (act == 2) v = rnd<T>(v * normcdff(v));
     if (g != nullptr) v = v * to_f(g[i]);
@@ -141,8 +143,9 @@ __device__ __forceinline__ void scale_mask_softmax(const T* __restrict__ s,
         rmsnorm_row<T>(x, r, w, out, out + (long long)gridDim.x * n, n, eps, rpg);              \
     }                                                                                           \
     extern "C" __global__ void bias_act_##S(const T* x, const T* b, const T* g, const T* r,     \
-                                            T* y, long long total, int n, int act) {            \
-        bias_act<T>(x, b, g, r, y, total, n, act);                                              \
+                                            T* y, long long total, int n, int act,              \
+                                            long long gsize) {                                  \
+        bias_act<T>(x, b, g, r, y, total, n, act, gsize);                                       \
     }                                                                                           \
     extern "C" __global__ void silu_gate_##S(const T* h, T* y, long long total, int n) {       \
         silu_gate<T>(h, y, total, n);                                                           \

@@ -122,11 +122,13 @@ enum Kind<'a> {
         eps: f32,
         groups: usize,
     },
+    /// `b` holds one bias row per group of `rows / groups` rows.
     BiasAct {
         b: &'a Tensor,
         g: Option<&'a Tensor>,
         r: Option<&'a Tensor>,
         act: Act,
+        groups: usize,
     },
     SiluGate,
     SplitHeads {
@@ -212,8 +214,15 @@ impl Op<'_> {
                 })?;
                 Ok(CudaStorage::wrap_cuda_slice(out, dev))
             }
-            Kind::BiasAct { b, g, r, act } => {
+            Kind::BiasAct {
+                b,
+                g,
+                r,
+                act,
+                groups,
+            } => {
                 let total_i = total as i64;
+                let gsize = (total / groups) as i64;
                 let act = act_code(*act);
                 // SAFETY: one thread per output element.
                 let out = unsafe { dev.alloc::<T>(total)? };
@@ -234,7 +243,7 @@ impl Op<'_> {
                                 Some(rv) => lb.arg(rv),
                                 None => lb.arg(&null),
                             };
-                            lb.arg(&out).arg(&total_i).arg(&n).arg(&act);
+                            lb.arg(&out).arg(&total_i).arg(&n).arg(&act).arg(&gsize);
                             // SAFETY: argument types and counts match the kernel (null gate and
                             // residual pointers are never read); the views cover every index
                             // it reads (gate and residual rows × n elements, checked).
@@ -422,8 +431,22 @@ pub fn bias_act_residual(
     g: Option<&Tensor>,
     r: Option<&Tensor>,
 ) -> Result<Tensor> {
+    bias_act_grouped(x, b, act, g, r, 1)
+}
+
+/// [`bias_act_residual`] with one bias row per group: `b` (groups, n) adds to the rows of `x`
+/// in `groups` equal runs of consecutive rows (`x` (groups, .., n): stacked products).
+pub fn bias_act_grouped(
+    x: &Tensor,
+    b: &Tensor,
+    act: Act,
+    g: Option<&Tensor>,
+    r: Option<&Tensor>,
+    groups: usize,
+) -> Result<Tensor> {
     let (rows, n) = rows_and_width(x)?;
-    let b = prep(b, x.dtype(), n, "bias")?;
+    check_groups(rows, groups)?;
+    let b = prep(b, x.dtype(), groups * n, "bias")?;
     let same = |t: Option<&Tensor>, what: &str| -> Result<Option<Tensor>> {
         match t {
             Some(t) => {
@@ -447,6 +470,7 @@ pub fn bias_act_residual(
             g: g.as_ref(),
             r: r.as_ref(),
             act,
+            groups,
         },
         rows,
         n,
