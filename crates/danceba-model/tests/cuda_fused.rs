@@ -353,6 +353,22 @@ fn fused_cuda_small_ops_match_candle_ops() {
             check("add_rms_norm sum", &gs, &s);
             let want = candle_nn::ops::rms_norm(&s, &w, RMS_EPS).unwrap();
             check("add_rms_norm norm", &gn, &want);
+            // a GEMM's bias on the residual first: the bias kernel, then the add and the norm
+            let rb = cuda_ops::bias_act(&r, &b, Act::Identity, None).unwrap();
+            let (ws_, wn) = cuda_ops::add_rms_norm(&x, &rb, &w, RMS_EPS).unwrap();
+            let (bs, bn) = cuda_ops::add_bias_rms_norm(&x, &r, &b, &w, RMS_EPS).unwrap();
+            assert_eq!(
+                rel_err(&bs, &ws_),
+                0.0,
+                "add_bias_rms_norm sum {rows}x{n} {dt:?}"
+            );
+            assert_eq!(
+                rel_err(&bn, &wn),
+                0.0,
+                "add_bias_rms_norm norm {rows}x{n} {dt:?}"
+            );
+            let short = b.narrow(0, 0, n - 1).unwrap();
+            assert!(cuda_ops::add_bias_rms_norm(&x, &r, &short, &w, RMS_EPS).is_err());
             let xb = x.broadcast_add(&b).unwrap();
             for (act, want) in [
                 (Act::Identity, xb.clone()),

@@ -575,10 +575,31 @@ impl BlockBase {
         self.finish(x, &o, &g)
     }
 
+    /// `s = x + out_proj(yg)` and `norm2(s)`. On CUDA where cuBLAS takes the product, its bias
+    /// add joins the residual add and the norm in one launch (same rounding points).
+    fn out_proj_add_norm(&self, x: &Tensor, yg: &Tensor) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if let Some(b) = self.out_proj.bias() {
+            let w = self.out_proj.weight();
+            if super::cuda_ops::usable(yg)
+                && yg.dtype() == w.dtype()
+                && x.dtype() == w.dtype()
+                && yg.dims() == x.dims()
+                && !super::cuda_gemm::applies(yg, w)
+            {
+                let (k, rows) = (w.dims()[1], yg.elem_count() / w.dims()[1]);
+                let y = yg.reshape((rows, k))?.matmul(&w.t()?)?.reshape(x.dims())?;
+                let nw = self.norm2.weight().to_dtype(x.dtype())?;
+                return Ok(super::cuda_ops::add_bias_rms_norm(x, &y, b, &nw, RMS_EPS)?);
+            }
+        }
+        self.norm2.add_forward(x, &self.out_proj.forward(yg)?)
+    }
+
     /// The block after the attention core: `o` (B, n, C) heads merged, `g` the SiLU gate.
     fn finish(&self, x: &Tensor, o: &Tensor, g: &Tensor) -> Result<Tensor> {
         let yg = self.proj.forward_act(o, Act::Identity, Some(g))?;
-        let (x, m) = self.norm2.add_forward(x, &self.out_proj.forward(&yg)?)?;
+        let (x, m) = self.out_proj_add_norm(x, &yg)?;
         let h = self.fc1.forward_act(&m, Act::GeluErf, None)?;
         self.fc2.forward_fused(&h, Act::Identity, None, Some(&x))
     }

@@ -139,6 +139,17 @@ struct GroupShape {
     n: usize,
 }
 
+/// Whether the model should still send `x` to [`linear`] when its rows are not contiguous (a
+/// column slice) although [`applies`] says no for its dtype: one launch instead of a copy and a
+/// cuBLAS call. Any dtype the build computes well (f32; f16/bf16 with tensor cores), at most
+/// [`max_rows`] rows, unless `DANCEBA_CUDA_GEMM=0`.
+pub fn takes_strided(x: &Tensor, w: &Tensor) -> bool {
+    mode() != Mode::Off
+        && (x.dtype() == DType::F32 || tensor_cores())
+        && supports(x, w)
+        && group_shape(x, w).is_some_and(|g| g.rows <= max_rows())
+}
+
 /// The shape of `x` (.., K) times `w` (N, K) (one group), or of `x` (G, .., K) times `w`
 /// (G, N, K) (group g: `x[g]·w[g]ᵀ`); `None` when they do not fit together.
 fn group_shape(x: &Tensor, w: &Tensor) -> Option<GroupShape> {

@@ -3,7 +3,8 @@
 // same formulas and rounding points as candle's kernels they replace.
 //
 //  * rmsnorm_<T>: one block per row: y = T(x·rsqrt(mean(x²)+eps)·w)  (candle_nn::ops::rms_norm)
-//  * add_rmsnorm_<T>: s = T(x + r) and y = rmsnorm(s) in one pass; writes (2, rows, n) = [s, y].
+//  * add_rmsnorm_<T>: s = T(x + r) (r optionally T(r + bias) first) and y = rmsnorm(s) in one
+//    pass; writes (2, rows, n) = [s, y].
 //  * bias_act_<T>: y = act(T(x + b)) [· g] [+ r], act ∈ {identity, SiLU, GELU(erf)}; the bias
 //    add after a GEMM, its activation, an optional elementwise gate and residual in one launch.
 //  * silu_gate_<T>: y[r, c] = h[r, c] · T(SiLU(h[r, n + c])) (the GatedMLP's v ⊙ silu(g)).
@@ -26,11 +27,13 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
 }
 
 // x, r, s, y: (rows, n) contiguous; w: (groups, n), group g weighting the rows
-// g·rpg .. (g + 1)·rpg (one group: rpg = rows). r/s may be null (plain RMSNorm).
+// g·rpg .. (g + 1)·rpg (one group: rpg = rows). r/s may be null (plain RMSNorm); rb (n), may be
+// null, is a bias added to r first: s = T(x + T(r + rb)) (a GEMM's bias add, then the residual).
 template <typename T>
 __device__ __forceinline__ void rmsnorm_row(const T* __restrict__ x, const T* __restrict__ r,
-                                            const T* __restrict__ w, T* __restrict__ s,
-                                            T* __restrict__ y, int n, float eps, int rpg) {
+                                            const T* __restrict__ rb, const T* __restrict__ w,
+                                            T* __restrict__ s, T* __restrict__ y, int n,
+                                            float eps, int rpg) {
     __shared__ float sh[32];
     const long long base = (long long)blockIdx.x * n;
     w += (long long)(blockIdx.x / rpg) * n;
@@ -38,7 +41,9 @@ __device__ __forceinline__ void rmsnorm_row(const T* __restrict__ x, const T* __
     for (int c = threadIdx.x; c < n; c += blockDim.x) {
         float v = to_f(x[base + c]);
         if (r != nullptr) {
-            v = rnd<T>(v + to_f(r[base + c]));
+            float rv = to_f(r[base + c]);
+            if (rb != nullptr) rv = rnd<T>(rv + to_f(rb[c]));
+            v = rnd<T>(v + rv);
             s[base + c] = from_f<T>(v);
         }
         acc += v * v;
@@ -136,11 +141,11 @@ __device__ __forceinline__ void scale_mask_softmax(const T* __restrict__ s,
 #define OPS(T, S)                                                                               \
     extern "C" __global__ void rmsnorm_##S(const T* x, const T* w, T* y, int n, float eps,      \
                                            int rpg) {                                           \
-        rmsnorm_row<T>(x, nullptr, w, nullptr, y, n, eps, rpg);                                 \
+        rmsnorm_row<T>(x, nullptr, nullptr, w, nullptr, y, n, eps, rpg);                        \
     }                                                                                           \
-    extern "C" __global__ void add_rmsnorm_##S(const T* x, const T* r, const T* w, T* out,      \
-                                               int n, float eps, int rpg) {                     \
-        rmsnorm_row<T>(x, r, w, out, out + (long long)gridDim.x * n, n, eps, rpg);              \
+    extern "C" __global__ void add_rmsnorm_##S(const T* x, const T* r, const T* rb, const T* w,  \
+                                               T* out, int n, float eps, int rpg) {             \
+        rmsnorm_row<T>(x, r, rb, w, out, out + (long long)gridDim.x * n, n, eps, rpg);          \
     }                                                                                           \
     extern "C" __global__ void bias_act_##S(const T* x, const T* b, const T* g, const T* r,     \
                                             T* y, long long total, int n, int act,              \

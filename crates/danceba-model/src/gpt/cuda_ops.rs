@@ -119,6 +119,8 @@ enum Kind<'a> {
     Norm {
         w: &'a Tensor,
         r: Option<&'a Tensor>,
+        /// A bias (n) added to `r` before the sum (with `r` only).
+        rb: Option<&'a Tensor>,
         eps: f32,
         groups: usize,
     },
@@ -164,7 +166,13 @@ impl Op<'_> {
         let total = self.rows * self.n;
         let sfx = suffix(T::DTYPE)?;
         match &self.kind {
-            Kind::Norm { w, r, eps, groups } => {
+            Kind::Norm {
+                w,
+                r,
+                rb,
+                eps,
+                groups,
+            } => {
                 as_i32(self.rows, "rows")?;
                 let rpg = as_i32(self.rows / groups, "rows per group")?;
                 let cfg = LaunchConfig {
@@ -198,16 +206,19 @@ impl Op<'_> {
                                 MODULE,
                                 PTX,
                             )?;
-                            let mut lb = func.builder();
-                            lb.arg(&x)
-                                .arg(&rv)
-                                .arg(&wv)
-                                .arg(&out)
-                                .arg(&n)
-                                .arg(eps)
-                                .arg(&rpg);
-                            // SAFETY: as above; the output holds 2 × rows × n elements.
-                            unsafe { lb.launch(cfg) }.w()?;
+                            with_opt::<T, _>(*rb, |bv| {
+                                let null = 0u64;
+                                let mut lb = func.builder();
+                                lb.arg(&x).arg(&rv);
+                                match bv {
+                                    Some(bv) => lb.arg(bv),
+                                    None => lb.arg(&null),
+                                };
+                                lb.arg(&wv).arg(&out).arg(&n).arg(eps).arg(&rpg);
+                                // SAFETY: as above (a null bias is never read; a bias holds n
+                                // elements); the output holds 2 × rows × n elements.
+                                unsafe { lb.launch(cfg) }.w()
+                            })?;
                             Ok(())
                         }),
                     }
@@ -362,6 +373,7 @@ pub fn rms_norm_grouped(x: &Tensor, w: &Tensor, eps: f32, groups: usize) -> Resu
         kind: Kind::Norm {
             w: &w,
             r: None,
+            rb: None,
             eps,
             groups,
         },
@@ -391,6 +403,30 @@ pub fn add_rms_norm_grouped(
     eps: f32,
     groups: usize,
 ) -> Result<(Tensor, Tensor)> {
+    add_norm(x, r, None, w, eps, groups)
+}
+
+/// `s = x + (r + rb)` and `rms_norm(s, w, eps)` in one launch, `rb` (n) a bias added to `r`
+/// first (a GEMM's bias, then the residual add: the rounding points of those two ops); returns
+/// `(s, norm)`.
+pub fn add_bias_rms_norm(
+    x: &Tensor,
+    r: &Tensor,
+    rb: &Tensor,
+    w: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    add_norm(x, r, Some(rb), w, eps, 1)
+}
+
+fn add_norm(
+    x: &Tensor,
+    r: &Tensor,
+    rb: Option<&Tensor>,
+    w: &Tensor,
+    eps: f32,
+    groups: usize,
+) -> Result<(Tensor, Tensor)> {
     let (rows, n) = rows_and_width(x)?;
     check_groups(rows, groups)?;
     if r.dims() != x.dims() {
@@ -401,6 +437,10 @@ pub fn add_rms_norm_grouped(
         );
     }
     let r = prep(r, x.dtype(), rows * n, "residual")?;
+    let rb = match rb {
+        Some(b) => Some(prep(b, x.dtype(), n, "residual bias")?),
+        None => None,
+    };
     let w = prep(w, x.dtype(), groups * n, "norm weight")?;
     let mut dims = vec![2];
     dims.extend_from_slice(x.dims());
@@ -408,6 +448,7 @@ pub fn add_rms_norm_grouped(
         kind: Kind::Norm {
             w: &w,
             r: Some(&r),
+            rb: rb.as_ref(),
             eps,
             groups,
         },

@@ -543,11 +543,12 @@ impl HeadGroup {
 }
 
 /// `x[g]·w[g]ᵀ (+ residual[g])` for `x` (G, M, K) and stacked weights `w` (G, N, K): the
-/// grouped skinny GEMM where it applies, else cuBLAS's batched GEMM (and the add).
+/// grouped skinny GEMM where it applies (and for a column slice `x` it can read in place, in
+/// any dtype), else cuBLAS's batched GEMM (and the add).
 #[cfg(feature = "cuda")]
 fn grouped_linear(x: &Tensor, w: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
     use super::cuda_gemm;
-    if cuda_gemm::applies(x, w) {
+    if cuda_gemm::applies(x, w) || (!x.is_contiguous() && cuda_gemm::takes_strided(x, w)) {
         let ep = cuda_gemm::Epilogue {
             bias: None,
             act: super::block_base::Act::Identity,
