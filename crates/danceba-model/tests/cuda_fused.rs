@@ -84,6 +84,19 @@ fn load_mamba(
     Mamba::load(vb, c, a).unwrap()
 }
 
+/// The official model width and Mamba sizes.
+fn real_size() -> (usize, MambaArch) {
+    (
+        768,
+        MambaArch {
+            d_inner: 3072,
+            d_state: 128,
+            dt_rank: 48,
+            d_conv: 4,
+        },
+    )
+}
+
 /// A real-size `Block_Head` (three streams: norms, Mamba, GatedMLP) with random weights.
 fn random_block_head(rng: &mut StdRng, c: usize, a: &MambaArch) -> HashMap<String, Tensor> {
     let k = (c as f32).powf(-0.5);
@@ -108,15 +121,7 @@ fn random_block_head(rng: &mut StdRng, c: usize, a: &MambaArch) -> HashMap<Strin
 /// ramp's short windows and the steady window; f32, f16, bf16.
 #[test]
 fn grouped_block_head_matches_stream_by_stream() {
-    let (c, arch) = (
-        768,
-        MambaArch {
-            d_inner: 3072,
-            d_state: 128,
-            dt_rank: 48,
-            d_conv: 4,
-        },
-    );
+    let (c, arch) = real_size();
     let dev = cuda();
     let mut rng = StdRng::seed_from_u64(11);
     let w = random_block_head(&mut rng, c, &arch);
@@ -157,15 +162,7 @@ fn grouped_block_head_matches_stream_by_stream() {
 
 #[test]
 fn fused_cuda_mamba_matches_portable_at_real_size() {
-    let (c, arch) = (
-        768,
-        MambaArch {
-            d_inner: 3072,
-            d_state: 128,
-            dt_rank: 48,
-            d_conv: 4,
-        },
-    );
+    let (c, arch) = real_size();
     let dev = cuda();
     let mut rng = StdRng::seed_from_u64(7);
     for (batch, len) in [(1, 1), (1, 5), (1, 28), (3, 28), (8, 17), (2, 70)] {

@@ -96,27 +96,13 @@ impl Lin {
         Ok(Self { w, b, b_host })
     }
 
-    /// The weight (out, in).
-    #[cfg(feature = "cuda")]
-    pub(super) fn weight(&self) -> &Tensor {
-        &self.w
-    }
-
-    #[cfg(feature = "cuda")]
-    /// Replaces the weight by `w`, equal to it (a view of a stacked copy that a grouped path
-    /// reads too, so that the two share memory).
-    pub(super) fn share_weight(&mut self, w: Tensor) {
-        debug_assert_eq!(w.dims(), self.w.dims());
-        self.w = w;
-    }
-
     /// The bias (out), if any.
     #[cfg(feature = "cuda")]
     pub(super) fn bias(&self) -> Option<&Tensor> {
         self.b.as_ref()
     }
 
-    /// Replaces the bias by `b`, equal to it (see [`Lin::share_weight`]).
+    /// Replaces the bias by `b`, equal to it (a view of a stacked copy, see [`SharedWeight`]).
     #[cfg(feature = "cuda")]
     pub(super) fn share_bias(&mut self, b: Tensor) {
         debug_assert_eq!(Some(b.dims()), self.b.as_ref().map(|b| b.dims()));
@@ -378,19 +364,6 @@ impl RmsNorm {
         })
     }
 
-    /// The weight (dim).
-    #[cfg(feature = "cuda")]
-    pub(super) fn weight(&self) -> &Tensor {
-        &self.w
-    }
-
-    #[cfg(feature = "cuda")]
-    /// Replaces the weight by `w`, equal to it (see [`Lin::share_weight`]).
-    pub(super) fn share_weight(&mut self, w: Tensor) {
-        debug_assert_eq!(w.dims(), self.w.dims());
-        self.w = w;
-    }
-
     /// In `x`'s dtype (the weight is converted if it differs).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = if self.w.dtype() == x.dtype() {
@@ -435,6 +408,50 @@ pub fn tiled_causal_mask(t: usize, device: &Device) -> Result<Tensor> {
         }
     }
     Ok(Tensor::from_vec(m, (n, n), device)?)
+}
+
+/// A layer's weight that CUDA paths stack with its siblings' (the head's three streams,
+/// act_proj with in_proj): the layer then keeps a view of the stack, so that the two share
+/// memory.
+#[cfg(feature = "cuda")]
+pub(super) trait SharedWeight {
+    /// The weight ((out, in) for a `Lin`).
+    fn weight(&self) -> &Tensor;
+    /// Replaces the weight by `w`, equal to it (a view of the stacked copy).
+    fn share_weight(&mut self, w: Tensor);
+}
+
+#[cfg(feature = "cuda")]
+impl SharedWeight for Lin {
+    fn weight(&self) -> &Tensor {
+        &self.w
+    }
+    fn share_weight(&mut self, w: Tensor) {
+        debug_assert_eq!(w.dims(), self.w.dims());
+        self.w = w;
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl SharedWeight for RmsNorm {
+    fn weight(&self) -> &Tensor {
+        &self.w
+    }
+    fn share_weight(&mut self, w: Tensor) {
+        debug_assert_eq!(w.dims(), self.w.dims());
+        self.w = w;
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl SharedWeight for Tensor {
+    fn weight(&self) -> &Tensor {
+        self
+    }
+    fn share_weight(&mut self, w: Tensor) {
+        debug_assert_eq!(w.dims(), self.dims());
+        *self = w;
+    }
 }
 
 /// `Block_Base`.

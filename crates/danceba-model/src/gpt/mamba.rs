@@ -480,64 +480,35 @@ impl HeadGroup {
     /// Stacks the streams' weights and replaces each stream's by its view of the stack (no
     /// second copy stays in memory).
     fn stack(streams: &mut [Stream; 3]) -> Result<Self> {
-        fn stack(
+        use super::block_base::SharedWeight;
+        fn stack<W: SharedWeight>(
             streams: &mut [Stream; 3],
-            get: impl Fn(&Stream) -> &Tensor,
-            set: impl Fn(&mut Stream, Tensor),
+            field: impl Fn(&mut Stream) -> &mut W,
         ) -> Result<Tensor> {
-            let parts: Vec<&Tensor> = streams.iter().map(&get).collect();
+            let parts: Vec<Tensor> = streams
+                .iter_mut()
+                .map(|s| field(s).weight().clone())
+                .collect();
             let all = Tensor::stack(&parts, 0)?;
             for (i, s) in streams.iter_mut().enumerate() {
-                set(s, all.get(i)?);
+                field(s).share_weight(all.get(i)?);
             }
             Ok(all)
         }
         Ok(Self {
-            norm_a: stack(
-                streams,
-                |s| s.norm_a.weight(),
-                |s, w| s.norm_a.share_weight(w),
-            )?,
-            norm_b: stack(
-                streams,
-                |s| s.norm_b.weight(),
-                |s, w| s.norm_b.share_weight(w),
-            )?,
-            in_proj: stack(
-                streams,
-                |s| s.mamba.in_proj.weight(),
-                |s, w| s.mamba.in_proj.share_weight(w),
-            )?,
-            conv_w: stack(streams, |s| &s.mamba.conv_w, |s, w| s.mamba.conv_w = w)?,
-            conv_b: stack(streams, |s| &s.mamba.conv_b, |s, w| s.mamba.conv_b = w)?,
-            x_proj: stack(
-                streams,
-                |s| s.mamba.x_proj.weight(),
-                |s, w| s.mamba.x_proj.share_weight(w),
-            )?,
-            dt_proj: stack(
-                streams,
-                |s| s.mamba.dt_proj.weight(),
-                |s, w| s.mamba.dt_proj.share_weight(w),
-            )?,
-            dt_bias: stack(streams, |s| &s.mamba.dt_bias, |s, w| s.mamba.dt_bias = w)?,
-            a: stack(streams, |s| &s.mamba.a, |s, w| s.mamba.a = w)?,
-            d_skip: stack(streams, |s| &s.mamba.d_skip, |s, w| s.mamba.d_skip = w)?,
-            out_proj: stack(
-                streams,
-                |s| s.mamba.out_proj.weight(),
-                |s, w| s.mamba.out_proj.share_weight(w),
-            )?,
-            fc1: stack(
-                streams,
-                |s| s.mlp.fc1.weight(),
-                |s, w| s.mlp.fc1.share_weight(w),
-            )?,
-            fc2: stack(
-                streams,
-                |s| s.mlp.fc2.weight(),
-                |s, w| s.mlp.fc2.share_weight(w),
-            )?,
+            norm_a: stack(streams, |s| &mut s.norm_a)?,
+            norm_b: stack(streams, |s| &mut s.norm_b)?,
+            in_proj: stack(streams, |s| &mut s.mamba.in_proj)?,
+            conv_w: stack(streams, |s| &mut s.mamba.conv_w)?,
+            conv_b: stack(streams, |s| &mut s.mamba.conv_b)?,
+            x_proj: stack(streams, |s| &mut s.mamba.x_proj)?,
+            dt_proj: stack(streams, |s| &mut s.mamba.dt_proj)?,
+            dt_bias: stack(streams, |s| &mut s.mamba.dt_bias)?,
+            a: stack(streams, |s| &mut s.mamba.a)?,
+            d_skip: stack(streams, |s| &mut s.mamba.d_skip)?,
+            out_proj: stack(streams, |s| &mut s.mamba.out_proj)?,
+            fc1: stack(streams, |s| &mut s.mlp.fc1)?,
+            fc2: stack(streams, |s| &mut s.mlp.fc2)?,
         })
     }
 }
