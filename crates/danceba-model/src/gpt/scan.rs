@@ -475,6 +475,8 @@ mod avx512 {
     }
 }
 
+// off x86-64 only the tests ask (and get false)
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn use_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
