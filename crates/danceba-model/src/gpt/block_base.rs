@@ -198,8 +198,8 @@ impl Lin {
         })
     }
 
-    /// `x·Wᵀ + b` with [`cpu_gemm`] where it applies, else candle's matmul (and the fused CUDA
-    /// bias kernel).
+    /// `x·Wᵀ + b` with [`cpu_gemm`] where it applies, else candle's matmul and add (on CUDA
+    /// with a bias [`Lin::unfused`] has taken the fused bias kernel already).
     fn unfused_product(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(y) = self.forward_cpu_gemm(x, Act::Identity, None, None)? {
             return Ok(y);
@@ -216,11 +216,6 @@ impl Lin {
         let x2 = x.reshape((rows, dims[last]))?;
         let mut y = x2.matmul(&self.w.t()?)?;
         if let Some(b) = &self.b {
-            #[cfg(feature = "cuda")]
-            if super::cuda_ops::usable(&y) {
-                let y = super::cuda_ops::bias_act(&y, b, Act::Identity, None)?;
-                return Ok(y.reshape(out_dims)?);
-            }
             y = y.broadcast_add(b)?;
         }
         Ok(y.reshape(out_dims)?)
@@ -366,11 +361,7 @@ impl RmsNorm {
 
     /// In `x`'s dtype (the weight is converted if it differs).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = if self.w.dtype() == x.dtype() {
-            self.w.clone()
-        } else {
-            self.w.to_dtype(x.dtype())?
-        };
+        let w = self.w.to_dtype(x.dtype())?; // the same tensor when the dtypes agree
         #[cfg(feature = "cuda")]
         if super::cuda_ops::usable(x) {
             return Ok(super::cuda_ops::rms_norm(x, &w, RMS_EPS)?);
@@ -382,11 +373,7 @@ impl RmsNorm {
     pub fn add_forward(&self, x: &Tensor, r: &Tensor) -> Result<(Tensor, Tensor)> {
         #[cfg(feature = "cuda")]
         if super::cuda_ops::usable(x) && r.dtype() == x.dtype() && r.dims() == x.dims() {
-            let w = if self.w.dtype() == x.dtype() {
-                self.w.clone()
-            } else {
-                self.w.to_dtype(x.dtype())?
-            };
+            let w = self.w.to_dtype(x.dtype())?;
             return Ok(super::cuda_ops::add_rms_norm(x, r, &w, RMS_EPS)?);
         }
         let s = (x + r)?;

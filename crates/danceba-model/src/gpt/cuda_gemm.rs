@@ -62,11 +62,12 @@ pub enum Mode {
 pub fn mode() -> Mode {
     static MODE: OnceLock<Mode> = OnceLock::new();
     *MODE.get_or_init(|| {
-        let v = std::env::var("DANCEBA_CUDA_GEMM").unwrap_or_default();
-        match v.trim().to_ascii_lowercase().as_str() {
-            "0" | "off" | "false" | "no" => Mode::Off,
-            "all" => Mode::All,
-            _ => Mode::F32,
+        if super::env_off("DANCEBA_CUDA_GEMM") {
+            Mode::Off
+        } else if super::env_value("DANCEBA_CUDA_GEMM") == "all" {
+            Mode::All
+        } else {
+            Mode::F32
         }
     })
 }

@@ -27,15 +27,7 @@ const NORM_THREADS: u32 = 256;
 /// Whether the fused ops are on (default) for this process (`DANCEBA_CUDA_FUSED_OPS`).
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        !matches!(
-            std::env::var("DANCEBA_CUDA_FUSED_OPS")
-                .unwrap_or_default()
-                .to_ascii_lowercase()
-                .as_str(),
-            "0" | "off" | "false" | "no"
-        )
-    })
+    *ON.get_or_init(|| !super::env_off("DANCEBA_CUDA_FUSED_OPS"))
 }
 
 /// Whether `t` can go through the fused ops: a CUDA tensor of f32/f16/bf16, ops enabled.

@@ -441,16 +441,7 @@ pub struct BlockHead {
 #[cfg(feature = "cuda")]
 pub fn grouped_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        !matches!(
-            std::env::var("DANCEBA_CUDA_GROUPED")
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase()
-                .as_str(),
-            "0" | "off" | "false" | "no"
-        )
-    })
+    *ON.get_or_init(|| !super::env_off("DANCEBA_CUDA_GROUPED"))
 }
 
 /// The three streams' weights of one `Block_Head`, each stacked along a new first dimension
@@ -594,7 +585,7 @@ impl BlockHead {
 #[cfg(feature = "cuda")]
 impl BlockHead {
     /// The three streams as one group of CUDA launches: the rows stream-major (3, B·t, C)
-    /// (a reshape at batch 1), then each step of the layer once for the three.
+    /// (a copy only at batch > 1), then each step of the layer once for the three.
     fn forward_grouped(&self, g: &HeadGroup, x: &Tensor, t: usize) -> Result<Tensor> {
         use super::block_base::RMS_EPS;
         use super::{cuda_ops, cuda_scan};
@@ -605,25 +596,16 @@ impl BlockHead {
             )));
         }
         let dtype = x.dtype();
-        let cast = |w: &Tensor| -> Result<Tensor> {
-            Ok(if w.dtype() == dtype {
-                w.clone()
-            } else {
-                w.to_dtype(dtype)?
-            })
-        };
-        let xs = if b == 1 {
-            x.reshape((3, t, c))?
-        } else {
-            x.reshape((b, 3, t, c))?
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((3, b * t, c))?
-        };
+        // stream-major rows; at batch 1 the transpose keeps the layout contiguous (no copy)
+        let xs = x
+            .reshape((b, 3, t, c))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((3, b * t, c))?;
         let m = &self.streams[0].mamba;
         let (di, ds, dr) = (m.d_inner, m.d_state, m.dt_rank);
         // Mamba
-        let n = cuda_ops::rms_norm_grouped(&xs, &cast(&g.norm_a)?, RMS_EPS, 3)?;
+        let n = cuda_ops::rms_norm_grouped(&xs, &g.norm_a.to_dtype(dtype)?, RMS_EPS, 3)?;
         let xz = grouped_linear(&n, &g.in_proj, None)?.contiguous()?;
         let xz3 = xz.reshape((3 * b, t, 2 * di))?;
         let u = cuda_scan::conv_silu_grouped(&xz3, di, &g.conv_w, &g.conv_b, 3)?;
@@ -647,17 +629,15 @@ impl BlockHead {
         )?;
         let y = grouped_linear(&y.reshape((3, b * t, di))?, &g.out_proj, None)?;
         // GatedMLP
-        let (xs, n) = cuda_ops::add_rms_norm_grouped(&xs, &y, &cast(&g.norm_b)?, RMS_EPS, 3)?;
+        let (xs, n) =
+            cuda_ops::add_rms_norm_grouped(&xs, &y, &g.norm_b.to_dtype(dtype)?, RMS_EPS, 3)?;
         let h = grouped_linear(&n, &g.fc1, None)?;
         let gated = cuda_ops::silu_gate(&h)?;
         let out = grouped_linear(&gated, &g.fc2, Some(&xs))?;
-        Ok(if b == 1 {
-            out.reshape((1, 3 * t, c))?
-        } else {
-            out.reshape((3, b, t, c))?
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((b, 3 * t, c))?
-        })
+        Ok(out
+            .reshape((3, b, t, c))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((b, 3 * t, c))?)
     }
 }

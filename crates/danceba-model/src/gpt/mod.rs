@@ -122,12 +122,19 @@ pub struct Gpt {
 pub const CUDA_GRAPHS_ENV: &str = "DANCEBA_CUDA_GRAPHS";
 
 fn cuda_graphs_default() -> bool {
-    !matches!(
-        std::env::var(CUDA_GRAPHS_ENV)
-            .map(|v| v.trim().to_ascii_lowercase())
-            .as_deref(),
-        Ok("0" | "off" | "false" | "no")
-    )
+    !env_off(CUDA_GRAPHS_ENV)
+}
+
+/// The environment variable `var` trimmed and lower-cased ("" when unset or not Unicode).
+pub(crate) fn env_value(var: &str) -> String {
+    std::env::var(var)
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+/// Whether the switch `var` is set to off: `0`, `off`, `false` or `no`.
+pub(crate) fn env_off(var: &str) -> bool {
+    matches!(env_value(var).as_str(), "0" | "off" | "false" | "no")
 }
 
 impl Gpt {
