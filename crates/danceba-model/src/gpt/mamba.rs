@@ -366,7 +366,8 @@ impl GatedMlp {
 
 impl GatedMlp {
     /// The CPU f32 tail of [`GatedMlp::forward_residual`] from `h = fc1(x)`: the gate on host
-    /// data (parallel over rows, the same f32 operations as the candle ops) and `fc2` with the
+    /// data (parallel over rows; the candle ops' f32 operations, with AVX-512 the SiLU through
+    /// [`super::vmath`]'s vector `exp`, within a few ulp of them) and `fc2` with the
     /// residual in [`super::cpu_gemm`]'s epilogue. `None` where that kernel does not apply.
     fn forward_host(
         &self,
@@ -388,6 +389,12 @@ impl GatedMlp {
                 .zip(hv.par_chunks(2 * hid))
                 .for_each(|(o, r)| {
                     let (v, g) = r.split_at(hid);
+                    #[cfg(target_arch = "x86_64")]
+                    if super::cpu_gemm::available() {
+                        // SAFETY: AVX-512F is there (`available`); the slices have `hid` values
+                        unsafe { super::vmath::avx512::silu_gate(v, g, o) };
+                        return;
+                    }
                     for ((o, &v), &g) in o.iter_mut().zip(v).zip(g) {
                         *o = v * (g / (1.0 + (-g).exp()));
                     }

@@ -21,6 +21,7 @@ pub mod metal_scan;
 pub mod random;
 pub mod sampler;
 pub mod scan;
+pub(crate) mod vmath;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -286,7 +287,14 @@ impl Gpt {
         let iu = Tensor::from_slice(up, (b, t), dev)?;
         let id = Tensor::from_slice(down, (b, t), dev)?;
         let c = Tensor::from_slice(cond, (b, t, nm), dev)?;
-        let (lu, ld) = self.forward(&iu, &id, &c)?;
+        let (lu, ld) = if dev.is_cpu() {
+            // The whole forward on a thread of rayon's pool: its parallel loops then start from
+            // a worker, which takes its share and wakes one other, instead of this thread
+            // handing every loop to the pool and sleeping until it is done.
+            rayon::scope(|_| self.forward(&iu, &id, &c))?
+        } else {
+            self.forward(&iu, &id, &c)?
+        };
         let last = |l: Tensor| -> Result<Vec<f32>> {
             Ok(l.narrow(1, t - 1, 1)?
                 .to_dtype(DType::F32)?

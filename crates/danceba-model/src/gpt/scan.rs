@@ -22,27 +22,40 @@ pub fn silu(u: f32) -> f32 {
     u / (1.0 + (-u).exp())
 }
 
-/// Branch-free `exp` for f32 (Cephes `expf` polynomial, ≈1 ulp on the range used here).
-/// Arguments below −87.3 give ≈1.2e-38 instead of a denormal or 0, which is harmless as a decay
-/// factor.
+/// Coefficients of the degree-6 polynomial for `2^f` on `[−½, ½]` (interpolation at the
+/// Chebyshev nodes; truncation error 2.5e-9, below f32 rounding), constant term first.
+const EXP2_POLY: [f32; 7] = [
+    1.0,
+    std::f32::consts::LN_2,
+    0.240_226_5,
+    5.550_327e-2,
+    9.618_057e-3,
+    1.340_042_8e-3,
+    1.546_144_5e-4,
+];
+
+/// Branch-free `2^t` for f32 (≈1 ulp): `t = n + f` with `n` the nearest integer, `2^f` by
+/// [`EXP2_POLY`], `2^n` through the exponent bits. Arguments below −126 give 2^−126 ≈ 1.2e-38
+/// instead of a denormal or 0, which is harmless as a decay factor.
+///
+/// The scan's decay `exp(Δ·A)` is `2^(Δ·A')` with `A' = A·log2(e)` scaled once per channel: one
+/// multiplication and no Cody–Waite reduction per state.
 #[inline(always)]
-pub fn fast_exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
+pub fn fast_exp2(t: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
-    let x = x.clamp(-87.336_54, 88.376_26);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_2e-4_f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
+    let t = t.clamp(-126.0, 127.0);
+    let n = (t + ROUND) - ROUND;
+    let f = t - n;
+    let c = EXP2_POLY;
+    let mut p = c[6];
+    p = p * f + c[5];
+    p = p * f + c[4];
+    p = p * f + c[3];
+    p = p * f + c[2];
+    p = p * f + c[1];
+    p = p * f + c[0];
     let bits = ((n as i32 + 127) as u32) << 23;
-    y * f32::from_bits(bits)
+    p * f32::from_bits(bits)
 }
 
 /// Causal depthwise convolution (kernel K, zero history) followed by SiLU.
@@ -120,11 +133,28 @@ pub struct ScanInputs<'a> {
     pub z_offset: usize,
 }
 
-/// One channel's scan, writing `y[0..len]` for channel `c` of batch item `bi`.
+/// `A·log2(e)` of channel `c` into `a2` (n values): the scan's decay is `2^(Δ·A·log2(e))`.
+#[inline]
+fn scaled_a(p: &ScanInputs, c: usize, a2: &mut [f32]) {
+    for (a2v, &av) in a2.iter_mut().zip(&p.a[c * p.n..(c + 1) * p.n]) {
+        *a2v = av * std::f32::consts::LOG2_E;
+    }
+}
+
+/// One channel's scan, writing `y[0..len]` for channel `c` of batch item `bi`; `a2` is the
+/// channel's A scaled by [`scaled_a`].
 #[inline(always)]
-fn scan_channel(p: &ScanInputs, bi: usize, c: usize, h: &mut [f32], da: &mut [f32], y: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn scan_channel(
+    p: &ScanInputs,
+    bi: usize,
+    c: usize,
+    a2: &[f32],
+    h: &mut [f32],
+    da: &mut [f32],
+    y: &mut [f32],
+) {
     let n = p.n;
-    let a = &p.a[c * n..(c + 1) * n];
     h.iter_mut().for_each(|v| *v = 0.0);
     for (l, yl) in y.iter_mut().enumerate() {
         let pos = bi * p.len + l;
@@ -134,8 +164,8 @@ fn scan_channel(p: &ScanInputs, bi: usize, c: usize, h: &mut [f32], da: &mut [f3
         let row = &p.bc[pos * p.bc_stride..(pos + 1) * p.bc_stride];
         let bm = &row[p.b_offset..p.b_offset + n];
         let cm = &row[p.c_offset..p.c_offset + n];
-        for (d, &av) in da.iter_mut().zip(a.iter()) {
-            *d = fast_exp(delta * av);
+        for (d, &av) in da.iter_mut().zip(a2.iter()) {
+            *d = fast_exp2(delta * av);
         }
         let mut acc = [0f32; 8];
         let chunks = n / 8;
@@ -167,46 +197,41 @@ mod avx2 {
     use super::{silu, softplus, ScanInputs};
     use std::arch::x86_64::*;
 
-    /// 8-lane version of [`super::fast_exp`] (same polynomial and range reduction).
+    /// 8-lane version of [`super::fast_exp2`] (same polynomial, range and clamp).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn exp8(x: __m256) -> __m256 {
-        let x = _mm256_min_ps(
-            _mm256_max_ps(x, _mm256_set1_ps(-87.336_54)),
-            _mm256_set1_ps(88.376_26),
+    unsafe fn exp2_8(t: __m256) -> __m256 {
+        let t = _mm256_min_ps(
+            _mm256_max_ps(t, _mm256_set1_ps(-126.0)),
+            _mm256_set1_ps(127.0),
         );
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_2e-4);
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
-        let r2 = _mm256_mul_ps(r, r);
-        let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+        let f = _mm256_sub_ps(t, n);
+        let c = super::EXP2_POLY;
+        let mut p = _mm256_set1_ps(c[6]);
+        for &ck in c[..6].iter().rev() {
+            p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(ck));
+        }
         let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
             _mm256_cvtps_epi32(n),
             _mm256_set1_epi32(127),
         ));
-        _mm256_mul_ps(y, _mm256_castsi256_ps(e))
+        _mm256_mul_ps(p, _mm256_castsi256_ps(e))
     }
 
-    /// Requires `p.n % 8 == 0` and `h.len() == p.n`.
+    /// Requires `p.n % 8 == 0`, `h.len() == p.n` and `a` = the channel's A scaled by
+    /// [`super::scaled_a`].
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn scan_channel(
         p: &ScanInputs,
         bi: usize,
         c: usize,
+        a: &[f32],
         h: &mut [f32],
         y: &mut [f32],
     ) {
         let n = p.n;
-        let a = &p.a[c * n..(c + 1) * n];
-        assert!(h.len() == n && n.is_multiple_of(8));
+        assert!(h.len() == n && a.len() == n && n.is_multiple_of(8));
         h.iter_mut().for_each(|v| *v = 0.0);
         for (l, yl) in y.iter_mut().enumerate() {
             let pos = bi * p.len + l;
@@ -222,8 +247,8 @@ mod avx2 {
             let mut i = 0;
             while i + 16 <= n {
                 // SAFETY: i + 16 <= n and every slice here has n elements.
-                let e0 = exp8(_mm256_mul_ps(dv, _mm256_loadu_ps(a.as_ptr().add(i))));
-                let e1 = exp8(_mm256_mul_ps(dv, _mm256_loadu_ps(a.as_ptr().add(i + 8))));
+                let e0 = exp2_8(_mm256_mul_ps(dv, _mm256_loadu_ps(a.as_ptr().add(i))));
+                let e1 = exp2_8(_mm256_mul_ps(dv, _mm256_loadu_ps(a.as_ptr().add(i + 8))));
                 let b0 = _mm256_mul_ps(_mm256_loadu_ps(bm.as_ptr().add(i)), duv);
                 let b1 = _mm256_mul_ps(_mm256_loadu_ps(bm.as_ptr().add(i + 8)), duv);
                 let h0 = _mm256_fmadd_ps(e0, _mm256_loadu_ps(h.as_ptr().add(i)), b0);
@@ -235,7 +260,7 @@ mod avx2 {
                 i += 16;
             }
             while i + 8 <= n {
-                let e0 = exp8(_mm256_mul_ps(dv, _mm256_loadu_ps(a.as_ptr().add(i))));
+                let e0 = exp2_8(_mm256_mul_ps(dv, _mm256_loadu_ps(a.as_ptr().add(i))));
                 let b0 = _mm256_mul_ps(_mm256_loadu_ps(bm.as_ptr().add(i)), duv);
                 let h0 = _mm256_fmadd_ps(e0, _mm256_loadu_ps(h.as_ptr().add(i)), b0);
                 _mm256_storeu_ps(h.as_mut_ptr().add(i), h0);
@@ -256,114 +281,12 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::super::vmath::avx512::{silu16, softplus16};
     use super::ScanInputs;
     use std::arch::x86_64::*;
 
-    /// 16-lane version of [`super::fast_exp`] (same polynomial and range reduction; the
-    /// power of two applied with `scalef`).
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn exp16(x: __m512) -> __m512 {
-        let x = _mm512_min_ps(
-            _mm512_max_ps(x, _mm512_set1_ps(-87.336_54)),
-            _mm512_set1_ps(88.376_26),
-        );
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm512_set1_ps(1.987_569_2e-4);
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.398_199_9e-3));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666_666_5e-1));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
-        let r2 = _mm512_mul_ps(r, r);
-        let y = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
-        _mm512_scalef_ps(y, n)
-    }
-
-    /// Natural logarithm of positive normal `x` (Cephes `logf` polynomial, ≈1 ulp).
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn ln16(x: __m512) -> __m512 {
-        // x = m · 2^e with m in [1, 2); fold m into [√½, √2)
-        let mut e = _mm512_getexp_ps(x);
-        let mut m = _mm512_getmant_ps::<_MM_MANT_NORM_1_2, _MM_MANT_SIGN_SRC>(x);
-        let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, _mm512_set1_ps(std::f32::consts::SQRT_2));
-        m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5));
-        e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.0));
-        let f = _mm512_sub_ps(m, _mm512_set1_ps(1.0));
-        let z = _mm512_mul_ps(f, f);
-        let mut y = _mm512_set1_ps(7.037_683_6e-2);
-        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.151_461e-1));
-        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.167_699_9e-1));
-        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.242_014_1e-1));
-        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.424_932_3e-1));
-        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.666_805_8e-1));
-        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.000_071_4e-1));
-        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-2.499_999_4e-1));
-        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(3.333_333e-1));
-        y = _mm512_mul_ps(_mm512_mul_ps(y, f), z);
-        y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.121_944_4e-4), y);
-        y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5), y);
-        let r = _mm512_add_ps(f, y);
-        _mm512_fmadd_ps(e, _mm512_set1_ps(0.693_359_4), r)
-    }
-
-    /// Softplus with PyTorch's threshold (see [`super::softplus`]): `log1p(eᵛ)` evaluated as
-    /// `ln(u)·e/(u − 1)` with `u = 1 + e` (exact `e` where `u` rounds to 1).
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn softplus16(v: __m512) -> __m512 {
-        let e = exp16(v);
-        let u = _mm512_add_ps(e, _mm512_set1_ps(1.0));
-        let um1 = _mm512_sub_ps(u, _mm512_set1_ps(1.0));
-        let l = _mm512_div_ps(_mm512_mul_ps(ln16(u), e), um1);
-        let tiny = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(um1, _mm512_setzero_ps());
-        let r = _mm512_mask_blend_ps(tiny, l, e);
-        let over = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, _mm512_set1_ps(20.0));
-        _mm512_mask_blend_ps(over, r, v)
-    }
-
-    /// `v·σ(v)`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn silu16(v: __m512) -> __m512 {
-        let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), v));
-        _mm512_div_ps(v, _mm512_add_ps(e, _mm512_set1_ps(1.0)))
-    }
-
-    /// `out[i] = f(x[i] (+ add[i]))` over a slice, 16 lanes at a time with a masked tail.
-    #[cfg(test)]
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn map16(
-        x: &[f32],
-        add: Option<&[f32]>,
-        out: &mut [f32],
-        f: unsafe fn(__m512) -> __m512,
-    ) {
-        let n = x.len();
-        let mut i = 0;
-        while i < n {
-            let m: __mmask16 = if n - i >= 16 {
-                0xffff
-            } else {
-                ((1u32 << (n - i)) - 1) as u16
-            };
-            let mut v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
-            if let Some(a) = add {
-                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, a.as_ptr().add(i)));
-            }
-            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, f(v));
-            i += 16;
-        }
-    }
-
     /// softplus(Δ + bias) and SiLU(z) of 16 channels (`mask`ed lanes read nothing), as
-    /// [`softplus16`] and [`silu16`] compute them.
+    /// [`softplus16`] and [`silu16`] compute them, stored as 16 lanes at `delta` and `gate`.
     #[inline]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn softplus_silu16(
@@ -371,21 +294,51 @@ mod avx512 {
         delta_pre: *const f32,
         bias: *const f32,
         z: *const f32,
-    ) -> ([f32; 16], [f32; 16]) {
+        delta: *mut f32,
+        gate: *mut f32,
+    ) {
         let v = _mm512_add_ps(
             _mm512_maskz_loadu_ps(mask, delta_pre),
             _mm512_maskz_loadu_ps(mask, bias),
         );
-        let (mut dv, mut gv) = ([0f32; 16], [0f32; 16]);
-        _mm512_storeu_ps(dv.as_mut_ptr(), softplus16(v));
-        _mm512_storeu_ps(gv.as_mut_ptr(), silu16(_mm512_maskz_loadu_ps(mask, z)));
-        (dv, gv)
+        _mm512_storeu_ps(delta, softplus16(v));
+        _mm512_storeu_ps(gate, silu16(_mm512_maskz_loadu_ps(mask, z)));
     }
 
-    /// One channel's scan with Δ (`delta[l]`) and the gate (`gate[l]` = SiLU(z)) already
-    /// computed. The states are processed 64 at a time with their `h` and `A` in registers
-    /// for the whole sequence, then 16 at a time; `y[l]` collects Σ h·C over the chunks.
-    /// Requires `p.n % 16 == 0`.
+    /// Row `l` of `y` (16 lanes, `mask`ed) to `out`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn store_lanes(mask: __mmask16, y: *const f32, out: *mut f32) {
+        _mm512_mask_storeu_ps(out, mask, _mm512_loadu_ps(y));
+    }
+
+    /// 16-lane [`super::fast_exp2`] (same polynomial and lower clamp: 2^−126 rather than a
+    /// denormal, which would cost a microcode assist per use; the power of two applied with
+    /// `scalef`). Arguments are ≤ 0 here (Δ ≥ 0, A < 0), so there is no upper clamp.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn exp2_16(t: __m512) -> __m512 {
+        let t = _mm512_max_ps(t, _mm512_set1_ps(-126.0));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
+        let f = _mm512_sub_ps(t, n);
+        let c = super::EXP2_POLY;
+        let mut q = _mm512_set1_ps(c[6]);
+        q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(c[5]));
+        q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(c[4]));
+        q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(c[3]));
+        q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(c[2]));
+        q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(c[1]));
+        q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(c[0]));
+        _mm512_scalef_ps(q, n)
+    }
+
+    /// One channel's scan with Δ and the gate (SiLU(z)) already computed, lane `lane` of the
+    /// 16-lane rows of `delta` and `gate` (position-major, `[l · 16 + lane]`); writes lane
+    /// `lane` of the rows of `y`. The states are processed 64 at a time with their `h` and
+    /// `A·log2(e)` in registers for the whole sequence, then 16 at a time; `acc` (len × 16
+    /// lanes) collects the lanes of Σ h·C over the chunks, summed once per position at the end.
+    /// Requires `p.n % 16 == 0` and every slice ≥ 16 · `p.len` long.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn scan_channel(
         p: &ScanInputs,
@@ -393,20 +346,28 @@ mod avx512 {
         c: usize,
         delta: &[f32],
         gate: &[f32],
+        lane: usize,
+        acc: &mut [f32],
         y: &mut [f32],
     ) {
         let n = p.n;
-        let len = y.len();
+        let len = p.len;
+        assert!(lane < 16);
+        for v in [delta.len(), gate.len(), acc.len(), y.len()] {
+            assert!(v >= 16 * len);
+        }
+        let delta = |l: usize| *delta.get_unchecked(16 * l + lane);
         let a = p.a.as_ptr().add(c * n);
-        y.iter_mut().for_each(|v| *v = 0.0);
+        let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+        let a2 = |s: usize| _mm512_mul_ps(_mm512_loadu_ps(a.add(s)), log2e);
+        let accp = acc.as_mut_ptr();
         let row = |l: usize| p.bc.as_ptr().add((bi * p.len + l) * p.bc_stride);
         let uu = |l: usize| *p.u.get_unchecked((bi * p.len + l) * p.d + c);
+        // the first chunk stores its lanes, later ones add to them
+        let mut first = true;
         let mut s = 0;
         while s + 64 <= n {
-            let a0 = _mm512_loadu_ps(a.add(s));
-            let a1 = _mm512_loadu_ps(a.add(s + 16));
-            let a2 = _mm512_loadu_ps(a.add(s + 32));
-            let a3 = _mm512_loadu_ps(a.add(s + 48));
+            let (a0, a1, a2_, a3) = (a2(s), a2(s + 16), a2(s + 32), a2(s + 48));
             let (mut h0, mut h1, mut h2, mut h3) = (
                 _mm512_setzero_ps(),
                 _mm512_setzero_ps(),
@@ -414,27 +375,27 @@ mod avx512 {
                 _mm512_setzero_ps(),
             );
             for l in 0..len {
-                let dv = _mm512_set1_ps(delta[l]);
-                let duv = _mm512_set1_ps(delta[l] * uu(l));
+                let dv = _mm512_set1_ps(delta(l));
+                let duv = _mm512_set1_ps(delta(l) * uu(l));
                 let bm = row(l).add(p.b_offset + s);
                 let cm = row(l).add(p.c_offset + s);
                 h0 = _mm512_fmadd_ps(
-                    exp16(_mm512_mul_ps(dv, a0)),
+                    exp2_16(_mm512_mul_ps(dv, a0)),
                     h0,
                     _mm512_mul_ps(_mm512_loadu_ps(bm), duv),
                 );
                 h1 = _mm512_fmadd_ps(
-                    exp16(_mm512_mul_ps(dv, a1)),
+                    exp2_16(_mm512_mul_ps(dv, a1)),
                     h1,
                     _mm512_mul_ps(_mm512_loadu_ps(bm.add(16)), duv),
                 );
                 h2 = _mm512_fmadd_ps(
-                    exp16(_mm512_mul_ps(dv, a2)),
+                    exp2_16(_mm512_mul_ps(dv, a2_)),
                     h2,
                     _mm512_mul_ps(_mm512_loadu_ps(bm.add(32)), duv),
                 );
                 h3 = _mm512_fmadd_ps(
-                    exp16(_mm512_mul_ps(dv, a3)),
+                    exp2_16(_mm512_mul_ps(dv, a3)),
                     h3,
                     _mm512_mul_ps(_mm512_loadu_ps(bm.add(48)), duv),
                 );
@@ -448,29 +409,50 @@ mod avx512 {
                     _mm512_loadu_ps(cm.add(48)),
                     _mm512_mul_ps(h2, _mm512_loadu_ps(cm.add(32))),
                 );
-                y[l] += _mm512_reduce_add_ps(_mm512_add_ps(acc01, acc23));
+                let v = _mm512_add_ps(acc01, acc23);
+                let at = accp.add(16 * l);
+                let v = if first {
+                    v
+                } else {
+                    _mm512_add_ps(_mm512_loadu_ps(at), v)
+                };
+                _mm512_storeu_ps(at, v);
             }
+            first = false;
             s += 64;
         }
         while s + 16 <= n {
-            let a0 = _mm512_loadu_ps(a.add(s));
+            let a0 = a2(s);
             let mut h0 = _mm512_setzero_ps();
             for l in 0..len {
-                let dv = _mm512_set1_ps(delta[l]);
-                let duv = _mm512_set1_ps(delta[l] * uu(l));
+                let dv = _mm512_set1_ps(delta(l));
+                let duv = _mm512_set1_ps(delta(l) * uu(l));
                 let bm = row(l).add(p.b_offset + s);
                 let cm = row(l).add(p.c_offset + s);
                 h0 = _mm512_fmadd_ps(
-                    exp16(_mm512_mul_ps(dv, a0)),
+                    exp2_16(_mm512_mul_ps(dv, a0)),
                     h0,
                     _mm512_mul_ps(_mm512_loadu_ps(bm), duv),
                 );
-                y[l] += _mm512_reduce_add_ps(_mm512_mul_ps(h0, _mm512_loadu_ps(cm)));
+                let v = _mm512_mul_ps(h0, _mm512_loadu_ps(cm));
+                let at = accp.add(16 * l);
+                let v = if first {
+                    v
+                } else {
+                    _mm512_add_ps(_mm512_loadu_ps(at), v)
+                };
+                _mm512_storeu_ps(at, v);
             }
+            first = false;
             s += 16;
         }
         for l in 0..len {
-            y[l] = (y[l] + p.d_skip[c] * uu(l)) * gate[l];
+            let sum = if first {
+                0.0
+            } else {
+                _mm512_reduce_add_ps(_mm512_loadu_ps(accp.add(16 * l)))
+            };
+            y[16 * l + lane] = (sum + p.d_skip[c] * uu(l)) * gate[16 * l + lane];
         }
     }
 }
@@ -525,9 +507,9 @@ impl OutPtr {
 
 /// The AVX-512 scan in one parallel loop over blocks of 16 channels of one batch item: each
 /// task computes softplus(Δ + bias) and SiLU(z) of its channels for every position (16 lanes
-/// = 16 channels, [`avx512::softplus16`] and [`avx512::silu16`]), runs
-/// [`avx512::scan_channel`] per channel and writes its channels of y (batch, len, d) in
-/// place: one parallel region per scan, no transposes of the whole input or output.
+/// = 16 channels), runs [`avx512::scan_channel`] per channel on those lanes and writes its
+/// channels of y (batch, len, d) a position (16 lanes) at a time: one parallel region per
+/// scan, no transposes.
 #[cfg(target_arch = "x86_64")]
 fn selective_scan_avx512(p: &ScanInputs) -> Vec<f32> {
     const W: usize = 16;
@@ -541,9 +523,10 @@ fn selective_scan_avx512(p: &ScanInputs) -> Vec<f32> {
                 vec![0f32; len * W],
                 vec![0f32; len * W],
                 vec![0f32; len * W],
+                vec![0f32; len * 16],
             )
         },
-        |(delta, gate, y), task| {
+        |(delta, gate, y, acc), task| {
             let (bi, c0) = (task / blocks, task % blocks * W);
             let cw = (d - c0).min(W);
             let mask: u16 = if cw == W {
@@ -555,32 +538,26 @@ fn selective_scan_avx512(p: &ScanInputs) -> Vec<f32> {
             // masked loads stay within channels c0..c0+cw of rows of the sizes of `p`; this task
             // writes only channels c0..c0+cw of `out`.
             unsafe {
-                let (dl, gl) = (delta.as_mut_slice(), gate.as_mut_slice());
                 for l in 0..len {
                     let pos = bi * len + l;
-                    let z = p.z.as_ptr().add(pos * p.z_stride + p.z_offset + c0);
-                    let dp = p.delta_pre.as_ptr().add(pos * d + c0);
-                    let (dv, gv) =
-                        avx512::softplus_silu16(mask, dp, p.delta_bias.as_ptr().add(c0), z);
-                    // channel-major in the task: [j * len + l]
-                    for j in 0..cw {
-                        dl[j * len + l] = dv[j];
-                        gl[j * len + l] = gv[j];
-                    }
+                    avx512::softplus_silu16(
+                        mask,
+                        p.delta_pre.as_ptr().add(pos * d + c0),
+                        p.delta_bias.as_ptr().add(c0),
+                        p.z.as_ptr().add(pos * p.z_stride + p.z_offset + c0),
+                        delta.as_mut_ptr().add(l * W),
+                        gate.as_mut_ptr().add(l * W),
+                    );
                 }
                 for j in 0..cw {
-                    let ys = &mut y[j * len..(j + 1) * len];
-                    avx512::scan_channel(
-                        p,
-                        bi,
-                        c0 + j,
-                        &dl[j * len..(j + 1) * len],
-                        &gl[j * len..(j + 1) * len],
-                        ys,
+                    avx512::scan_channel(p, bi, c0 + j, delta, gate, j, acc, y);
+                }
+                for l in 0..len {
+                    avx512::store_lanes(
+                        mask,
+                        y.as_ptr().add(l * W),
+                        ptr.at((bi * len + l) * d + c0),
                     );
-                    for (l, v) in ys.iter().enumerate() {
-                        *ptr.at((bi * len + l) * d + c0 + j) = *v;
-                    }
                 }
             }
         },
@@ -625,19 +602,21 @@ pub fn selective_scan_with(p: &ScanInputs, kernel: ScanKernel) -> Vec<f32> {
         .enumerate()
         .for_each(|(gi, chunk)| {
             let mut h = vec![0f32; n];
+            let mut a2 = vec![0f32; n];
             let mut da = vec![0f32; n];
             for (j, y) in chunk.chunks_mut(len).enumerate() {
                 let row = gi * GROUP + j;
                 let (bi, c) = (row / d, row % d);
+                scaled_a(p, c, &mut a2);
                 #[cfg(target_arch = "x86_64")]
                 if avx2 {
                     // SAFETY: AVX2 and FMA support was detected at run time, n % 8 == 0 was
                     // checked, and h has n elements.
-                    unsafe { avx2::scan_channel(p, bi, c, &mut h, y) };
+                    unsafe { avx2::scan_channel(p, bi, c, &a2, &mut h, y) };
                     continue;
                 }
                 let _ = avx2;
-                scan_channel(p, bi, c, &mut h, &mut da, y);
+                scan_channel(p, bi, c, &a2, &mut h, &mut da, y);
             }
         });
     // transpose (batch, d, len) → (batch, len, d)
@@ -658,18 +637,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fast_exp_is_accurate() {
+    fn fast_exp2_is_accurate() {
         let mut worst = 0f64;
-        let mut x = -87.0f32;
-        while x < 80.0 {
-            let e = fast_exp(x) as f64;
-            let r = (x as f64).exp();
+        let mut t = -125.0f32;
+        while t < 126.0 {
+            let e = fast_exp2(t) as f64;
+            let r = (t as f64).exp2();
             worst = worst.max(((e - r) / r).abs());
-            x += 0.01237;
+            t += 0.01237;
         }
-        assert!(worst < 4e-7, "worst relative error {worst}");
-        assert_eq!(fast_exp(0.0), 1.0);
-        assert!(fast_exp(-1000.0) < 1.2e-38);
+        assert!(worst < 2.5e-7, "worst relative error {worst}");
+        assert_eq!(fast_exp2(0.0), 1.0);
+        assert_eq!(fast_exp2(-3.0), 0.125);
+        assert!(fast_exp2(-1000.0) < 1.2e-38);
     }
 
     #[test]
@@ -720,35 +700,6 @@ mod tests {
                 .zip(&y)
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(err <= 1e-5 * scale, "{k:?}: err {err} scale {scale}");
-        }
-    }
-
-    #[test]
-    fn vector_softplus_and_silu_match_the_scalar_ones() {
-        if !use_avx512() {
-            eprintln!("no AVX-512F here: the vector functions are not used");
-            return;
-        }
-        let xs: Vec<f32> = (0..40_000).map(|i| -60.0 + i as f32 * 0.002_1).collect();
-        let mut sp = vec![0f32; xs.len()];
-        let mut si = vec![0f32; xs.len()];
-        // SAFETY: AVX-512F was detected.
-        unsafe {
-            avx512::map16(&xs, None, &mut sp, avx512::softplus16);
-            avx512::map16(&xs, None, &mut si, avx512::silu16);
-        }
-        for (i, &x) in xs.iter().enumerate() {
-            let (rs, ri) = (softplus(x), silu(x));
-            assert!(
-                (sp[i] - rs).abs() <= 4.0 * f32::EPSILON * rs.abs(),
-                "softplus({x}) = {} vs {rs}",
-                sp[i]
-            );
-            assert!(
-                (si[i] - ri).abs() <= 4.0 * f32::EPSILON * ri.abs().max(1e-30),
-                "silu({x}) = {} vs {ri}",
-                si[i]
-            );
         }
     }
 

@@ -1,0 +1,249 @@
+//! Vectorised f32 math shared by the CPU kernels: `exp`, `ln`, softplus and SiLU over 16
+//! AVX-512 lanes (≈1 ulp), and the SiLU gate over slices. Each has a scalar counterpart whose
+//! result it matches to a few ulp (tested), not bit for bit.
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// `eˣ`, 16 lanes (Cephes `expf` polynomial with Cody–Waite reduction, ≈1 ulp; arguments
+    /// clamped to [−87.3, 88.4]; the power of two applied with `scalef`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn exp16(x: __m512) -> __m512 {
+        let x = _mm512_min_ps(
+            _mm512_max_ps(x, _mm512_set1_ps(-87.336_54)),
+            _mm512_set1_ps(88.376_26),
+        );
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_2e-4);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.398_199_9e-3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.333_452e-3));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.166_579_6e-2));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666_666_5e-1));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5));
+        let r2 = _mm512_mul_ps(r, r);
+        let y = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
+        _mm512_scalef_ps(y, n)
+    }
+
+    /// Natural logarithm of positive normal `x` (Cephes `logf` polynomial, ≈1 ulp).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn ln16(x: __m512) -> __m512 {
+        // x = m · 2^e with m in [1, 2); fold m into [√½, √2)
+        let mut e = _mm512_getexp_ps(x);
+        let mut m = _mm512_getmant_ps::<_MM_MANT_NORM_1_2, _MM_MANT_SIGN_SRC>(x);
+        let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(m, _mm512_set1_ps(std::f32::consts::SQRT_2));
+        m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5));
+        e = _mm512_mask_add_ps(e, big, e, _mm512_set1_ps(1.0));
+        let f = _mm512_sub_ps(m, _mm512_set1_ps(1.0));
+        let z = _mm512_mul_ps(f, f);
+        let mut y = _mm512_set1_ps(7.037_683_6e-2);
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.151_461e-1));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.167_699_9e-1));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.242_014_1e-1));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.424_932_3e-1));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-1.666_805_8e-1));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.000_071_4e-1));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(-2.499_999_4e-1));
+        y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(3.333_333e-1));
+        y = _mm512_mul_ps(_mm512_mul_ps(y, f), z);
+        y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.121_944_4e-4), y);
+        y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5), y);
+        let r = _mm512_add_ps(f, y);
+        _mm512_fmadd_ps(e, _mm512_set1_ps(0.693_359_4), r)
+    }
+
+    /// Softplus with PyTorch's threshold (see [`crate::gpt::scan::softplus`]): `log1p(eᵛ)` evaluated as
+    /// `ln(u)·e/(u − 1)` with `u = 1 + e` (exact `e` where `u` rounds to 1).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn softplus16(v: __m512) -> __m512 {
+        let e = exp16(v);
+        let u = _mm512_add_ps(e, _mm512_set1_ps(1.0));
+        let um1 = _mm512_sub_ps(u, _mm512_set1_ps(1.0));
+        let l = _mm512_div_ps(_mm512_mul_ps(ln16(u), e), um1);
+        let tiny = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(um1, _mm512_setzero_ps());
+        let r = _mm512_mask_blend_ps(tiny, l, e);
+        let over = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, _mm512_set1_ps(20.0));
+        _mm512_mask_blend_ps(over, r, v)
+    }
+
+    /// `v·σ(v)`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn silu16(v: __m512) -> __m512 {
+        let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), v));
+        _mm512_div_ps(v, _mm512_add_ps(e, _mm512_set1_ps(1.0)))
+    }
+
+    /// `out[i] = v[i] · SiLU(g[i])` (the GatedMLP gate), 16 lanes at a time with a masked
+    /// tail.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; the three slices have the same length.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn silu_gate(v: &[f32], g: &[f32], out: &mut [f32]) {
+        assert!(v.len() == out.len() && g.len() == out.len());
+        let n = out.len();
+        let mut i = 0;
+        while i < n {
+            let m = tail_mask(n - i);
+            let gv = silu16(_mm512_maskz_loadu_ps(m, g.as_ptr().add(i)));
+            let vv = _mm512_maskz_loadu_ps(m, v.as_ptr().add(i));
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, _mm512_mul_ps(vv, gv));
+            i += 16;
+        }
+    }
+
+    /// `y[i] = (silu? SiLU(y[i]) : y[i]) · gate[i] + residual[i]` in place, the gate and the
+    /// residual optional, 16 lanes at a time with a masked tail.
+    ///
+    /// # Safety
+    /// AVX-512F must be available; `y` points to `n` writable f32, and `gate`/`residual`
+    /// to `n` readable ones where given.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn silu_gate_residual(
+        y: *mut f32,
+        n: usize,
+        silu: bool,
+        gate: Option<*const f32>,
+        residual: Option<*const f32>,
+    ) {
+        let mut i = 0;
+        while i < n {
+            let m = tail_mask(n - i);
+            let mut v = _mm512_maskz_loadu_ps(m, y.add(i));
+            if silu {
+                v = silu16(v);
+            }
+            if let Some(g) = gate {
+                v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, g.add(i)));
+            }
+            if let Some(r) = residual {
+                v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, r.add(i)), v);
+            }
+            _mm512_mask_storeu_ps(y.add(i), m, v);
+            i += 16;
+        }
+    }
+
+    /// The lanes `0..rest.min(16)`.
+    #[inline]
+    fn tail_mask(rest: usize) -> __mmask16 {
+        if rest >= 16 {
+            0xffff
+        } else {
+            ((1u32 << rest) - 1) as u16
+        }
+    }
+
+    /// `out[i] = f(x[i] (+ add[i]))` over a slice, 16 lanes at a time with a masked tail.
+    #[cfg(test)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn map16(
+        x: &[f32],
+        add: Option<&[f32]>,
+        out: &mut [f32],
+        f: unsafe fn(__m512) -> __m512,
+    ) {
+        let n = x.len();
+        let mut i = 0;
+        while i < n {
+            let m = tail_mask(n - i);
+            let mut v = _mm512_maskz_loadu_ps(m, x.as_ptr().add(i));
+            if let Some(a) = add {
+                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, a.as_ptr().add(i)));
+            }
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), m, f(v));
+            i += 16;
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::avx512;
+    use crate::gpt::scan::{silu, softplus};
+
+    fn avx512_here() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+
+    #[test]
+    fn vector_softplus_and_silu_match_the_scalar_ones() {
+        if !avx512_here() {
+            eprintln!("no AVX-512F here: the vector functions are not used");
+            return;
+        }
+        let xs: Vec<f32> = (0..40_000).map(|i| -60.0 + i as f32 * 0.002_1).collect();
+        let mut sp = vec![0f32; xs.len()];
+        let mut si = vec![0f32; xs.len()];
+        // SAFETY: AVX-512F was detected.
+        unsafe {
+            avx512::map16(&xs, None, &mut sp, avx512::softplus16);
+            avx512::map16(&xs, None, &mut si, avx512::silu16);
+        }
+        for (i, &x) in xs.iter().enumerate() {
+            let (rs, ri) = (softplus(x), silu(x));
+            assert!(
+                (sp[i] - rs).abs() <= 4.0 * f32::EPSILON * rs.abs(),
+                "softplus({x}) = {} vs {rs}",
+                sp[i]
+            );
+            assert!(
+                (si[i] - ri).abs() <= 4.0 * f32::EPSILON * ri.abs().max(1e-30),
+                "silu({x}) = {} vs {ri}",
+                si[i]
+            );
+        }
+    }
+
+    #[test]
+    fn vector_silu_gate_and_epilogue_match_the_scalar_ones() {
+        if !avx512_here() {
+            eprintln!("no AVX-512F here: the vector functions are not used");
+            return;
+        }
+        // 37 values: two full vectors and a masked tail
+        let n = 37;
+        let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let g: Vec<f32> = (0..n)
+            .map(|i| (i as f32 * 0.91).cos() * 9.0 - 2.0)
+            .collect();
+        let r: Vec<f32> = (0..n).map(|i| i as f32 * 0.25 - 4.0).collect();
+        let close = |a: f32, b: f32| (a - b).abs() <= 4.0 * f32::EPSILON * b.abs().max(1e-30);
+        let mut out = vec![0f32; n];
+        // SAFETY: AVX-512F was detected; all slices have n elements.
+        unsafe { avx512::silu_gate(&v, &g, &mut out) };
+        for i in 0..n {
+            assert!(close(out[i], v[i] * silu(g[i])), "gate at {i}");
+        }
+        for act in [false, true] {
+            for gate in [None, Some(g.as_ptr())] {
+                for res in [None, Some(r.as_ptr())] {
+                    let mut y = v.clone();
+                    // SAFETY: as above.
+                    unsafe { avx512::silu_gate_residual(y.as_mut_ptr(), n, act, gate, res) };
+                    for i in 0..n {
+                        let mut e = if act { silu(v[i]) } else { v[i] };
+                        if gate.is_some() {
+                            e *= g[i];
+                        }
+                        if res.is_some() {
+                            e += r[i];
+                        }
+                        let tol = 8.0 * f32::EPSILON * (e.abs() + r[i].abs());
+                        assert!((y[i] - e).abs() <= tol, "{act} {gate:?} {res:?} at {i}");
+                    }
+                }
+            }
+        }
+    }
+}
