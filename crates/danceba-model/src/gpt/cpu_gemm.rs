@@ -404,21 +404,55 @@ mod avx512 {
             let mask: __mmask16 = ((1u32 << (k - kk)) - 1) as u16;
             step!(kk, mask);
         }
-        let acc = [
-            [a00, a01, a02, a03, a04, a05],
-            [a10, a11, a12, a13, a14, a15],
-            [a20, a21, a22, a23, a24, a25],
-            [a30, a31, a32, a33, a34, a35],
-        ];
-        for (i, a) in acc.iter().enumerate() {
-            for (j, v) in a.iter().enumerate() {
-                let mut s = _mm512_reduce_add_ps(*v);
-                if let Some(b) = bias {
-                    s += *b.add(j);
-                }
-                *y.add(i * ldy + j) = s;
-            }
+        // the 24 sums four at a time: columns 0..4 of each row, then columns 4 and 5 of two
+        // rows
+        let b4 = bias.map_or(_mm_setzero_ps(), |b| _mm_loadu_ps(b));
+        let b2 = bias.map_or(_mm_setzero_ps(), |b| {
+            let p = _mm_castpd_ps(_mm_load_sd(b.add(4) as *const f64));
+            _mm_movelh_ps(p, p)
+        });
+        for (i, [c0, c1, c2, c3]) in [
+            [a00, a01, a02, a03],
+            [a10, a11, a12, a13],
+            [a20, a21, a22, a23],
+            [a30, a31, a32, a33],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            _mm_storeu_ps(y.add(i * ldy), _mm_add_ps(sum4(c0, c1, c2, c3), b4));
         }
+        for (i, [c0, c1, c2, c3]) in [[a04, a05, a14, a15], [a24, a25, a34, a35]]
+            .into_iter()
+            .enumerate()
+        {
+            let s = _mm_add_ps(sum4(c0, c1, c2, c3), b2);
+            _mm_store_sd(y.add(2 * i * ldy + 4) as *mut f64, _mm_castps_pd(s));
+            _mm_store_sd(
+                y.add((2 * i + 1) * ldy + 4) as *mut f64,
+                _mm_castps_pd(_mm_movehl_ps(s, s)),
+            );
+        }
+    }
+
+    /// The sums of the 16 lanes of `v0`..`v3` as lanes 0..4, in 13 instructions (four
+    /// `reduce_add`s take ~32): pairwise within 128-bit lanes, then across them.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sum4(v0: __m512, v1: __m512, v2: __m512, v3: __m512) -> __m128 {
+        // per 128-bit lane: [v0₀+v0₂, v1₀+v1₂, v0₁+v0₃, v1₁+v1₃], the same for v2, v3
+        let t01 = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));
+        let t23 = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
+        // per 128-bit lane: [Σv0, Σv1, Σv2, Σv3] over that lane's four values
+        let u = _mm512_add_ps(
+            _mm512_shuffle_ps::<0b01_00_01_00>(t01, t23),
+            _mm512_shuffle_ps::<0b11_10_11_10>(t01, t23),
+        );
+        let h = _mm256_add_ps(
+            _mm512_castps512_ps256(u),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(u))),
+        );
+        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
     }
 
     macro_rules! dispatch_c {
