@@ -390,8 +390,8 @@ impl GatedMlp {
                 .for_each(|(o, r)| {
                     let (v, g) = r.split_at(hid);
                     #[cfg(target_arch = "x86_64")]
-                    if super::cpu_gemm::available() {
-                        // SAFETY: AVX-512F is there (`available`); the slices have `hid` values
+                    if super::cpu_gemm::kernel() == Some(super::cpu_gemm::Kernel::Avx512) {
+                        // SAFETY: AVX-512F is there (`kernel`); the slices have `hid` values
                         unsafe { super::vmath::avx512::silu_gate(v, g, o) };
                         return;
                     }
