@@ -255,6 +255,8 @@ unsafe fn epilogue_columns(
     if ep.act == Act::Identity && ep.gate.is_none() && ep.residual.is_none() {
         return;
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = kern;
     #[cfg(target_arch = "x86_64")]
     if ep.act != Act::GeluErf && kern == Kernel::Avx512 {
         // SiLU through the vector `exp` (≈1 ulp from libm's); AVX-512F is there (`kern`)
