@@ -237,7 +237,7 @@ impl Lin {
 
     /// `residual + act(x·Wᵀ + b) [· gate]` with [`cpu_gemm::linear_ep`] for f32 `x` (and
     /// `gate`, `residual`, of the output's shape) on the CPU with f32/f16/bf16 weights, at most
-    /// [`cpu_gemm::MAX_ROWS`] rows, when the kernel is available; `None` otherwise.
+    /// [`cpu_gemm::max_rows`] rows, when the kernel is available; `None` otherwise.
     fn forward_cpu_gemm(
         &self,
         x: &Tensor,
@@ -258,7 +258,7 @@ impl Lin {
         out_dims[lead.len()] = self.out_dim();
         let on_cpu_f32 = |t: &Tensor| matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32;
         let extra_ok = |t: Option<&Tensor>| t.is_none_or(|t| on_cpu_f32(t) && t.dims() == out_dims);
-        if rows > cpu_gemm::MAX_ROWS
+        if rows > cpu_gemm::max_rows()
             || !on_cpu_f32(x)
             || !extra_ok(gate)
             || !extra_ok(residual)
@@ -307,7 +307,7 @@ impl Lin {
         gate: Option<&[f32]>,
         residual: Option<&[f32]>,
     ) -> Result<Option<Vec<f32>>> {
-        if rows > cpu_gemm::MAX_ROWS || !cpu_gemm::available() {
+        if rows > cpu_gemm::max_rows() || !cpu_gemm::available() {
             return Ok(None);
         }
         let (n, k) = self.w.dims2()?;

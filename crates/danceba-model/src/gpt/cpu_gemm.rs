@@ -20,15 +20,38 @@
 
 use rayon::prelude::*;
 
-/// The most rows of `x` for which the linear layers use this kernel: one song's window
-/// (28 rows per stream, 84 in the attention blocks). With more rows (batches of songs) the
-/// weights are reused enough that candle's packing GEMM is faster (measured: batch 8 took
-/// ~20 % more CPU time with this kernel).
+/// The most rows of `x` for which the linear layers use the AVX2 kernel: one song's window
+/// (28 rows per stream, 84 in the attention blocks). Above it (batches of songs) candle's
+/// packing GEMM takes over: forced on this AVX-512 machine at batch 8 the AVX2 kernel took
+/// 1.46 s per step against 1.37 s for candle's AVX-512 GEMM (not measured on an AVX2-only CPU).
+/// The AVX-512 kernel takes any number of rows, in panels of [`PANEL`] (batch 8: 1.18–1.32 s
+/// against 1.39 s for candle's GEMM in f32, 1.20 s against 2.08 s with f16 weights).
 pub const MAX_ROWS: usize = 96;
+
+/// The most rows the linear layers give [`linear`] (more go to candle's matmul): unlimited
+/// with the AVX-512 kernel, [`MAX_ROWS`] with the AVX2 one; `DANCEBA_CPU_GEMM_MAX_ROWS`
+/// overrides it (for comparisons).
+pub fn max_rows() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("DANCEBA_CPU_GEMM_MAX_ROWS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(match kernel() {
+                Some(Kernel::Avx512) => usize::MAX,
+                _ => MAX_ROWS,
+            })
+    })
+}
 
 /// Rows of `x` per register block.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const MR: usize = 4;
+/// Rows of `x` per panel: a thread's weight columns pass over one panel of `x` at a time, so
+/// that the panel stays in cache with many rows (batches of songs); one song's window (≤ 84
+/// rows) is one panel.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const PANEL: usize = 96;
 /// Rows of `W` (output columns) per register block.
 const NR: usize = 6;
 /// Rows of `x` and of `W` per register block of the AVX2 kernel (12 accumulators of 16
@@ -344,7 +367,7 @@ fn linear_with<W: Weight>(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{OutPtr, Weight, WeightKind, MR, NR};
+    use super::{OutPtr, Weight, WeightKind, MR, NR, PANEL};
     use std::arch::x86_64::*;
 
     /// 16 weights from `p` as f32 (`mask`ed lanes 0).
@@ -548,26 +571,30 @@ mod avx512 {
         n1: usize,
         out: OutPtr,
     ) {
-        let mut j0 = n0;
-        while j0 < n1 {
-            let c = (n1 - j0).min(NR);
-            let wp = w.as_ptr().add(j0 * k);
-            let bp = b.map(|b| b.as_ptr().add(j0));
-            let mut i0 = 0;
-            while i0 < m {
-                let r = (m - i0).min(MR);
-                let xp = x.as_ptr().add(i0 * k);
-                let yp = out.0.add(i0 * n + j0);
-                match r {
-                    1 => dispatch_c!(1, c, xp, wp, k, yp, n, bp),
-                    2 => dispatch_c!(2, c, xp, wp, k, yp, n, bp),
-                    3 => dispatch_c!(3, c, xp, wp, k, yp, n, bp),
-                    _ if c == NR => block_4x6(xp, wp, k, yp, n, bp),
-                    _ => dispatch_c!(4, c, xp, wp, k, yp, n, bp),
+        // row panels of `x` that stay in cache while the chunk's weights pass over them
+        for p0 in (0..m).step_by(PANEL) {
+            let p1 = (p0 + PANEL).min(m);
+            let mut j0 = n0;
+            while j0 < n1 {
+                let c = (n1 - j0).min(NR);
+                let wp = w.as_ptr().add(j0 * k);
+                let bp = b.map(|b| b.as_ptr().add(j0));
+                let mut i0 = p0;
+                while i0 < p1 {
+                    let r = (p1 - i0).min(MR);
+                    let xp = x.as_ptr().add(i0 * k);
+                    let yp = out.0.add(i0 * n + j0);
+                    match r {
+                        1 => dispatch_c!(1, c, xp, wp, k, yp, n, bp),
+                        2 => dispatch_c!(2, c, xp, wp, k, yp, n, bp),
+                        3 => dispatch_c!(3, c, xp, wp, k, yp, n, bp),
+                        _ if c == NR => block_4x6(xp, wp, k, yp, n, bp),
+                        _ => dispatch_c!(4, c, xp, wp, k, yp, n, bp),
+                    }
+                    i0 += r;
                 }
-                i0 += r;
+                j0 += c;
             }
-            j0 += c;
         }
     }
 }
@@ -576,7 +603,7 @@ mod avx512 {
 /// of 8 lanes): 3 rows of `x` × 4 rows of `W` per block, the k tail (k % 8) in scalar code.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{OutPtr, Weight, WeightKind, MR2, NR2};
+    use super::{OutPtr, Weight, WeightKind, MR2, NR2, PANEL};
     use std::arch::x86_64::*;
 
     /// 8 weights from `p` as f32.
@@ -667,24 +694,27 @@ mod avx2 {
                 }
             };
         }
-        let mut j0 = n0;
-        while j0 < n1 {
-            let c = (n1 - j0).min(NR2);
-            let wp = w.as_ptr().add(j0 * k);
-            let bp = b.map(|b| b.as_ptr().add(j0));
-            let mut i0 = 0;
-            while i0 < m {
-                let r = (m - i0).min(MR2);
-                let xp = x.as_ptr().add(i0 * k);
-                let yp = out.0.add(i0 * n + j0);
-                match r {
-                    1 => by_c!(1, c, xp, wp, k, yp, n, bp),
-                    2 => by_c!(2, c, xp, wp, k, yp, n, bp),
-                    _ => by_c!(3, c, xp, wp, k, yp, n, bp),
+        for p0 in (0..m).step_by(PANEL) {
+            let p1 = (p0 + PANEL).min(m);
+            let mut j0 = n0;
+            while j0 < n1 {
+                let c = (n1 - j0).min(NR2);
+                let wp = w.as_ptr().add(j0 * k);
+                let bp = b.map(|b| b.as_ptr().add(j0));
+                let mut i0 = p0;
+                while i0 < p1 {
+                    let r = (p1 - i0).min(MR2);
+                    let xp = x.as_ptr().add(i0 * k);
+                    let yp = out.0.add(i0 * n + j0);
+                    match r {
+                        1 => by_c!(1, c, xp, wp, k, yp, n, bp),
+                        2 => by_c!(2, c, xp, wp, k, yp, n, bp),
+                        _ => by_c!(3, c, xp, wp, k, yp, n, bp),
+                    }
+                    i0 += r;
                 }
-                i0 += r;
+                j0 += c;
             }
-            j0 += c;
         }
     }
 }
@@ -767,6 +797,8 @@ mod tests {
             (18, 72, 205),
             (18, 16, 144),
             (6, 72, 16),
+            // several panels of rows
+            (230, 72, 30),
         ] {
             let x = rnd(m * k, &mut seed);
             let w = rnd(n * k, &mut seed);
