@@ -321,9 +321,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if let Some(g) = args.cuda_graphs {
             gpt.set_cuda_graphs(g == OnOff::On);
         }
+        // the CPU's linear layers: our kernel (which version) or candle's GEMM
+        let cpu_gemm = if gpt.device().is_cpu() {
+            match danceba_model::gpt::cpu_gemm::kernel() {
+                Some(k) => match danceba_model::gpt::cpu_gemm::max_rows() {
+                    usize::MAX => format!("{k:?} kernel (any rows)"),
+                    n => format!("{k:?} kernel (<= {n} rows, candle above)"),
+                },
+                None => "candle".to_string(),
+            }
+        } else {
+            "not used".to_string()
+        };
         if !args.json {
             println!(
-                "GPT: {source}, n_embd {}, {} + {} layers; mamba {:?}; CUDA graphs {}; {threads} threads; load {load_s:.2} s",
+                "GPT: {source}, n_embd {}, {} + {} layers; mamba {:?}; CPU GEMM {cpu_gemm}; CUDA graphs {}; {threads} threads; load {load_s:.2} s",
                 gpt.arch().n_embd,
                 gpt.arch().n_layer_base,
                 gpt.arch().n_layer_head,
@@ -363,6 +375,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         report["gpt"] = json!({
             "weights": source,
             "mamba": format!("{:?}", gpt.mamba_impl()),
+            "cpu_gemm": cpu_gemm,
             "cuda_graphs": gpt.cuda_graphs(),
             "load_s": load_s,
             "runs": runs,
