@@ -21,6 +21,33 @@ __device__ __forceinline__ float silu_f(float v) { return v / (1.0f + expf(-v));
 // PyTorch's softplus (beta 1, threshold 20).
 __device__ __forceinline__ float softplus_f(float v) { return v > 20.0f ? v : log1pf(expf(v)); }
 
+// 2^t on the special-function unit, results below 2^-126 flushed to 0 (exp2f adds three
+// instructions per call to keep denormal results; a decay factor below 2^-126 is 0 anyway).
+__device__ __forceinline__ float exp2_mufu(float t) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(t));
+    return y;
+}
+
+// 2^t on the FMA pipe, for t <= 0 (the scan's decays): t = n + f with n the nearest integer,
+// 2^f by the degree-6 polynomial of the CPU scan (scan.rs EXP2_POLY), n added to the exponent
+// bits. Below -126 it gives at most 2^-126. The scan computes one state in eight this way, so
+// that the special-function unit, not the instruction issue, no longer bounds it alone.
+__device__ __forceinline__ float exp2_fma(float t) {
+    t = fmaxf(t, -126.0f);
+    const float s = t + 12582912.0f;  // 1.5 * 2^23: its low mantissa bits hold round(t)
+    const float f = t - (s - 12582912.0f);
+    float p = 1.5461445e-4f;
+    p = fmaf(p, f, 1.3400428e-3f);
+    p = fmaf(p, f, 9.618057e-3f);
+    p = fmaf(p, f, 5.550327e-2f);
+    p = fmaf(p, f, 2.402265e-1f);
+    p = fmaf(p, f, 6.931472e-1f);
+    p = fmaf(p, f, 1.0f);
+    // (bits(s) << 23) is round(t) << 23 modulo 2^32: the exponent of p plus round(t)
+    return __int_as_float(__float_as_int(p) + (__float_as_int(s) << 23));
+}
+
 // xz: rows of `xz_stride` values, one per (batch, position); the convolved channels are the
 // columns 0..d. w: (d, k). u: (batch, len, d). Grid (ceil(d / blockDim.x), len, batch): one
 // thread per output.
@@ -81,7 +108,8 @@ __device__ __forceinline__ void widen16(const uint4& r, float* o, __nv_bfloat16)
 //  2. per 4 positions each lane updates its states, h = exp(Δ·A)·h + B·(Δ·u), and sums h·C
 //     over them; the G lanes' 4 partial sums are reduced with a transposing butterfly (3
 //     shuffles for the 4 positions, then log2(G/4) more) that leaves position j % 4's total in
-//     lane j, which stores it. exp(Δ·A) is computed as exp2(Δ·(A·log2 e)), A scaled once;
+//     lane j, which stores it. exp(Δ·A) is computed as exp2(Δ·(A·log2 e)), A scaled once, on
+//     the special-function unit except for one state in eight (exp2_fma);
 //  3. the block writes y = (C·h + D·u)·SiLU(z) for the tile, consecutive threads on
 //     consecutive channels.
 template <typename T, int G, int S, int THREADS>
@@ -236,7 +264,9 @@ __device__ __forceinline__ void scan(const T* __restrict__ u, const T* __restric
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
                         const int k = 4 * m + i;
-                        h[k] = exp2f(dl * av[k]) * h[k] + bb[i] * du;
+                        const float e =
+                            k % 8 == 7 ? exp2_fma(dl * av[k]) : exp2_mufu(dl * av[k]);
+                        h[k] = e * h[k] + bb[i] * du;
                         sum += h[k] * cc[i];
                     }
                 }
