@@ -332,6 +332,18 @@ mod avx512 {
         _mm512_scalef_ps(q, n)
     }
 
+    /// Stores the 16 lanes `v` at `at` (the first chunk of states) or adds them to those there.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn add_lanes(at: *mut f32, v: __m512, first: bool) {
+        let v = if first {
+            v
+        } else {
+            _mm512_add_ps(_mm512_loadu_ps(at), v)
+        };
+        _mm512_storeu_ps(at, v);
+    }
+
     /// One channel's scan with Δ and the gate (SiLU(z)) already computed, lane `lane` of the
     /// 16-lane rows of `delta` and `gate` (position-major, `[l · 16 + lane]`); writes lane
     /// `lane` of the rows of `y`. The states are processed 64 at a time with their `h` and
@@ -409,14 +421,7 @@ mod avx512 {
                     _mm512_loadu_ps(cm.add(48)),
                     _mm512_mul_ps(h2, _mm512_loadu_ps(cm.add(32))),
                 );
-                let v = _mm512_add_ps(acc01, acc23);
-                let at = accp.add(16 * l);
-                let v = if first {
-                    v
-                } else {
-                    _mm512_add_ps(_mm512_loadu_ps(at), v)
-                };
-                _mm512_storeu_ps(at, v);
+                add_lanes(accp.add(16 * l), _mm512_add_ps(acc01, acc23), first);
             }
             first = false;
             s += 64;
@@ -434,14 +439,11 @@ mod avx512 {
                     h0,
                     _mm512_mul_ps(_mm512_loadu_ps(bm), duv),
                 );
-                let v = _mm512_mul_ps(h0, _mm512_loadu_ps(cm));
-                let at = accp.add(16 * l);
-                let v = if first {
-                    v
-                } else {
-                    _mm512_add_ps(_mm512_loadu_ps(at), v)
-                };
-                _mm512_storeu_ps(at, v);
+                add_lanes(
+                    accp.add(16 * l),
+                    _mm512_mul_ps(h0, _mm512_loadu_ps(cm)),
+                    first,
+                );
             }
             first = false;
             s += 16;
