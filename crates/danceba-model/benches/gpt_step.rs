@@ -1,11 +1,13 @@
 //! Criterion benches of the GPT on the CPU at the real size (random weights, fp32):
 //! the selective-scan kernel of one Mamba layer (L = 28, 3072 channels, 128 states; SIMD and
-//! portable loop), one Mamba layer fused vs portable, and one full sampling step at t = 28.
+//! portable loop), one Mamba layer fused vs portable, one full sampling step at t = 28, and the
+//! step's product shapes with candle's matmul and with our `cpu_gemm` kernel.
 //!
 //! Run: `cargo bench -p danceba-model --bench gpt_step`
 
 use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
+use danceba_model::gpt::cpu_gemm;
 use danceba_model::gpt::random::{official_gpt_arch, random_gpt};
 use danceba_model::gpt::scan::{selective_scan_with, ScanInputs, ScanKernel};
 use danceba_model::gpt::MambaImpl;
@@ -93,6 +95,15 @@ fn matmul(c: &mut Criterion) {
         g.bench_function(format!("{m}x{k}x{n}/view"), |b| {
             b.iter(|| x.matmul(&w.t().unwrap()).unwrap())
         });
+        // our kernel (the one this CPU runs; `DANCEBA_CPU_GEMM=avx2` for the AVX2 one), on the
+        // weights in their (n, k) layout
+        if let Some(kern) = cpu_gemm::kernel() {
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let ws = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            g.bench_function(format!("{m}x{k}x{n}/cpu_gemm_{kern:?}"), |b| {
+                b.iter(|| cpu_gemm::linear(&xs, &ws, None, m, k, n).unwrap())
+            });
+        }
     }
     g.finish();
 }
