@@ -52,6 +52,10 @@ const MR: usize = 4;
 /// rows) is one panel.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const PANEL: usize = 96;
+/// Length of the chunks of k of the AVX-512 kernel's 4 × 6 blocks (6 weight rows of 1024 f32 =
+/// 24 KiB stay in L1 across the row blocks of a panel).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+const KC: usize = 1024;
 /// Rows of `W` (output columns) per register block.
 const NR: usize = 6;
 /// Rows of `x` and of `W` per register block of the AVX2 kernel (12 accumulators of 16
@@ -367,7 +371,7 @@ fn linear_with<W: Weight>(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{OutPtr, Weight, WeightKind, MR, NR, PANEL};
+    use super::{OutPtr, Weight, WeightKind, KC, MR, NR, PANEL};
     use std::arch::x86_64::*;
 
     /// 16 weights from `p` as f32 (`mask`ed lanes 0).
@@ -441,22 +445,27 @@ mod avx512 {
     /// in registers (the array form of the generic block spills some of them).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    /// `k` values of each row are multiplied, the rows `ld` apart; with `add` the sums are
+    /// added to `y` (a later chunk of k, no bias) instead of stored.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn block_4x6<W: Weight>(
         x: *const f32,
         w: *const W,
         k: usize,
+        ld: usize,
         y: *mut f32,
         ldy: usize,
         bias: Option<*const f32>,
+        add: bool,
     ) {
         macro_rules! zero {
             ($($a:ident),*) => { $(let mut $a = _mm512_setzero_ps();)* };
         }
         zero!(a00, a01, a02, a03, a04, a05, a10, a11, a12, a13, a14, a15);
         zero!(a20, a21, a22, a23, a24, a25, a30, a31, a32, a33, a34, a35);
-        let (x0, x1, x2, x3) = (x, x.add(k), x.add(2 * k), x.add(3 * k));
-        let (w0, w1, w2) = (w, w.add(k), w.add(2 * k));
-        let (w3, w4, w5) = (w.add(3 * k), w.add(4 * k), w.add(5 * k));
+        let (x0, x1, x2, x3) = (x, x.add(ld), x.add(2 * ld), x.add(3 * ld));
+        let (w0, w1, w2) = (w, w.add(ld), w.add(2 * ld));
+        let (w3, w4, w5) = (w.add(3 * ld), w.add(4 * ld), w.add(5 * ld));
         // `$o` is the offset along k; the pointers are named here, not passed, so the macro
         // sees the bindings above.
         macro_rules! step {
@@ -509,18 +518,25 @@ mod avx512 {
         .into_iter()
         .enumerate()
         {
-            _mm_storeu_ps(y.add(i * ldy), _mm_add_ps(sum4(c0, c1, c2, c3), b4));
+            let at = y.add(i * ldy);
+            let base = if add { _mm_loadu_ps(at) } else { b4 };
+            _mm_storeu_ps(at, _mm_add_ps(base, sum4(c0, c1, c2, c3)));
         }
         for (i, [c0, c1, c2, c3]) in [[a04, a05, a14, a15], [a24, a25, a34, a35]]
             .into_iter()
             .enumerate()
         {
-            let s = _mm_add_ps(sum4(c0, c1, c2, c3), b2);
-            _mm_store_sd(y.add(2 * i * ldy + 4) as *mut f64, _mm_castps_pd(s));
-            _mm_store_sd(
-                y.add((2 * i + 1) * ldy + 4) as *mut f64,
-                _mm_castps_pd(_mm_movehl_ps(s, s)),
-            );
+            let (r0, r1) = (y.add(2 * i * ldy + 4), y.add((2 * i + 1) * ldy + 4));
+            let base = if add {
+                let lo = _mm_castpd_ps(_mm_load_sd(r0 as *const f64));
+                let hi = _mm_castpd_ps(_mm_load_sd(r1 as *const f64));
+                _mm_movelh_ps(lo, hi)
+            } else {
+                b2
+            };
+            let s = _mm_add_ps(base, sum4(c0, c1, c2, c3));
+            _mm_store_sd(r0 as *mut f64, _mm_castps_pd(s));
+            _mm_store_sd(r1 as *mut f64, _mm_castps_pd(_mm_movehl_ps(s, s)));
         }
     }
 
@@ -579,7 +595,26 @@ mod avx512 {
                 let c = (n1 - j0).min(NR);
                 let wp = w.as_ptr().add(j0 * k);
                 let bp = b.map(|b| b.as_ptr().add(j0));
+                // whole 4 × 6 blocks in chunks of KC along k, so that the block's weight rows
+                // stay in L1 while the panel's rows pass over them
                 let mut i0 = p0;
+                if c == NR {
+                    let full = p0 + (p1 - p0) / MR * MR;
+                    let mut k0 = 0;
+                    while k0 < k {
+                        let kc = (k - k0).min(KC);
+                        let mut i = p0;
+                        while i < full {
+                            let xp = x.as_ptr().add(i * k + k0);
+                            let yp = out.0.add(i * n + j0);
+                            let bias = if k0 == 0 { bp } else { None };
+                            block_4x6(xp, wp.add(k0), kc, k, yp, n, bias, k0 > 0);
+                            i += MR;
+                        }
+                        k0 += kc;
+                    }
+                    i0 = full;
+                }
                 while i0 < p1 {
                     let r = (p1 - i0).min(MR);
                     let xp = x.as_ptr().add(i0 * k);
@@ -588,7 +623,6 @@ mod avx512 {
                         1 => dispatch_c!(1, c, xp, wp, k, yp, n, bp),
                         2 => dispatch_c!(2, c, xp, wp, k, yp, n, bp),
                         3 => dispatch_c!(3, c, xp, wp, k, yp, n, bp),
-                        _ if c == NR => block_4x6(xp, wp, k, yp, n, bp),
                         _ => dispatch_c!(4, c, xp, wp, k, yp, n, bp),
                     }
                     i0 += r;
