@@ -408,27 +408,22 @@ pub(super) trait SharedWeight {
     fn share_weight(&mut self, w: Tensor);
 }
 
-#[cfg(feature = "cuda")]
-impl SharedWeight for Lin {
-    fn weight(&self) -> &Tensor {
-        &self.w
-    }
-    fn share_weight(&mut self, w: Tensor) {
-        debug_assert_eq!(w.dims(), self.w.dims());
-        self.w = w;
-    }
+/// [`SharedWeight`] for layers whose weight is their field `w`.
+macro_rules! shared_weight_field {
+    ($($t:ty),*) => {$(
+        #[cfg(feature = "cuda")]
+        impl SharedWeight for $t {
+            fn weight(&self) -> &Tensor {
+                &self.w
+            }
+            fn share_weight(&mut self, w: Tensor) {
+                debug_assert_eq!(w.dims(), self.w.dims());
+                self.w = w;
+            }
+        }
+    )*};
 }
-
-#[cfg(feature = "cuda")]
-impl SharedWeight for RmsNorm {
-    fn weight(&self) -> &Tensor {
-        &self.w
-    }
-    fn share_weight(&mut self, w: Tensor) {
-        debug_assert_eq!(w.dims(), self.w.dims());
-        self.w = w;
-    }
-}
+shared_weight_field!(Lin, RmsNorm);
 
 #[cfg(feature = "cuda")]
 impl SharedWeight for Tensor {

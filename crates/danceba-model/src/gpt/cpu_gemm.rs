@@ -34,13 +34,10 @@ pub const MAX_ROWS: usize = 96;
 pub fn max_rows() -> usize {
     static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *V.get_or_init(|| {
-        std::env::var("DANCEBA_CPU_GEMM_MAX_ROWS")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(match kernel() {
-                Some(Kernel::Avx512) => usize::MAX,
-                _ => MAX_ROWS,
-            })
+        super::env_usize("DANCEBA_CPU_GEMM_MAX_ROWS").unwrap_or(match kernel() {
+            Some(Kernel::Avx512) => usize::MAX,
+            _ => MAX_ROWS,
+        })
     })
 }
 
@@ -79,18 +76,23 @@ pub enum Kernel {
 /// off and `DANCEBA_CPU_GEMM=avx2` picks the AVX2 one on an AVX-512 CPU (for comparisons).
 pub fn kernel() -> Option<Kernel> {
     static ON: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        let var = std::env::var("DANCEBA_CPU_GEMM").unwrap_or_default();
-        if var.eq_ignore_ascii_case("candle") {
-            None
-        } else if var.eq_ignore_ascii_case("avx2") {
-            detected(Kernel::Avx2).then_some(Kernel::Avx2)
-        } else {
-            [Kernel::Avx512, Kernel::Avx2]
-                .into_iter()
-                .find(|&k| detected(k))
-        }
+    *ON.get_or_init(|| match super::env_value("DANCEBA_CPU_GEMM").as_str() {
+        "candle" => None,
+        "avx2" => detected(Kernel::Avx2).then_some(Kernel::Avx2),
+        _ => [Kernel::Avx512, Kernel::Avx2]
+            .into_iter()
+            .find(|&k| detected(k)),
     })
+}
+
+impl Kernel {
+    /// Rows of `W` (output columns) per register block.
+    fn block_cols(self) -> usize {
+        match self {
+            Kernel::Avx512 => NR,
+            Kernel::Avx2 => NR2,
+        }
+    }
 }
 
 /// Whether [`linear`] can run here (see [`kernel`]).
@@ -337,10 +339,7 @@ fn linear_with<W: Weight>(
     let b = ep.bias;
     // Column chunks of whole register blocks; enough of them to balance the threads.
     let threads = rayon::current_num_threads().max(1);
-    let nr = match kern {
-        Kernel::Avx512 => NR,
-        Kernel::Avx2 => NR2,
-    };
+    let nr = kern.block_cols();
     let blocks = n.div_ceil(nr);
     let per = blocks.div_ceil(threads * 4).max(1);
     let chunk_cols = per * nr;
@@ -442,11 +441,11 @@ mod avx512 {
     }
 
     /// The 4 × 6 block of [`block`] with every accumulator a named local, so that all 24 stay
-    /// in registers (the array form of the generic block spills some of them).
+    /// in registers (the array form of the generic block spills some of them). `k` values of
+    /// each row are multiplied, the rows `ld` apart; with `add` the sums are added to `y` (a
+    /// later chunk of k, no bias) instead of stored.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    /// `k` values of each row are multiplied, the rows `ld` apart; with `add` the sums are
-    /// added to `y` (a later chunk of k, no bias) instead of stored.
     #[allow(clippy::too_many_arguments)]
     unsafe fn block_4x6<W: Weight>(
         x: *const f32,

@@ -76,12 +76,7 @@ pub fn mode() -> Mode {
 /// to cuBLAS. `DANCEBA_CUDA_GEMM_MAX_ROWS` overrides the default (32).
 pub fn max_rows() -> usize {
     static N: OnceLock<usize> = OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("DANCEBA_CUDA_GEMM_MAX_ROWS")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(DEFAULT_MAX_ROWS)
-    })
+    *N.get_or_init(|| super::env_usize("DANCEBA_CUDA_GEMM_MAX_ROWS").unwrap_or(DEFAULT_MAX_ROWS))
 }
 
 /// The epilogue of one product.

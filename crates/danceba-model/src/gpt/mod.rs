@@ -133,6 +133,11 @@ pub(crate) fn env_value(var: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The number `var` is set to, if it is set to one.
+pub(crate) fn env_usize(var: &str) -> Option<usize> {
+    env_value(var).parse().ok()
+}
+
 /// Whether the switch `var` is set to off: `0`, `off`, `false` or `no`.
 pub(crate) fn env_off(var: &str) -> bool {
     matches!(env_value(var).as_str(), "0" | "off" | "false" | "no")

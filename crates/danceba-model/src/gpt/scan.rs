@@ -48,12 +48,9 @@ pub fn fast_exp2(t: f32) -> f32 {
     let f = t - n;
     let c = EXP2_POLY;
     let mut p = c[6];
-    p = p * f + c[5];
-    p = p * f + c[4];
-    p = p * f + c[3];
-    p = p * f + c[2];
-    p = p * f + c[1];
-    p = p * f + c[0];
+    for &ck in c[..6].iter().rev() {
+        p = p * f + ck;
+    }
     let bits = ((n as i32 + 127) as u32) << 23;
     p * f32::from_bits(bits)
 }
@@ -323,12 +320,9 @@ mod avx512 {
         let f = _mm512_sub_ps(t, n);
         let c = super::EXP2_POLY;
         let mut q = _mm512_set1_ps(c[6]);
-        q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(c[5]));
-        q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(c[4]));
-        q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(c[3]));
-        q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(c[2]));
-        q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(c[1]));
-        q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(c[0]));
+        for &ck in c[..6].iter().rev() {
+            q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(ck));
+        }
         _mm512_scalef_ps(q, n)
     }
 
