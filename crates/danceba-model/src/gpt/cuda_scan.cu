@@ -294,8 +294,10 @@ __device__ __forceinline__ void scan(const T* __restrict__ u, const T* __restric
 // Threads per block of the scan kernels (cuda_scan.rs uses the same number).
 #define SCAN_THREADS 128
 
-#define DANCEBA_MAMBA_SCAN(SUFFIX, T, G, S)                                                       \
-    extern "C" __global__ void __launch_bounds__(SCAN_THREADS)                                    \
+// MINB: blocks per SM the registers must allow (__launch_bounds__; cuda_scan.rs sizes the
+// position tiles so that shared memory allows as many).
+#define DANCEBA_MAMBA_SCAN(SUFFIX, T, G, S, MINB)                                                 \
+    extern "C" __global__ void __launch_bounds__(SCAN_THREADS, MINB)                              \
         mamba_scan_##SUFFIX##_g##G##_s##S(const T* u, const T* dpre, const T* dt_bias,            \
                                           const T* a, const T* bc, int bc_stride, int b_off,      \
                                           int c_off, const T* dskip, const T* z, int z_stride,    \
@@ -313,11 +315,11 @@ __device__ __forceinline__ void scan(const T* __restrict__ u, const T* __restric
         const long long g = blockIdx.z / gb; /* the batch item's weight group */                  \
         conv_silu<T>(xz, w + g * d * k, bias + g * d, u, len, d, k, xz_stride);                 \
     }                                                                                           \
-    DANCEBA_MAMBA_SCAN(SUFFIX, T, 4, 4)                                                         \
-    DANCEBA_MAMBA_SCAN(SUFFIX, T, 8, 4)                                                         \
-    DANCEBA_MAMBA_SCAN(SUFFIX, T, 8, 8)                                                         \
-    DANCEBA_MAMBA_SCAN(SUFFIX, T, 16, 8)                                                        \
-    DANCEBA_MAMBA_SCAN(SUFFIX, T, 32, 8)
+    DANCEBA_MAMBA_SCAN(SUFFIX, T, 4, 4, 1)                                                         \
+    DANCEBA_MAMBA_SCAN(SUFFIX, T, 8, 4, 1)                                                         \
+    DANCEBA_MAMBA_SCAN(SUFFIX, T, 8, 8, 1)                                                         \
+    DANCEBA_MAMBA_SCAN(SUFFIX, T, 16, 8, 6)                                                        \
+    DANCEBA_MAMBA_SCAN(SUFFIX, T, 32, 8, 1)
 
 DANCEBA_MAMBA_KERNELS(f32, float)
 DANCEBA_MAMBA_KERNELS(f16, __half)
