@@ -384,6 +384,25 @@ fn fused_cuda_small_ops_match_candle_ops() {
                     &(&r + &gated).unwrap(),
                 );
             }
+            // the plain residual add: bitwise candle's
+            assert_eq!(
+                rel_err(&cuda_ops::add(&x, &r).unwrap(), &(&r + &x).unwrap()),
+                0.0,
+                "add {rows}x{n} {dt:?}"
+            );
+            // an operand starting off the vector alignment (one element in): scalar accesses
+            let flat = mk(&mut rng, &[rows * n + 1], -3.0, 3.0);
+            let xo = flat
+                .narrow(0, 1, rows * n)
+                .unwrap()
+                .reshape((rows, n))
+                .unwrap();
+            let want = candle_nn::ops::silu(&xo.broadcast_add(&b).unwrap()).unwrap();
+            check(
+                "bias_act unaligned",
+                &cuda_ops::bias_act(&xo, &b, Act::Silu, None).unwrap(),
+                &want,
+            );
             let h = Tensor::cat(&[&x, &r], 1).unwrap();
             let want = x.mul(&candle_nn::ops::silu(&r).unwrap()).unwrap();
             check("silu_gate", &cuda_ops::silu_gate(&h).unwrap(), &want);
@@ -431,6 +450,27 @@ fn fused_cuda_small_ops_match_candle_ops() {
                 .to_device(&dev)
                 .unwrap();
             let (q, k, v) = cuda_ops::split_heads(&qkv, heads).unwrap();
+            // with the projection's bias added on the way: as the bias kernel, then the split
+            let bias = uniform(&mut rng, &[3 * c], -1.0, 1.0)
+                .to_dtype(dt)
+                .unwrap()
+                .to_device(&dev)
+                .unwrap();
+            let with = cuda_ops::split_heads_bias(&qkv, Some(&bias), heads).unwrap();
+            let biased = cuda_ops::bias_act(&qkv, &bias, Act::Identity, None).unwrap();
+            let then = cuda_ops::split_heads(&biased, heads).unwrap();
+            for (i, (got, want)) in [(&with.0, &then.0), (&with.1, &then.1), (&with.2, &then.2)]
+                .into_iter()
+                .enumerate()
+            {
+                assert_eq!(
+                    rel_err(got, want),
+                    0.0,
+                    "split_heads_bias {i} {b}x{n} {dt:?}"
+                );
+            }
+            let short = bias.narrow(0, 0, 3 * c - 1).unwrap();
+            assert!(cuda_ops::split_heads_bias(&qkv, Some(&short), heads).is_err());
             for (i, got) in [&q, &k, &v].into_iter().enumerate() {
                 let want = qkv
                     .narrow(2, i * c, c)
@@ -463,6 +503,73 @@ fn fused_cuda_small_ops_match_candle_ops() {
             );
         }
     }
+    // the middle-axes swap (head merge, stream-major reorder) against candle's transpose + copy,
+    // and with the LPE's bias + batch norm + ReLU against candle's broadcast ops
+    for dims in [
+        [1usize, 12, 84, 64],
+        [8, 12, 84, 64],
+        [1, 8, 3, 28 * 768],
+        [1, 3, 8, 28 * 768],
+        [2, 3, 5, 7],
+        [3, 1, 4, 6],
+        [2, 5, 3, 2],
+    ] {
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let x = uniform(&mut rng, &dims, -2.0, 2.0)
+                .to_dtype(dt)
+                .unwrap()
+                .to_device(&dev)
+                .unwrap();
+            let want = x.transpose(1, 2).unwrap().contiguous().unwrap();
+            let got = cuda_ops::swap_mid(&x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(rel_err(&got, &want), 0.0, "swap_mid {dims:?} {dt:?}");
+        }
+    }
+    for &(m, b, f, c) in &[
+        (3usize, 1usize, 29usize, 768usize),
+        (3, 8, 29, 768),
+        (3, 2, 5, 7),
+    ] {
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let mk = |rng: &mut StdRng, shape: &[usize], lo: f32, hi: f32| {
+                uniform(rng, shape, lo, hi)
+                    .to_dtype(dt)
+                    .unwrap()
+                    .to_device(&dev)
+                    .unwrap()
+            };
+            let z = mk(&mut rng, &[m, b, f, c], -2.0, 2.0);
+            let p = mk(&mut rng, &[m, 3, c], -1.0, 1.0);
+            let outs: Vec<Tensor> = (0..m)
+                .map(|i| {
+                    let pi = p.get(i).unwrap();
+                    z.get(i)
+                        .unwrap()
+                        .broadcast_add(&pi.get(0).unwrap())
+                        .unwrap()
+                        .broadcast_mul(&pi.get(1).unwrap())
+                        .unwrap()
+                        .broadcast_add(&pi.get(2).unwrap())
+                        .unwrap()
+                        .relu()
+                        .unwrap()
+                })
+                .collect();
+            let want = Tensor::stack(&outs, 1).unwrap();
+            let got = cuda_ops::lpe_bias_bn_relu(&z, &p).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(
+                rel_err(&got, &want),
+                0.0,
+                "lpe_bias_bn_relu {m}x{b}x{f}x{c} {dt:?}"
+            );
+            let short = p.narrow(2, 0, c - 1).unwrap();
+            assert!(cuda_ops::lpe_bias_bn_relu(&z, &short).is_err());
+        }
+    }
+    let flat = Tensor::zeros(12, DType::F32, &dev).unwrap();
+    assert!(cuda_ops::swap_mid(&flat.reshape((3, 4)).unwrap()).is_err());
     let odd = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
     assert!(cuda_ops::silu_gate(&odd).is_err());
     let cpu = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();

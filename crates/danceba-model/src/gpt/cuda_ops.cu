@@ -5,10 +5,14 @@
 //  * rmsnorm_<T>: one block per row: y = T(x·rsqrt(mean(x²)+eps)·w)  (candle_nn::ops::rms_norm)
 //  * add_rmsnorm_<T>: s = T(x + r) (r optionally T(r + bias) first) and y = rmsnorm(s) in one
 //    pass; writes (2, rows, n) = [s, y].
-//  * bias_act_<T>: y = act(T(x + b)) [· g] [+ r], act ∈ {identity, SiLU, GELU(erf)}; the bias
-//    add after a GEMM, its activation, an optional elementwise gate and residual in one launch.
-//  * silu_gate_<T>: y[r, c] = h[r, c] · T(SiLU(h[r, n + c])) (the GatedMLP's v ⊙ silu(g)).
-//  * split_heads_<T>: (B, n, 3·H·hd) → q, k, v heads (3, B, H, n, hd).
+//  * bias_act_<T>_v<V>: y = act(T(x + b)) [· g] [+ r], act ∈ {identity, SiLU, GELU(erf)}; the
+//    bias add after a GEMM (or none: a plain residual add), its activation, an optional
+//    elementwise gate and residual in one launch.
+//  * silu_gate_<T>_v<V>: y[r, c] = h[r, c] · T(SiLU(h[r, n + c])) (the GatedMLP's v ⊙ silu(g)).
+//  * split_heads_<T>_v<V>: (B, n, 3·H·hd) (+ bias) → q, k, v heads (3, B, H, n, hd).
+//  * swap_mid_<T>_v<V>: (A, M, N, D) → (A, N, M, D), optionally with the LPE's bias + batch
+//    norm + ReLU.
+//    (V: values per vector access, 1, 2 or 4.)
 //  * scale_mask_softmax_<T>: softmax(T(T(s·scale) + mask)) per row, one warp per row.
 
 #include "cuda_common.cuh"
@@ -57,53 +61,135 @@ __device__ __forceinline__ void rmsnorm_row(const T* __restrict__ x, const T* __
     }
 }
 
-// act: 0 identity, 1 SiLU, 2 GELU (erf). x, g, r, y: (rows, n); b: (groups, n), group j adding
-// its row to the `gsize` = rows·n / groups consecutive elements j·gsize ..; g and r may be
-// null. With r: y = T(r + T(v)) (the residual add after the stored result, as candle's add).
-template <typename T>
+// V consecutive values of T, loaded and stored as one (aligned) vector access.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+    T v[V];
+};
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> ld(const T* p) {
+    return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+template <typename T, int V>
+__device__ __forceinline__ void st(T* p, const Pack<T, V>& v) {
+    *reinterpret_cast<Pack<T, V>*>(p) = v;
+}
+
+// The row-wise kernels below run on 2-D launches: threadIdx.x/blockIdx.x over the columns, V at
+// a time (n % V == 0, every row start V-aligned: checked by the host), threadIdx.y/blockIdx.y
+// over the rows, looping when there are more rows than the grid has (its y is capped at 65535).
+// No per-element division: the row's offsets are computed once per row.
+#define ROW_LOOP(rows)                                                           \
+    for (int row = blockIdx.y * blockDim.y + threadIdx.y; row < (rows);          \
+         row += gridDim.y * blockDim.y)
+__device__ __forceinline__ int col0(int v) { return (blockIdx.x * blockDim.x + threadIdx.x) * v; }
+
+// act: 0 identity, 1 SiLU, 2 GELU (erf). x, g, r, y: (rows, n); b: (groups, n) or null (no
+// bias), bias row row / rpg adding to row `row`; g and r may be null. With r: y = T(r + T(v))
+// (the residual add after the stored result, as candle's add).
+template <typename T, int V>
 __device__ __forceinline__ void bias_act(const T* __restrict__ x, const T* __restrict__ b,
                                          const T* __restrict__ g, const T* __restrict__ r,
-                                         T* __restrict__ y, long long total, int n, int act,
-                                         long long gsize) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= total) return;
-    float v = rnd<T>(to_f(x[i]) + to_f(b[(i / gsize) * n + i % n]));
-    if (act == 1) v = rnd<T>(v / (1.0f + expf(-v)));
-    else if (act == 2) v = rnd<T>(v * normcdff(v));
-    if (g != nullptr) v = v * to_f(g[i]);
-    if (r != nullptr) v = to_f(r[i]) + rnd<T>(v);
-    y[i] = from_f<T>(v);
+                                         T* __restrict__ y, int rows, int n, int act, int rpg) {
+    const int c = col0(V);
+    if (c >= n) return;
+    ROW_LOOP(rows) {
+        const long long i = (long long)row * n + c;
+        const Pack<T, V> xv = ld<T, V>(x + i);
+        Pack<T, V> bv, gv, rv, out;
+        if (b != nullptr) bv = ld<T, V>(b + (long long)(row / rpg) * n + c);
+        if (g != nullptr) gv = ld<T, V>(g + i);
+        if (r != nullptr) rv = ld<T, V>(r + i);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            float v = to_f(xv.v[k]);
+            if (b != nullptr) v = rnd<T>(v + to_f(bv.v[k]));
+            if (act == 1) v = rnd<T>(v / (1.0f + expf(-v)));
+            else if (act == 2) v = rnd<T>(v * normcdff(v));
+            if (g != nullptr) v = __fmul_rn(v, to_f(gv.v[k]));  // rounded before the residual add
+            if (r != nullptr) v = to_f(rv.v[k]) + rnd<T>(v);
+            out.v[k] = from_f<T>(v);
+        }
+        st<T, V>(y + i, out);
+    }
 }
 
 // h: (rows, 2n); y: (rows, n).
-template <typename T>
-__device__ __forceinline__ void silu_gate(const T* __restrict__ h, T* __restrict__ y,
-                                          long long total, int n) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= total) return;
-    const long long row = i / n;
-    const int c = (int)(i % n);
-    const float gv = to_f(h[row * 2 * n + n + c]);
-    const float sg = rnd<T>(gv / (1.0f + expf(-gv)));
-    y[i] = from_f<T>(to_f(h[row * 2 * n + c]) * sg);
+template <typename T, int V>
+__device__ __forceinline__ void silu_gate(const T* __restrict__ h, T* __restrict__ y, int rows,
+                                          int n) {
+    const int c = col0(V);
+    if (c >= n) return;
+    ROW_LOOP(rows) {
+        const T* hr = h + (long long)row * 2 * n;
+        const Pack<T, V> vv = ld<T, V>(hr + c), gv = ld<T, V>(hr + n + c);
+        Pack<T, V> out;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const float gf = to_f(gv.v[k]);
+            const float sg = rnd<T>(gf / (1.0f + expf(-gf)));
+            out.v[k] = from_f<T>(to_f(vv.v[k]) * sg);
+        }
+        st<T, V>(y + (long long)row * n + c, out);
+    }
 }
 
-// qkv: (B, n, 3C) with C = H·hd; out: (3, B, H, n, hd) (q, k, v heads, contiguous).
-template <typename T>
-__device__ __forceinline__ void split_heads(const T* __restrict__ qkv, T* __restrict__ out,
-                                            long long total, int bsz, int n, int h, int hd) {
-    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= total) return;
-    const int d = (int)(i % hd);
-    long long r = i / hd;
-    const int p = (int)(r % n);
-    r /= n;
-    const int head = (int)(r % h);
-    r /= h;
-    const int b = (int)(r % bsz);
-    const int s = (int)(r / bsz);
-    const int c = h * hd;
-    out[i] = qkv[((long long)b * n + p) * 3 * c + (long long)s * c + head * hd + d];
+// qkv: (B, n, 3C) with C = H·hd, one row per (batch item, position); out: (3, B, H, n, hd) (q, k,
+// v heads, contiguous), T(qkv + bias) when the projection's bias (3C) is given. hd % V == 0, so
+// a vector never straddles two heads.
+template <typename T, int V>
+__device__ __forceinline__ void split_heads(const T* __restrict__ qkv, const T* __restrict__ bias,
+                                            T* __restrict__ out, int bsz, int n, int h, int hd) {
+    const int c3 = 3 * h * hd;
+    const int col = col0(V);
+    if (col >= c3) return;
+    const int s = col / (h * hd), rem = col - s * (h * hd);
+    const int head = rem / hd, d = rem - head * hd;
+    ROW_LOOP(bsz * n) {
+        const int b = row / n, p = row - b * n;
+        const long long o = ((((long long)s * bsz + b) * h + head) * n + p) * hd + d;
+        Pack<T, V> v = ld<T, V>(qkv + (long long)row * c3 + col);
+        if (bias != nullptr) {
+            const Pack<T, V> bv = ld<T, V>(bias + col);
+#pragma unroll
+            for (int k = 0; k < V; ++k) v.v[k] = from_f<T>(to_f(v.v[k]) + to_f(bv.v[k]));
+        }
+        st<T, V>(out + o, v);
+    }
+}
+
+// x (A, M, N, D) → y (A, N, M, D): the middle axes swapped, rows of D contiguous values moved
+// whole (a head merge (B, H, n, hd) → (B, n, H·hd), the stream-major reorder of the head blocks
+// and back). With p (M, 3, C), C dividing D: the LPE's bias, batch norm and ReLU on the way,
+// y = relu(T(T(T(x + p[m][0][c])·p[m][1][c]) + p[m][2][c])) with c the column modulo C (the
+// rounding points of candle's broadcast add, mul, add and relu).
+template <typename T, int V>
+__device__ __forceinline__ void swap_mid(const T* __restrict__ x, T* __restrict__ y, int a_n,
+                                         int m_n, int n_n, int d_n, const T* __restrict__ p,
+                                         int cn) {
+    const int col = col0(V);
+    if (col >= d_n) return;
+    const int pc = p != nullptr ? col % cn : 0;
+    ROW_LOOP(a_n * n_n * m_n) {
+        // output row (a, nn, m) reads input row (a, m, nn)
+        const int m = row % m_n, q = row / m_n;
+        const int nn = q % n_n, a = q / n_n;
+        const long long src = (((long long)a * m_n + m) * n_n + nn) * d_n + col;
+        Pack<T, V> v = ld<T, V>(x + src);
+        if (p != nullptr) {
+            const T* pm = p + (long long)m * 3 * cn + pc;
+            const Pack<T, V> bias = ld<T, V>(pm), scale = ld<T, V>(pm + cn),
+                             shift = ld<T, V>(pm + 2 * cn);
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                float f = rnd<T>(to_f(v.v[k]) + to_f(bias.v[k]));
+                f = rnd<T>(__fmul_rn(f, to_f(scale.v[k])));  // no FMA with the add
+                f = rnd<T>(f + to_f(shift.v[k]));
+                v.v[k] = from_f<T>(fmaxf(f, 0.0f));
+            }
+        }
+        st<T, V>(y + (long long)row * d_n + col, v);
+    }
 }
 
 // One warp per row of s (rows × n): p = softmax(T(T(s·scale) + mask[row mod n])), the order of
@@ -138,6 +224,24 @@ __device__ __forceinline__ void scale_mask_softmax(const T* __restrict__ s,
     for (int c = lane; c < n; c += 32) p[base + c] = from_f<T>(to_f(p[base + c]) * inv);
 }
 
+#define VEC_OPS(T, S, V)                                                                        \
+    extern "C" __global__ void bias_act_##S##_v##V(const T* x, const T* b, const T* g,          \
+                                                   const T* r, T* y, int rows, int n, int act,  \
+                                                   int rpg) {                                   \
+        bias_act<T, V>(x, b, g, r, y, rows, n, act, rpg);                                       \
+    }                                                                                           \
+    extern "C" __global__ void silu_gate_##S##_v##V(const T* h, T* y, int rows, int n) {        \
+        silu_gate<T, V>(h, y, rows, n);                                                         \
+    }                                                                                           \
+    extern "C" __global__ void split_heads_##S##_v##V(const T* qkv, const T* bias, T* out,      \
+                                                      int bsz, int n, int h, int hd) {          \
+        split_heads<T, V>(qkv, bias, out, bsz, n, h, hd);                                       \
+    }                                                                                           \
+    extern "C" __global__ void swap_mid_##S##_v##V(const T* x, T* y, int a, int m, int n,       \
+                                                   int d, const T* p, int cn) {                 \
+        swap_mid<T, V>(x, y, a, m, n, d, p, cn);                                                \
+    }
+
 #define OPS(T, S)                                                                               \
     extern "C" __global__ void rmsnorm_##S(const T* x, const T* w, T* y, int n, float eps,      \
                                            int rpg) {                                           \
@@ -147,22 +251,13 @@ __device__ __forceinline__ void scale_mask_softmax(const T* __restrict__ s,
                                                T* out, int n, float eps, int rpg) {             \
         rmsnorm_row<T>(x, r, rb, w, out, out + (long long)gridDim.x * n, n, eps, rpg);          \
     }                                                                                           \
-    extern "C" __global__ void bias_act_##S(const T* x, const T* b, const T* g, const T* r,     \
-                                            T* y, long long total, int n, int act,              \
-                                            long long gsize) {                                  \
-        bias_act<T>(x, b, g, r, y, total, n, act, gsize);                                       \
-    }                                                                                           \
-    extern "C" __global__ void silu_gate_##S(const T* h, T* y, long long total, int n) {       \
-        silu_gate<T>(h, y, total, n);                                                           \
-    }                                                                                           \
-    extern "C" __global__ void split_heads_##S(const T* qkv, T* out, long long total, int bsz,  \
-                                               int n, int h, int hd) {                          \
-        split_heads<T>(qkv, out, total, bsz, n, h, hd);                                         \
-    }                                                                                           \
     extern "C" __global__ void scale_mask_softmax_##S(const T* s, const T* mask, T* p, int rows,\
                                                       int n, float scale) {                     \
         scale_mask_softmax<T>(s, mask, p, rows, n, scale);                                      \
-    }
+    }                                                                                           \
+    VEC_OPS(T, S, 1)                                                                            \
+    VEC_OPS(T, S, 2)                                                                            \
+    VEC_OPS(T, S, 4)
 
 OPS(float, f32)
 OPS(__half, f16)

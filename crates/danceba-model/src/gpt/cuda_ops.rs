@@ -116,9 +116,9 @@ enum Kind<'a> {
         eps: f32,
         groups: usize,
     },
-    /// `b` holds one bias row per group of `rows / groups` rows.
+    /// `b` holds one bias row per group of `rows / groups` rows (none: no bias).
     BiasAct {
-        b: &'a Tensor,
+        b: Option<&'a Tensor>,
         g: Option<&'a Tensor>,
         r: Option<&'a Tensor>,
         act: Act,
@@ -126,6 +126,8 @@ enum Kind<'a> {
     },
     SiluGate,
     SplitHeads {
+        /// The projection's bias (3·H·hd), added on the way.
+        bias: Option<&'a Tensor>,
         bsz: usize,
         n: usize,
         heads: usize,
@@ -136,6 +138,48 @@ enum Kind<'a> {
         n: usize,
         scale: f32,
     },
+    /// (A, M, N, D) → (A, N, M, D); with `p` (M, 3, C): the LPE's bias, batch norm and ReLU.
+    SwapMid {
+        a: usize,
+        m: usize,
+        n: usize,
+        p: Option<&'a Tensor>,
+        c: usize,
+    },
+}
+
+/// The widest vector access (4, 2 or 1 values) that divides every row width in `widths` and
+/// every operand's start offset (allocations themselves are 256-byte aligned).
+fn vec_width(widths: &[usize], offsets: &[usize]) -> usize {
+    [4, 2]
+        .into_iter()
+        .find(|v| widths.iter().chain(offsets).all(|x| x % v == 0))
+        .unwrap_or(1)
+}
+
+/// The start offset of a contiguous operand (0 when absent).
+fn start(t: Option<&Tensor>) -> usize {
+    t.map_or(0, |t| t.layout().start_offset())
+}
+
+/// A 2-D launch for the row-wise kernels: `cols` vectors per row across x, rows across y (at
+/// most 65535 blocks; the kernels loop over the rest), about 256 threads per block.
+fn rows_cfg(rows: usize, cols: usize) -> LaunchConfig {
+    let bx = if cols >= 32 {
+        cols.next_multiple_of(32).min(256)
+    } else {
+        cols.next_power_of_two()
+    };
+    let by = (256 / bx).max(1);
+    LaunchConfig {
+        grid_dim: (
+            cols.div_ceil(bx) as u32,
+            rows.div_ceil(by).min(65535) as u32,
+            1,
+        ),
+        block_dim: (bx as u32, by as u32, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 struct Op<'a> {
@@ -224,32 +268,35 @@ impl Op<'_> {
                 act,
                 groups,
             } => {
-                let total_i = total as i64;
-                let gsize = (total / groups) as i64;
+                let rows = as_i32(self.rows, "rows")?;
+                let rpg = as_i32(self.rows / groups, "rows per group")?;
                 let act = act_code(*act);
-                // SAFETY: one thread per output element.
+                let v = vec_width(
+                    &[self.n],
+                    &[xl.start_offset(), start(*b), start(*g), start(*r)],
+                );
+                // SAFETY: the kernel writes every output element (each row, every column).
                 let out = unsafe { dev.alloc::<T>(total)? };
-                let func = dev.get_or_load_custom_func(&format!("bias_act_{sfx}"), MODULE, PTX)?;
-                let cfg = LaunchConfig::for_num_elems(total as u32);
-                with_cuda(b, |bs, bl| {
-                    let bv = view::<T>(bs, bl)?;
+                let func =
+                    dev.get_or_load_custom_func(&format!("bias_act_{sfx}_v{v}"), MODULE, PTX)?;
+                let cfg = rows_cfg(self.rows, self.n / v);
+                with_opt::<T, _>(*b, |bv| {
                     with_opt::<T, _>(*g, |gv| {
                         with_opt::<T, _>(*r, |rv| {
                             let null = 0u64;
                             let mut lb = func.builder();
-                            lb.arg(&x).arg(&bv);
-                            match gv {
-                                Some(gv) => lb.arg(gv),
-                                None => lb.arg(&null),
-                            };
-                            match rv {
-                                Some(rv) => lb.arg(rv),
-                                None => lb.arg(&null),
-                            };
-                            lb.arg(&out).arg(&total_i).arg(&n).arg(&act).arg(&gsize);
-                            // SAFETY: argument types and counts match the kernel (null gate and
-                            // residual pointers are never read); the views cover every index
-                            // it reads (gate and residual rows × n elements, checked).
+                            lb.arg(&x);
+                            for o in [bv, gv, rv] {
+                                match o {
+                                    Some(o) => lb.arg(o),
+                                    None => lb.arg(&null),
+                                };
+                            }
+                            lb.arg(&out).arg(&rows).arg(&n).arg(&act).arg(&rpg);
+                            // SAFETY: argument types and counts match the kernel (null bias, gate
+                            // and residual pointers are never read); the views cover every index
+                            // it reads (bias groups × n, gate and residual rows × n elements,
+                            // checked); every operand's start and n are multiples of v.
                             unsafe { lb.launch(cfg) }.w()?;
                             Ok(())
                         })
@@ -257,24 +304,71 @@ impl Op<'_> {
                 })?;
                 Ok(CudaStorage::wrap_cuda_slice(out, dev))
             }
-            Kind::SplitHeads { bsz, n, heads, hd } => {
-                let total_i = total as i64;
+            Kind::SplitHeads {
+                bias,
+                bsz,
+                n,
+                heads,
+                hd,
+            } => {
                 let ints = [
                     as_i32(*bsz, "batch")?,
                     as_i32(*n, "positions")?,
                     as_i32(*heads, "heads")?,
                     as_i32(*hd, "head width")?,
                 ];
-                // SAFETY: one thread per output element.
+                let v = vec_width(&[*hd], &[xl.start_offset(), start(*bias)]);
+                // SAFETY: the kernel writes every output element (every input one once).
                 let out = unsafe { dev.alloc::<T>(total)? };
                 let func =
-                    dev.get_or_load_custom_func(&format!("split_heads_{sfx}"), MODULE, PTX)?;
-                let mut lb = func.builder();
-                lb.arg(&x).arg(&out).arg(&total_i);
-                lb.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]);
-                // SAFETY: argument types and counts match the kernel; the input holds
-                // B × n × 3·H·hd elements (checked).
-                unsafe { lb.launch(LaunchConfig::for_num_elems(total as u32)) }.w()?;
+                    dev.get_or_load_custom_func(&format!("split_heads_{sfx}_v{v}"), MODULE, PTX)?;
+                with_opt::<T, _>(*bias, |bv| {
+                    let null = 0u64;
+                    let mut lb = func.builder();
+                    lb.arg(&x);
+                    match bv {
+                        Some(bv) => lb.arg(bv),
+                        None => lb.arg(&null),
+                    };
+                    lb.arg(&out);
+                    lb.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]);
+                    // SAFETY: argument types and counts match the kernel; the input holds
+                    // B × n × 3·H·hd elements, the bias 3·H·hd (checked; a null one is never
+                    // read); hd and the starts are multiples of v.
+                    unsafe { lb.launch(rows_cfg(bsz * n, 3 * heads * hd / v)) }.w()
+                })?;
+                Ok(CudaStorage::wrap_cuda_slice(out, dev))
+            }
+            Kind::SwapMid { a, m, n: nn, p, c } => {
+                let ints = [
+                    as_i32(*a, "outer size")?,
+                    as_i32(*m, "first swapped size")?,
+                    as_i32(*nn, "second swapped size")?,
+                    n,
+                    as_i32(*c, "parameter width")?,
+                ];
+                let v = vec_width(&[self.n, *c], &[xl.start_offset(), start(*p)]);
+                // SAFETY: the kernel writes every output element (every input one once).
+                let out = unsafe { dev.alloc::<T>(total)? };
+                let func =
+                    dev.get_or_load_custom_func(&format!("swap_mid_{sfx}_v{v}"), MODULE, PTX)?;
+                with_opt::<T, _>(*p, |pv| {
+                    let null = 0u64;
+                    let mut lb = func.builder();
+                    lb.arg(&x).arg(&out);
+                    lb.arg(&ints[0]).arg(&ints[1]).arg(&ints[2]).arg(&ints[3]);
+                    match pv {
+                        Some(pv) => lb.arg(pv),
+                        None => lb.arg(&null),
+                    };
+                    lb.arg(&ints[4]);
+                    // SAFETY: argument types and counts match the kernel; the input holds
+                    // A·M·N rows of D (checked), the parameters M × 3 × C with C dividing D
+                    // (checked; a null pointer is never read); D, C and the starts are
+                    // multiples of v.
+                    unsafe { lb.launch(rows_cfg(self.rows, self.n / v)) }.w()?;
+                    Ok(())
+                })?;
                 Ok(CudaStorage::wrap_cuda_slice(out, dev))
             }
             Kind::Softmax { mask, n: mn, scale } => {
@@ -302,15 +396,17 @@ impl Op<'_> {
                 Ok(CudaStorage::wrap_cuda_slice(out, dev))
             }
             Kind::SiluGate => {
-                let total_i = total as i64;
-                // SAFETY: one thread per output element.
+                let rows = as_i32(self.rows, "rows")?;
+                let v = vec_width(&[self.n], &[xl.start_offset()]);
+                // SAFETY: the kernel writes every output element (each row, every column).
                 let out = unsafe { dev.alloc::<T>(total)? };
-                let func = dev.get_or_load_custom_func(&format!("silu_gate_{sfx}"), MODULE, PTX)?;
+                let func =
+                    dev.get_or_load_custom_func(&format!("silu_gate_{sfx}_v{v}"), MODULE, PTX)?;
                 let mut lb = func.builder();
-                lb.arg(&x).arg(&out).arg(&total_i).arg(&n);
+                lb.arg(&x).arg(&out).arg(&rows).arg(&n);
                 // SAFETY: argument types and counts match the kernel; the input holds
-                // rows × 2n elements.
-                unsafe { lb.launch(LaunchConfig::for_num_elems(total as u32)) }.w()?;
+                // rows × 2n elements; n and its start are multiples of v.
+                unsafe { lb.launch(rows_cfg(self.rows, self.n / v)) }.w()?;
                 Ok(CudaStorage::wrap_cuda_slice(out, dev))
             }
         }
@@ -499,7 +595,7 @@ pub fn bias_act_grouped(
     let r = same(r, "residual")?;
     x.contiguous()?.apply_op1_no_bwd(&Op {
         kind: Kind::BiasAct {
-            b: &b,
+            b: Some(&b),
             g: g.as_ref(),
             r: r.as_ref(),
             act,
@@ -508,6 +604,83 @@ pub fn bias_act_grouped(
         rows,
         n,
         out_shape: x.shape().clone(),
+    })
+}
+
+/// `r + x` (same shapes) as candle's add, on the row-wise kernel of [`bias_act`] (candle's
+/// binary kernels index every element through the shapes and strides).
+pub fn add(x: &Tensor, r: &Tensor) -> Result<Tensor> {
+    let (rows, n) = rows_and_width(x)?;
+    if r.dims() != x.dims() {
+        bail!(
+            "fused CUDA op: residual {:?} does not match {:?}",
+            r.dims(),
+            x.dims()
+        );
+    }
+    let r = prep(r, x.dtype(), rows * n, "residual")?;
+    x.contiguous()?.apply_op1_no_bwd(&Op {
+        kind: Kind::BiasAct {
+            b: None,
+            g: None,
+            r: Some(&r),
+            act: Act::Identity,
+            groups: 1,
+        },
+        rows,
+        n,
+        out_shape: x.shape().clone(),
+    })
+}
+
+/// `x` (A, M, N, ..) with its axes 1 and 2 swapped, contiguous: (A, N, M, ..), the trailing
+/// dimensions moved as whole rows (`x.transpose(1, 2)?.contiguous()` in one vectorised launch).
+pub fn swap_mid(x: &Tensor) -> Result<Tensor> {
+    swap_mid_op(x, None)
+}
+
+/// The LPE's tail for its three modules at once: `z` (3, B, F, C) the three linear outputs
+/// (without bias), `p` (3, 3, C) each module's bias, batch-norm scale and shift; returns
+/// `relu((z + bias)·scale + shift)` as (B, 3, F, C) (the modules' outputs concatenated per
+/// batch item), with the rounding points of candle's broadcast ops.
+pub fn lpe_bias_bn_relu(z: &Tensor, p: &Tensor) -> Result<Tensor> {
+    let dims = z.dims();
+    if dims.len() != 4 || p.dims() != [dims[0], 3, dims[3]] {
+        bail!(
+            "fused CUDA op: LPE outputs {:?} / parameters {:?} are not (M, B, F, C) / (M, 3, C)",
+            dims,
+            p.dims()
+        );
+    }
+    let p = prep(p, z.dtype(), p.elem_count(), "LPE parameters")?;
+    let (m, b, f, c) = (dims[0], dims[1], dims[2], dims[3]);
+    // (1, M, B, F·C) → (1, B, M, F·C): the module index is the swapped axis M
+    swap_mid_op(&z.reshape((1, m, b, f * c))?, Some(&p))?.reshape((b, m, f, c))
+}
+
+fn swap_mid_op(x: &Tensor, p: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims();
+    if dims.len() < 3 || x.elem_count() == 0 || !usable(x) {
+        bail!(
+            "fused CUDA op: cannot swap the middle axes of {:?} ({:?}, {:?})",
+            dims,
+            x.dtype(),
+            x.device().location()
+        );
+    }
+    let (a, m, n) = (dims[0], dims[1], dims[2]);
+    let d: usize = dims[3..].iter().product();
+    let c = p.map_or(d, |p| p.dims()[2]);
+    if c == 0 || !d.is_multiple_of(c) || a * m * n > i32::MAX as usize || d > i32::MAX as usize {
+        bail!("fused CUDA op: unsupported shape {dims:?}");
+    }
+    let mut out = dims.to_vec();
+    out.swap(1, 2);
+    x.contiguous()?.apply_op1_no_bwd(&Op {
+        kind: Kind::SwapMid { a, m, n, p, c },
+        rows: a * m * n,
+        n: d,
+        out_shape: Shape::from(out),
     })
 }
 
@@ -531,6 +704,16 @@ pub fn silu_gate(h: &Tensor) -> Result<Tensor> {
 /// Splits the fused attention projection `qkv` (B, n, 3·H·hd) into contiguous heads
 /// q, k, v, each (B, H, n, hd), in one launch.
 pub fn split_heads(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    split_heads_bias(qkv, None, heads)
+}
+
+/// [`split_heads`] of the projection without its bias, `bias` (3·H·hd) added on the way (as
+/// the bias kernel would: the same rounding).
+pub fn split_heads_bias(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    heads: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (bsz, n, c3) = qkv.dims3()?;
     if heads == 0 || c3 % (3 * heads) != 0 || qkv.elem_count() == 0 {
         bail!(
@@ -542,8 +725,19 @@ pub fn split_heads(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor
         bail!("fused CUDA op: unsupported shape {:?}", qkv.dims());
     }
     let hd = c3 / (3 * heads);
+    let bias = match bias {
+        Some(b) => Some(prep(b, qkv.dtype(), c3, "attention projection bias")?),
+        None => None,
+    };
+    as_i32(bsz * n, "rows")?;
     let all = qkv.contiguous()?.apply_op1_no_bwd(&Op {
-        kind: Kind::SplitHeads { bsz, n, heads, hd },
+        kind: Kind::SplitHeads {
+            bias: bias.as_ref(),
+            bsz,
+            n,
+            heads,
+            hd,
+        },
         rows: 3 * bsz * heads * n,
         n: hd,
         out_shape: Shape::from((3, bsz, heads, n, hd)),

@@ -528,6 +528,7 @@ fn grouped_linear(x: &Tensor, w: &Tensor, residual: Option<&Tensor>) -> Result<T
     }
     let y = x.contiguous()?.matmul(&w.transpose(1, 2)?)?;
     Ok(match residual {
+        Some(r) if super::cuda_ops::usable(&y) => super::cuda_ops::add(&y, r)?,
         Some(r) => (r + y)?,
         None => y,
     })
@@ -603,12 +604,13 @@ impl BlockHead {
             )));
         }
         let dtype = x.dtype();
-        // stream-major rows; at batch 1 the transpose keeps the layout contiguous (no copy)
-        let xs = x
-            .reshape((b, 3, t, c))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((3, b * t, c))?;
+        // stream-major rows; at batch 1 they already are (no copy)
+        let xs = if b == 1 {
+            x.reshape((3, t, c))?
+        } else {
+            cuda_ops::swap_mid(&x.reshape((1, b, 3, t * c))?)?
+        }
+        .reshape((3, b * t, c))?;
         let m = &self.streams[0].mamba;
         let (di, ds, dr) = (m.d_inner, m.d_state, m.dt_rank);
         // Mamba
@@ -641,10 +643,11 @@ impl BlockHead {
         let h = grouped_linear(&n, &g.fc1, None)?;
         let gated = cuda_ops::silu_gate(&h)?;
         let out = grouped_linear(&gated, &g.fc2, Some(&xs))?;
-        Ok(out
-            .reshape((3, b, t, c))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((b, 3 * t, c))?)
+        Ok(if b == 1 {
+            out
+        } else {
+            cuda_ops::swap_mid(&out.reshape((1, 3, b, t * c))?)?
+        }
+        .reshape((b, 3 * t, c))?)
     }
 }
