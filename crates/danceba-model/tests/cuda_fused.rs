@@ -125,9 +125,13 @@ fn grouped_block_head_matches_stream_by_stream() {
     let dev = cuda();
     let mut rng = StdRng::seed_from_u64(11);
     let w = random_block_head(&mut rng, c, &arch);
+    let w2 = random_block_head(&mut rng, c, &arch);
     for dt in [DType::F32, DType::F16, DType::BF16] {
         let vb = VarBuilder::from_tensors(w.clone(), dt, &dev);
         let head = BlockHead::load(vb, c, c, &arch).unwrap();
+        let vb2 = VarBuilder::from_tensors(w2.clone(), dt, &dev);
+        let pair = [head, BlockHead::load(vb2, c, c, &arch).unwrap()];
+        let head = &pair[0];
         for (batch, t) in [(1, 1), (1, 7), (1, 28), (2, 28), (8, 28), (3, 5)] {
             let x = uniform(&mut rng, &[batch, 3 * t, c], -2.0, 2.0)
                 .to_dtype(dt)
@@ -153,10 +157,93 @@ fn grouped_block_head_matches_stream_by_stream() {
                 0.0,
                 "grouped path is deterministic"
             );
+            // two blocks chained (rows kept stream-major, the first block's last residual add
+            // inside the second's first norm) give the bits of one block after the other
+            let chained = BlockHead::forward_chain(&pair, &x, t, MambaImpl::FusedCuda).unwrap();
+            let one_by_one = pair[1].forward(&grouped, t, MambaImpl::FusedCuda).unwrap();
+            assert_eq!(
+                rel_err(&chained, &one_by_one),
+                0.0,
+                "{dt:?} B={batch} t={t}: chained head blocks"
+            );
         }
         // a window that is not three streams is refused with an error, not a panic
         let bad = Tensor::zeros((1, 10, c), dt, &dev).unwrap();
         assert!(head.forward(&bad, 3, MambaImpl::FusedCuda).is_err());
+    }
+}
+
+/// A real-size `Block_Base` (TGCA) with random weights.
+fn random_block_base(rng: &mut StdRng, c: usize, hidden: usize) -> HashMap<String, Tensor> {
+    let mut w = HashMap::new();
+    let mut lin = |rng: &mut StdRng, name: &str, i: usize, o: usize| {
+        let k = (i as f32).powf(-0.5);
+        w.insert(format!("{name}.weight"), uniform(rng, &[o, i], -k, k));
+        w.insert(format!("{name}.bias"), uniform(rng, &[o], -k, k));
+    };
+    for name in [
+        "attn.query",
+        "attn.key",
+        "attn.value",
+        "attn.proj",
+        "in_proj",
+        "act_proj",
+        "out_proj",
+    ] {
+        lin(rng, name, c, c);
+    }
+    lin(rng, "mlp.0", c, hidden);
+    lin(rng, "mlp.2", hidden, c);
+    for n in ["norm1", "norm2"] {
+        w.insert(format!("{n}.weight"), uniform(rng, &[c], 0.5, 1.5));
+    }
+    w
+}
+
+/// Base blocks chained on CUDA (fc2's bias, the residual add and the next block's first norm in
+/// one launch) give the bits of one block after the other, at real size, batch 1 and 8.
+#[test]
+fn chained_base_blocks_match_one_by_one() {
+    use danceba_model::gpt::block_base::{tiled_causal_mask, BlockBase};
+    let dev = cuda();
+    let mut rng = StdRng::seed_from_u64(13);
+    let (c, hidden, heads) = (768, 3072, 12);
+    let ws = [
+        random_block_base(&mut rng, c, hidden),
+        random_block_base(&mut rng, c, hidden),
+        random_block_base(&mut rng, c, hidden),
+    ];
+    for dt in [DType::F32, DType::BF16] {
+        let blocks: Vec<BlockBase> = ws
+            .iter()
+            .map(|w| {
+                BlockBase::load(
+                    VarBuilder::from_tensors(w.clone(), dt, &dev),
+                    c,
+                    heads,
+                    hidden,
+                )
+                .unwrap()
+            })
+            .collect();
+        for (batch, t) in [(1, 28), (8, 28), (2, 5)] {
+            let mask = tiled_causal_mask(t, &dev).unwrap().to_dtype(dt).unwrap();
+            let x = uniform(&mut rng, &[batch, 3 * t, c], -2.0, 2.0)
+                .to_dtype(dt)
+                .unwrap()
+                .to_device(&dev)
+                .unwrap();
+            let chained = BlockBase::forward_chain(&blocks, &x, &mask).unwrap();
+            let mut y = x.clone();
+            for blk in &blocks {
+                y = blk.forward(&y, &mask).unwrap();
+            }
+            assert_eq!(
+                rel_err(&chained, &y),
+                0.0,
+                "{dt:?} B={batch} t={t}: chained base blocks"
+            );
+        }
     }
 }
 

@@ -536,9 +536,37 @@ impl BlockBase {
 
     /// `x`: (B, 3t, C); `mask`: (3t, 3t) additive mask from [`tiled_causal_mask`].
     pub fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_parts(x, None, mask, None)?.0)
+    }
+
+    /// `blocks` one after another. On CUDA each block's last product (fc2), its bias, the
+    /// residual add and the next block's first norm are one cuBLAS GEMM and one launch (the
+    /// rounding points of the separate ops).
+    pub fn forward_chain(blocks: &[BlockBase], x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let mut x = x.clone();
+        let mut a = None;
+        for (i, blk) in blocks.iter().enumerate() {
+            let next = blocks.get(i + 1).map(|n| &n.norm1);
+            (x, a) = blk.forward_parts(&x, a, mask, next)?;
+        }
+        Ok(x)
+    }
+
+    /// The block on `x`, `a` its first norm when the previous block computed it already;
+    /// returns the output and, where it fused them, `next`'s norm of it.
+    fn forward_parts(
+        &self,
+        x: &Tensor,
+        a: Option<Tensor>,
+        mask: &Tensor,
+        next: Option<&RmsNorm>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, n, c) = x.dims3()?;
         let hd = c / self.n_head;
-        let a = self.norm1.forward(x)?;
+        let a = match a {
+            Some(a) => a,
+            None => self.norm1.forward(x)?,
+        };
         let (g, h) = self.gate_and_input(&a)?;
         let scale = 1.0 / (hd as f64).sqrt();
         #[cfg(feature = "cuda")]
@@ -560,7 +588,7 @@ impl BlockBase {
             let p = cuda_ops::scale_mask_softmax(&s, mask, scale as f32)?;
             // heads merged by one vectorised launch (candle's strided copy is ~4× slower)
             let o = cuda_ops::swap_mid(&p.matmul(&v)?)?.reshape((b, n, c))?;
-            return self.finish(x, &o, &g);
+            return self.finish(x, &o, &g, next);
         }
         let qkv = self.qkv.forward(&h)?; // (B, n, 3C)
         let split = |i: usize| -> Result<Tensor> {
@@ -583,7 +611,7 @@ impl BlockBase {
             candle_nn::ops::softmax_last_dim(&s.broadcast_add(mask)?)?
         };
         let o = p.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
-        self.finish(x, &o, &g)
+        self.finish(x, &o, &g, next)
     }
 
     /// `s = x + out_proj(yg)` and `norm2(s)`. On CUDA where cuBLAS takes the product, its bias
@@ -607,11 +635,39 @@ impl BlockBase {
         self.norm2.add_forward(x, &self.out_proj.forward(yg)?)
     }
 
-    /// The block after the attention core: `o` (B, n, C) heads merged, `g` the SiLU gate.
-    fn finish(&self, x: &Tensor, o: &Tensor, g: &Tensor) -> Result<Tensor> {
+    /// The block after the attention core: `o` (B, n, C) heads merged, `g` the SiLU gate;
+    /// returns the output and, on CUDA where cuBLAS takes fc2, `next`'s norm of it (fc2's bias,
+    /// the residual add and that norm in one launch).
+    fn finish(
+        &self,
+        x: &Tensor,
+        o: &Tensor,
+        g: &Tensor,
+        next: Option<&RmsNorm>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let yg = self.proj.forward_act(o, Act::Identity, Some(g))?;
         let (x, m) = self.out_proj_add_norm(x, &yg)?;
         let h = self.fc1.forward_act(&m, Act::GeluErf, None)?;
-        self.fc2.forward_fused(&h, Act::Identity, None, Some(&x))
+        #[cfg(feature = "cuda")]
+        if let (Some(next), Some(b)) = (next, self.fc2.bias()) {
+            let w = self.fc2.weight();
+            if super::cuda_ops::usable(&h)
+                && h.dtype() == w.dtype()
+                && x.dtype() == w.dtype()
+                && !super::cuda_gemm::applies(&h, w)
+            {
+                let (k, rows) = (w.dims()[1], h.elem_count() / w.dims()[1]);
+                let y = h.reshape((rows, k))?.matmul(&w.t()?)?.reshape(x.dims())?;
+                let nw = next.weight().to_dtype(x.dtype())?;
+                let (s, n) = super::cuda_ops::add_bias_rms_norm(&x, &y, b, &nw, RMS_EPS)?;
+                return Ok((s, Some(n)));
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = next;
+        Ok((
+            self.fc2.forward_fused(&h, Act::Identity, None, Some(&x))?,
+            None,
+        ))
     }
 }

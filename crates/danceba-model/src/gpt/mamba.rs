@@ -566,18 +566,37 @@ impl BlockHead {
     /// one group of launches ([`BlockHead::forward_streams`] is the same math stream by
     /// stream).
     pub fn forward(&self, x: &Tensor, t: usize, imp: MambaImpl) -> Result<Tensor> {
+        Self::forward_chain(std::slice::from_ref(self), x, t, imp)
+    }
+
+    /// `blocks` one after another. On CUDA with the fused kernels the rows stay stream-major
+    /// from the first block to the last (one reorder each way at batch > 1), and each block's
+    /// last residual add joins the next block's first norm in one launch.
+    pub fn forward_chain(
+        blocks: &[BlockHead],
+        x: &Tensor,
+        t: usize,
+        imp: MambaImpl,
+    ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let Some(g) = &self.grouped {
-            let mamba = &self.streams[0].mamba;
-            if imp != MambaImpl::Portable
-                && grouped_enabled()
-                && super::cuda_ops::usable(x)
-                && super::cuda_scan::supports(mamba.d_state, x.dtype())
+        if let Some(groups) = blocks
+            .iter()
+            .map(|blk| blk.grouped.as_ref())
+            .collect::<Option<Vec<_>>>()
+        {
+            let all = blocks
+                .iter()
+                .all(|blk| super::cuda_scan::supports(blk.streams[0].mamba.d_state, x.dtype()));
+            if imp != MambaImpl::Portable && grouped_enabled() && super::cuda_ops::usable(x) && all
             {
-                return self.forward_grouped(g, x, t);
+                return Self::forward_grouped(blocks, &groups, x, t);
             }
         }
-        self.forward_streams(x, t, imp)
+        let mut x = x.clone();
+        for blk in blocks {
+            x = blk.forward_streams(&x, t, imp)?;
+        }
+        Ok(x)
     }
 
     /// [`BlockHead::forward`] one stream after another.
@@ -592,9 +611,16 @@ impl BlockHead {
 
 #[cfg(feature = "cuda")]
 impl BlockHead {
-    /// The three streams as one group of CUDA launches: the rows stream-major (3, B·t, C)
-    /// (a copy only at batch > 1), then each step of the layer once for the three.
-    fn forward_grouped(&self, g: &HeadGroup, x: &Tensor, t: usize) -> Result<Tensor> {
+    /// The three streams of every block as one group of CUDA launches: the rows stream-major
+    /// (3, B·t, C) (a copy only at batch > 1), then each step of a layer once for the three.
+    /// The last product of a block (fc2) is added to its residual by the next block's first
+    /// norm (one launch; the same rounding as the add, then the norm).
+    fn forward_grouped(
+        blocks: &[BlockHead],
+        groups: &[&HeadGroup],
+        x: &Tensor,
+        t: usize,
+    ) -> Result<Tensor> {
         use super::block_base::RMS_EPS;
         use super::{cuda_ops, cuda_scan};
         let (b, rows, c) = x.dims3()?;
@@ -605,48 +631,64 @@ impl BlockHead {
         }
         let dtype = x.dtype();
         // stream-major rows; at batch 1 they already are (no copy)
-        let xs = if b == 1 {
+        let mut xs = if b == 1 {
             x.reshape((3, t, c))?
         } else {
             cuda_ops::swap_mid(&x.reshape((1, b, 3, t * c))?)?
         }
         .reshape((3, b * t, c))?;
-        let m = &self.streams[0].mamba;
-        let (di, ds, dr) = (m.d_inner, m.d_state, m.dt_rank);
-        // Mamba
-        let n = cuda_ops::rms_norm_grouped(&xs, &g.norm_a.to_dtype(dtype)?, RMS_EPS, 3)?;
-        let xz = grouped_linear(&n, &g.in_proj, None)?.contiguous()?;
-        let xz3 = xz.reshape((3 * b, t, 2 * di))?;
-        let u = cuda_scan::conv_silu_grouped(&xz3, di, &g.conv_w, &g.conv_b, 3)?;
-        let xd = grouped_linear(&u.reshape((3, b * t, di))?, &g.x_proj, None)?.contiguous()?;
-        // the skinny GEMM reads the Δ columns of `xd` in place (no copy)
-        let dpre = grouped_linear(&xd.narrow(D::Minus1, 0, dr)?, &g.dt_proj, None)?;
-        let y = cuda_scan::selective_scan_grouped(
-            &u,
-            &cuda_scan::ScanArgs {
-                delta_pre: &dpre.reshape((3 * b, t, di))?,
-                delta_bias: &g.dt_bias,
-                a: &g.a,
-                bc: &xd.reshape((3 * b, t, dr + 2 * ds))?,
-                b_offset: dr,
-                c_offset: dr + ds,
-                d_skip: &g.d_skip,
-                z: &xz3,
-                z_offset: di,
-            },
-            3,
-        )?;
-        let y = grouped_linear(&y.reshape((3, b * t, di))?, &g.out_proj, None)?;
-        // GatedMLP
-        let (xs, n) =
-            cuda_ops::add_rms_norm_grouped(&xs, &y, &g.norm_b.to_dtype(dtype)?, RMS_EPS, 3)?;
-        let h = grouped_linear(&n, &g.fc1, None)?;
-        let gated = cuda_ops::silu_gate(&h)?;
-        let out = grouped_linear(&gated, &g.fc2, Some(&xs))?;
+        // the previous block's fc2 output, not yet added to `xs`
+        let mut pending: Option<Tensor> = None;
+        for (blk, g) in blocks.iter().zip(groups) {
+            let m = &blk.streams[0].mamba;
+            let (di, ds, dr) = (m.d_inner, m.d_state, m.dt_rank);
+            // Mamba
+            let norm_a = g.norm_a.to_dtype(dtype)?;
+            let n = match pending.take() {
+                None => cuda_ops::rms_norm_grouped(&xs, &norm_a, RMS_EPS, 3)?,
+                Some(y) => {
+                    let (s, n) = cuda_ops::add_rms_norm_grouped(&xs, &y, &norm_a, RMS_EPS, 3)?;
+                    xs = s;
+                    n
+                }
+            };
+            let xz = grouped_linear(&n, &g.in_proj, None)?.contiguous()?;
+            let xz3 = xz.reshape((3 * b, t, 2 * di))?;
+            let u = cuda_scan::conv_silu_grouped(&xz3, di, &g.conv_w, &g.conv_b, 3)?;
+            let xd = grouped_linear(&u.reshape((3, b * t, di))?, &g.x_proj, None)?.contiguous()?;
+            // the skinny GEMM reads the Δ columns of `xd` in place (no copy)
+            let dpre = grouped_linear(&xd.narrow(D::Minus1, 0, dr)?, &g.dt_proj, None)?;
+            let y = cuda_scan::selective_scan_grouped(
+                &u,
+                &cuda_scan::ScanArgs {
+                    delta_pre: &dpre.reshape((3 * b, t, di))?,
+                    delta_bias: &g.dt_bias,
+                    a: &g.a,
+                    bc: &xd.reshape((3 * b, t, dr + 2 * ds))?,
+                    b_offset: dr,
+                    c_offset: dr + ds,
+                    d_skip: &g.d_skip,
+                    z: &xz3,
+                    z_offset: di,
+                },
+                3,
+            )?;
+            let y = grouped_linear(&y.reshape((3, b * t, di))?, &g.out_proj, None)?;
+            // GatedMLP
+            let (s, n) =
+                cuda_ops::add_rms_norm_grouped(&xs, &y, &g.norm_b.to_dtype(dtype)?, RMS_EPS, 3)?;
+            xs = s;
+            let h = grouped_linear(&n, &g.fc1, None)?;
+            let gated = cuda_ops::silu_gate(&h)?;
+            pending = Some(grouped_linear(&gated, &g.fc2, None)?);
+        }
+        if let Some(y) = pending {
+            xs = cuda_ops::add(&y, &xs)?;
+        }
         Ok(if b == 1 {
-            out
+            xs
         } else {
-            cuda_ops::swap_mid(&out.reshape((1, 3, b, t * c))?)?
+            cuda_ops::swap_mid(&xs.reshape((1, 3, b, t * c))?)?
         }
         .reshape((b, 3 * t, c))?)
     }

@@ -487,13 +487,9 @@ impl Gpt {
         }
         let p = (lpe_out.narrow(1, 0, 3 * t)? * self.position_scale)?;
         let mut x = (e + p)?.to_dtype(self.activation_dtype())?;
-        for blk in &self.base {
-            x = blk.forward(&x, inp.mask)?;
-        }
+        x = BlockBase::forward_chain(&self.base, &x, inp.mask)?;
         let base_out = x.clone();
-        for blk in &self.head {
-            x = blk.forward(&x, t, self.mamba_impl)?;
-        }
+        x = BlockHead::forward_chain(&self.head, &x, t, self.mamba_impl)?;
         let head_blocks_out = x.clone();
         x = self.head_base.forward(&x, inp.mask)?;
         let x = self.rms_f.forward(&x)?;
