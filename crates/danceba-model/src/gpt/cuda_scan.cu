@@ -318,7 +318,7 @@ __device__ __forceinline__ void scan(const T* __restrict__ u, const T* __restric
     DANCEBA_MAMBA_SCAN(SUFFIX, T, 4, 4, 1)                                                         \
     DANCEBA_MAMBA_SCAN(SUFFIX, T, 8, 4, 1)                                                         \
     DANCEBA_MAMBA_SCAN(SUFFIX, T, 8, 8, 1)                                                         \
-    DANCEBA_MAMBA_SCAN(SUFFIX, T, 16, 8, 6)                                                        \
+    DANCEBA_MAMBA_SCAN(SUFFIX, T, 8, 16, 5)                                                        \
     DANCEBA_MAMBA_SCAN(SUFFIX, T, 32, 8, 1)
 
 DANCEBA_MAMBA_KERNELS(f32, float)

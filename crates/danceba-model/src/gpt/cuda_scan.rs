@@ -39,10 +39,12 @@ struct ScanConfig {
 
 impl ScanConfig {
     /// The compiled variants, smallest first.
-    /// (16, 8), one song's 128 states, is bounded for 6 blocks per SM: the driver's compiler
-    /// otherwise gives it 105 registers, 4 blocks per SM; on an H100 under ncu its scan took
-    /// 25.6 instead of 30.1 µs for one song and 153 instead of 169 µs for eight (bf16; 8
-    /// blocks per SM, 64 registers: 28.7 and 157 µs).
+    /// One song's 128 states run on (8, 16), bounded for 5 blocks per SM (93 registers): on an
+    /// H100 under ncu (bf16, 100-step bench) its scan took 24.4 µs for one song and 134 µs for
+    /// eight, against 25.6 / 155 µs for (16, 8) bounded for 6 blocks per SM (76 registers) and
+    /// 30.1 / 169 µs for (16, 8) unbounded (the driver's compiler gave it 105 registers: 4
+    /// blocks per SM). Sixteen states per lane halve the per-block staging of B and C per state
+    /// and the lane reduction per position: 17 % fewer instructions.
     const VARIANTS: [ScanConfig; 5] = [
         ScanConfig {
             g: 4,
@@ -60,9 +62,9 @@ impl ScanConfig {
             minb: 1,
         },
         ScanConfig {
-            g: 16,
-            s: 8,
-            minb: 6,
+            g: 8,
+            s: 16,
+            minb: 5,
         },
         ScanConfig {
             g: 32,
