@@ -226,6 +226,16 @@ fn chained_base_blocks_match_one_by_one() {
                 .unwrap()
             })
             .collect();
+        let nw = HashMap::from([(
+            "norm_f.weight".to_string(),
+            uniform(&mut rng, &[c], 0.5, 1.5),
+        )]);
+        let norm = danceba_model::gpt::block_base::RmsNorm::load(
+            &VarBuilder::from_tensors(nw, dt, &dev),
+            "norm_f",
+            c,
+        )
+        .unwrap();
         for (batch, t) in [(1, 28), (8, 28), (2, 5)] {
             let mask = tiled_causal_mask(t, &dev).unwrap().to_dtype(dt).unwrap();
             let x = uniform(&mut rng, &[batch, 3 * t, c], -2.0, 2.0)
@@ -243,6 +253,23 @@ fn chained_base_blocks_match_one_by_one() {
                 0.0,
                 "{dt:?} B={batch} t={t}: chained base blocks"
             );
+            // a block and then a norm (the head's Block_Base and RMS_f) in the fused form
+            let (out, n) = blocks[0].forward_then_norm(&x, &mask, &norm).unwrap();
+            let want = blocks[0].forward(&x, &mask).unwrap();
+            assert_eq!(
+                rel_err(&out, &want),
+                0.0,
+                "{dt:?} B={batch} t={t}: block then norm"
+            );
+            // fused where cuBLAS takes fc2 (the skinny GEMM takes f32 products of up to 32 rows)
+            assert_eq!(n.is_some(), dt != DType::F32 || batch * 3 * t > 32);
+            if let Some(n) = n {
+                assert_eq!(
+                    rel_err(&n, &norm.forward(&want).unwrap()),
+                    0.0,
+                    "{dt:?} B={batch} t={t}: block then norm, the norm"
+                );
+            }
         }
     }
 }
@@ -653,6 +680,55 @@ fn fused_cuda_small_ops_match_candle_ops() {
             );
             let short = p.narrow(2, 0, c - 1).unwrap();
             assert!(cuda_ops::lpe_bias_bn_relu(&z, &short).is_err());
+        }
+    }
+    // the GPT's input rows: concatenation, token lookups, position scale and add, against
+    // candle's ops (bitwise)
+    for &(b, t, c, lrows) in &[
+        (1usize, 28usize, 768usize, 87usize),
+        (3, 5, 12, 27),
+        (2, 4, 7, 12),
+    ] {
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let mk = |rng: &mut StdRng, shape: &[usize]| {
+                uniform(rng, shape, -2.0, 2.0)
+                    .to_dtype(dt)
+                    .unwrap()
+                    .to_device(&dev)
+                    .unwrap()
+            };
+            let (vu, vd) = (512usize, 300usize);
+            let ce = mk(&mut rng, &[b, t, c]);
+            let tu = mk(&mut rng, &[vu, c]);
+            let td = mk(&mut rng, &[vd, c]);
+            let lpe = mk(&mut rng, &[b, lrows, c]);
+            let ids = |rng: &mut StdRng, v: usize| {
+                let x: Vec<u32> = (0..b * t).map(|_| rng.gen_range(0..v as u32)).collect();
+                Tensor::from_vec(x, (b, t), &dev).unwrap()
+            };
+            let (up, down) = (ids(&mut rng, vu), ids(&mut rng, vd));
+            let scale = 0.73f64;
+            let eu = tu
+                .embedding(&up.flatten_all().unwrap())
+                .unwrap()
+                .reshape((b, t, c))
+                .unwrap();
+            let ed = td
+                .embedding(&down.flatten_all().unwrap())
+                .unwrap()
+                .reshape((b, t, c))
+                .unwrap();
+            let e = Tensor::cat(&[&ce, &eu, &ed], 1).unwrap();
+            let want = (e + (lpe.narrow(1, 0, 3 * t).unwrap() * scale).unwrap()).unwrap();
+            let got = cuda_ops::embed(&ce, &tu, &td, &up, &down, &lpe, scale).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert_eq!(rel_err(&got, &want), 0.0, "embed {b}x{t}x{c} {dt:?}");
+            let short = lpe.narrow(1, 0, 3 * t - 1).unwrap();
+            assert!(cuda_ops::embed(&ce, &tu, &td, &up, &down, &short, scale).is_err());
+            assert!(
+                cuda_ops::embed(&ce, &tu, &td, &down.t().unwrap(), &down, &lpe, scale).is_err()
+                    || b == t
+            );
         }
     }
     let flat = Tensor::zeros(12, DType::F32, &dev).unwrap();

@@ -552,6 +552,17 @@ impl BlockBase {
         Ok(x)
     }
 
+    /// The block and then `norm` of its output: `(output, Some(norm))` where the two were fused
+    /// (CUDA, cuBLAS taking fc2), else `(output, None)`.
+    pub fn forward_then_norm(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        norm: &RmsNorm,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        self.forward_parts(x, None, mask, Some(norm))
+    }
+
     /// The block on `x`, `a` its first norm when the previous block computed it already;
     /// returns the output and, where it fused them, `next`'s norm of it.
     fn forward_parts(

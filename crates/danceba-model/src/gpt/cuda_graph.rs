@@ -151,10 +151,12 @@ impl Entry {
         Ok(Self {
             up: Tensor::zeros((b, t), DType::U32, dev)?,
             down: Tensor::zeros((b, t), DType::U32, dev)?,
+            // the logits in the model's dtype (the host converts them: no cast launches); the
+            // inputs stay f32 (converting them on the host cost more than the casts at batch 8)
             cond: Tensor::zeros((b, t, a.n_music), DType::F32, dev)?,
             phase: Tensor::zeros((b, fc, N_BINS), DType::F32, dev)?,
             mask: tiled_causal_mask(t, dev)?.to_dtype(gpt.dtype)?,
-            out: Tensor::zeros((b, a.vocab_up + a.vocab_down), DType::F32, dev)?,
+            out: Tensor::zeros((b, a.vocab_up + a.vocab_down), gpt.dtype, dev)?,
             graph: None,
             runs: 0,
             failed: false,
@@ -177,7 +179,7 @@ impl Entry {
         let last = |l: &Tensor| -> Result<Tensor> {
             Ok(l.narrow(1, t - 1, 1)?
                 .squeeze(1)?
-                .to_dtype(DType::F32)?
+                .to_dtype(self.out.dtype())?
                 .contiguous()?)
         };
         let lu = last(&tr.logits_up)?;
@@ -268,7 +270,21 @@ pub(crate) fn last_logits(
             }
         }
     }
-    let out = e.out.to_vec2::<f32>()?;
+    let out: Vec<Vec<f32>> = match e.out.dtype() {
+        DType::F16 => e
+            .out
+            .to_vec2::<half::f16>()?
+            .iter()
+            .map(|r| r.iter().map(|v| v.to_f32()).collect())
+            .collect(),
+        DType::BF16 => e
+            .out
+            .to_vec2::<half::bf16>()?
+            .iter()
+            .map(|r| r.iter().map(|v| v.to_f32()).collect())
+            .collect(),
+        _ => e.out.to_vec2::<f32>()?,
+    };
     if let Some((t3, t4)) = replay {
         let t5 = std::time::Instant::now();
         if let Ok(mut tm) = cache.timing.lock() {

@@ -12,6 +12,8 @@
 //  * split_heads_<T>_v<V>: (B, n, 3·H·hd) (+ bias) → q, k, v heads (3, B, H, n, hd).
 //  * swap_mid_<T>_v<V>: (A, M, N, D) → (A, N, M, D), optionally with the LPE's bias + batch
 //    norm + ReLU.
+//  * embed_<T>_v<V>: the GPT's input rows (condition embedding, token lookups, + position
+//    scale × LPE) in one launch.
 //    (V: values per vector access, 1, 2 or 4.)
 //  * scale_mask_softmax_<T>: softmax(T(T(s·scale) + mask)) per row, one warp per row.
 
@@ -192,6 +194,45 @@ __device__ __forceinline__ void swap_mid(const T* __restrict__ x, T* __restrict_
     }
 }
 
+// The GPT's input rows: out (B, 3t, C), batch item b's rows 0..t the condition embedding ce
+// (B, t, C), rows t..2t and 2t..3t the embeddings of the up / down token ids (B, t) from their
+// tables (vocab, C), each plus T(lpe[b, r]·scale) (lpe: (B, lpe_rows, C), the LPE output before
+// its [:3t] slice; scale already rounded to T): the concatenation, the lookups, candle's affine
+// and its add in one launch. An id out of its table (checked on the host before upload) gives NaN.
+template <typename T, int V>
+__device__ __forceinline__ void embed(const T* __restrict__ ce, const T* __restrict__ tab_up,
+                                      const T* __restrict__ tab_down,
+                                      const unsigned* __restrict__ up,
+                                      const unsigned* __restrict__ down, const T* __restrict__ lpe,
+                                      int lpe_rows, float scale, T* __restrict__ out, int bsz,
+                                      int t, int cn, int vocab_up, int vocab_down) {
+    const int c = col0(V);
+    if (c >= cn) return;
+    ROW_LOOP(bsz * 3 * t) {
+        const int b = row / (3 * t), r = row - b * 3 * t;
+        const T* src = nullptr;
+        if (r < t) {
+            src = ce + ((long long)b * t + r) * cn;
+        } else if (r < 2 * t) {
+            const unsigned id = up[b * t + r - t];
+            if (id < (unsigned)vocab_up) src = tab_up + (long long)id * cn;
+        } else {
+            const unsigned id = down[b * t + r - 2 * t];
+            if (id < (unsigned)vocab_down) src = tab_down + (long long)id * cn;
+        }
+        const Pack<T, V> pv = ld<T, V>(lpe + ((long long)b * lpe_rows + r) * cn + c);
+        Pack<T, V> ev, o;
+        if (src != nullptr) ev = ld<T, V>(src + c);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const float e = src != nullptr ? to_f(ev.v[k]) : __int_as_float(0x7fc00000);
+            const float p = rnd<T>(__fmul_rn(to_f(pv.v[k]), scale));  // no FMA with the add
+            o.v[k] = from_f<T>(e + p);
+        }
+        st<T, V>(out + (long long)row * cn + c, o);
+    }
+}
+
 // One warp per row of s (rows × n): p = softmax(T(T(s·scale) + mask[row mod n])), the order of
 // candle's affine, broadcast_add and softmax_last_dim kernels (f32 sums).
 template <typename T>
@@ -236,6 +277,13 @@ __device__ __forceinline__ void scale_mask_softmax(const T* __restrict__ s,
     extern "C" __global__ void split_heads_##S##_v##V(const T* qkv, const T* bias, T* out,      \
                                                       int bsz, int n, int h, int hd) {          \
         split_heads<T, V>(qkv, bias, out, bsz, n, h, hd);                                       \
+    }                                                                                           \
+    extern "C" __global__ void embed_##S##_v##V(                                                \
+        const T* ce, const T* tab_up, const T* tab_down, const unsigned* up,                   \
+        const unsigned* down, const T* lpe, int lpe_rows, float scale, T* out, int bsz, int t,  \
+        int cn, int vocab_up, int vocab_down) {                                                 \
+        embed<T, V>(ce, tab_up, tab_down, up, down, lpe, lpe_rows, scale, out, bsz, t, cn,      \
+                    vocab_up, vocab_down);                                                      \
     }                                                                                           \
     extern "C" __global__ void swap_mid_##S##_v##V(const T* x, T* y, int a, int m, int n,       \
                                                    int d, const T* p, int cn) {                 \

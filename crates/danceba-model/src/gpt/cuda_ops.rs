@@ -138,6 +138,18 @@ enum Kind<'a> {
         n: usize,
         scale: f32,
     },
+    /// The GPT's input rows from the condition embedding (the op's input), the token tables and
+    /// ids and the LPE output.
+    Embed {
+        tab_up: &'a Tensor,
+        tab_down: &'a Tensor,
+        up: &'a Tensor,
+        down: &'a Tensor,
+        lpe: &'a Tensor,
+        bsz: usize,
+        t: usize,
+        scale: f32,
+    },
     /// (A, M, N, D) → (A, N, M, D); with `p` (M, 3, C): the LPE's bias, batch norm and ReLU.
     SwapMid {
         a: usize,
@@ -336,6 +348,62 @@ impl Op<'_> {
                     // B × n × 3·H·hd elements, the bias 3·H·hd (checked; a null one is never
                     // read); hd and the starts are multiples of v.
                     unsafe { lb.launch(rows_cfg(bsz * n, 3 * heads * hd / v)) }.w()
+                })?;
+                Ok(CudaStorage::wrap_cuda_slice(out, dev))
+            }
+            Kind::Embed {
+                tab_up,
+                tab_down,
+                up,
+                down,
+                lpe,
+                bsz,
+                t,
+                scale,
+            } => {
+                let ints = [
+                    as_i32(lpe.dims()[1], "LPE rows")?,
+                    as_i32(*bsz, "batch")?,
+                    as_i32(*t, "window")?,
+                    n,
+                    as_i32(tab_up.dims()[0], "upper-body vocabulary")?,
+                    as_i32(tab_down.dims()[0], "lower-body vocabulary")?,
+                ];
+                let v = vec_width(
+                    &[self.n],
+                    &[
+                        xl.start_offset(),
+                        start(Some(tab_up)),
+                        start(Some(tab_down)),
+                        start(Some(lpe)),
+                    ],
+                );
+                // SAFETY: the kernel writes every output element (each row, every column).
+                let out = unsafe { dev.alloc::<T>(total)? };
+                let func =
+                    dev.get_or_load_custom_func(&format!("embed_{sfx}_v{v}"), MODULE, PTX)?;
+                with_cuda(tab_up, |s1, l1| {
+                    with_cuda(tab_down, |s2, l2| {
+                        with_cuda(up, |s3, l3| {
+                            with_cuda(down, |s4, l4| {
+                                with_cuda(lpe, |s5, l5| {
+                                    let (tu, td) = (view::<T>(s1, l1)?, view::<T>(s2, l2)?);
+                                    let (iu, id) = (view::<u32>(s3, l3)?, view::<u32>(s4, l4)?);
+                                    let lv = view::<T>(s5, l5)?;
+                                    let mut lb = func.builder();
+                                    lb.arg(&x).arg(&tu).arg(&td).arg(&iu).arg(&id).arg(&lv);
+                                    lb.arg(&ints[0]).arg(scale).arg(&out);
+                                    lb.arg(&ints[1]).arg(&ints[2]).arg(&ints[3]);
+                                    lb.arg(&ints[4]).arg(&ints[5]);
+                                    // SAFETY: argument types and counts match the kernel; the
+                                    // views cover every index it reads (shapes checked: tables
+                                    // (vocab, C), ids (B, t), LPE (B, rows ≥ 3t, C)); ids out of
+                                    // a table are not read; C and the starts are multiples of v.
+                                    unsafe { lb.launch(rows_cfg(self.rows, self.n / v)) }.w()
+                                })
+                            })
+                        })
+                    })
                 })?;
                 Ok(CudaStorage::wrap_cuda_slice(out, dev))
             }
@@ -630,6 +698,78 @@ pub fn add(x: &Tensor, r: &Tensor) -> Result<Tensor> {
         rows,
         n,
         out_shape: x.shape().clone(),
+    })
+}
+
+/// The GPT's input rows (B, 3t, C): per batch item the condition embedding `ce` (B, t, C), the
+/// rows of `tab_up` / `tab_down` (vocab, C) for the token ids `up` / `down` (B, t, u32, in
+/// range: checked by the caller), each plus `T(lpe·scale)` for the first 3t rows of `lpe` (B,
+/// rows, C); `scale` as candle's affine takes it (rounded to the dtype). One launch for the
+/// concatenation, the two lookups, the position scale and the add (the same rounding).
+#[allow(clippy::too_many_arguments)]
+pub fn embed(
+    ce: &Tensor,
+    tab_up: &Tensor,
+    tab_down: &Tensor,
+    up: &Tensor,
+    down: &Tensor,
+    lpe: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (bsz, t, c) = ce.dims3()?;
+    let dt = ce.dtype();
+    let ok = tab_up.rank() == 2
+        && tab_up.dim(1)? == c
+        && tab_down.rank() == 2
+        && tab_down.dim(1)? == c
+        && up.dims() == [bsz, t]
+        && down.dims() == [bsz, t]
+        && up.dtype() == DType::U32
+        && down.dtype() == DType::U32
+        && lpe.rank() == 3
+        && lpe.dim(0)? == bsz
+        && lpe.dim(1)? >= 3 * t
+        && lpe.dim(2)? == c
+        && t > 0
+        && c > 0;
+    if !ok {
+        bail!(
+            "fused CUDA op: embedding inputs do not fit: ce {:?}, tables {:?} / {:?}, ids {:?} / {:?}, LPE {:?}",
+            ce.dims(),
+            tab_up.dims(),
+            tab_down.dims(),
+            up.dims(),
+            down.dims(),
+            lpe.dims()
+        );
+    }
+    let tab_up = prep(tab_up, dt, tab_up.elem_count(), "upper-body table")?;
+    let tab_down = prep(tab_down, dt, tab_down.elem_count(), "lower-body table")?;
+    let lpe = prep(lpe, dt, lpe.elem_count(), "LPE output")?;
+    let (up, down) = (up.contiguous()?, down.contiguous()?);
+    if !up.device().is_cuda() || !down.device().is_cuda() {
+        bail!("fused CUDA op: token ids are not on a CUDA device");
+    }
+    let scale = match dt {
+        DType::F16 => half::f16::from_f64(scale).to_f32(),
+        DType::BF16 => half::bf16::from_f64(scale).to_f32(),
+        _ => scale as f32,
+    };
+    as_i32(bsz * 3 * t, "rows")?;
+    ce.contiguous()?.apply_op1_no_bwd(&Op {
+        kind: Kind::Embed {
+            tab_up: &tab_up,
+            tab_down: &tab_down,
+            up: &up,
+            down: &down,
+            lpe: &lpe,
+            bsz,
+            t,
+            scale,
+        },
+        rows: bsz * 3 * t,
+        n: c,
+        out_shape: Shape::from((bsz, 3 * t, c)),
     })
 }
 

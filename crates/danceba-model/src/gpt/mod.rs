@@ -469,6 +469,26 @@ impl Gpt {
         let (b, t) = inp.up.dims2()?;
         let c = self.arch.n_embd;
         let ce = self.cond_emb.forward(&inp.cond.to_dtype(self.dtype)?)?;
+        let lpe_out = self.lpe.forward_phase(inp.phase)?;
+        if lpe_out.dim(1)? < 3 * t {
+            return input_err(format!(
+                "the LPE gives {} rows for a window of {t}, fewer than the 3t needed",
+                lpe_out.dim(1)?
+            ));
+        }
+        #[cfg(feature = "cuda")]
+        if cuda_ops::usable(&ce) && self.activation_dtype() == self.dtype {
+            let x = cuda_ops::embed(
+                &ce,
+                &self.tok_up,
+                &self.tok_down,
+                inp.up,
+                inp.down,
+                &lpe_out,
+                self.position_scale,
+            )?;
+            return self.forward_blocks(x, lpe_out, inp, keep);
+        }
         let eu = self
             .tok_up
             .embedding(&inp.up.flatten_all()?)?
@@ -478,21 +498,32 @@ impl Gpt {
             .embedding(&inp.down.flatten_all()?)?
             .reshape((b, t, c))?;
         let e = Tensor::cat(&[ce, eu, ed], 1)?;
-        let lpe_out = self.lpe.forward_phase(inp.phase)?;
-        if lpe_out.dim(1)? < 3 * t {
-            return input_err(format!(
-                "the LPE gives {} rows for a window of {t}, fewer than the 3t needed",
-                lpe_out.dim(1)?
-            ));
-        }
         let p = (lpe_out.narrow(1, 0, 3 * t)? * self.position_scale)?;
-        let mut x = (e + p)?.to_dtype(self.activation_dtype())?;
-        x = BlockBase::forward_chain(&self.base, &x, inp.mask)?;
+        let x = (e + p)?.to_dtype(self.activation_dtype())?;
+        self.forward_blocks(x, lpe_out, inp, keep)
+    }
+
+    /// The blocks and the heads, from the embedded input rows `x` (B, 3t, C).
+    fn forward_blocks(
+        &self,
+        x: Tensor,
+        lpe_out: Tensor,
+        inp: &CoreInputs,
+        keep: bool,
+    ) -> Result<ForwardTrace> {
+        let t = inp.up.dim(1)?;
+        let mut x = BlockBase::forward_chain(&self.base, &x, inp.mask)?;
         let base_out = x.clone();
         x = BlockHead::forward_chain(&self.head, &x, t, self.mamba_impl)?;
         let head_blocks_out = x.clone();
-        x = self.head_base.forward(&x, inp.mask)?;
-        let x = self.rms_f.forward(&x)?;
+        // on CUDA the head's Block_Base ends in RMS_f's launch (with fc2's bias and residual)
+        let x = match self
+            .head_base
+            .forward_then_norm(&x, inp.mask, &self.rms_f)?
+        {
+            (_, Some(n)) => n,
+            (x, None) => self.rms_f.forward(&x)?,
+        };
         let logits_up = self.head_up.forward(&x.narrow(1, t, t)?)?;
         let logits_down = self.head_down.forward(&x.narrow(1, 2 * t, t)?)?;
         let empty = || Tensor::zeros(0, self.dtype, &self.device);
