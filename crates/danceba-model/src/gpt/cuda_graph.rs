@@ -113,6 +113,14 @@ fn cuda_err(msg: String) -> GptError {
     GptError::Candle(candle_core::Error::Msg(msg))
 }
 
+/// The rows of a 2-D tensor of `T` as f32 (exact for f16/bf16).
+fn widen<T: WithDType>(t: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(t.to_vec2::<T>()?
+        .into_iter()
+        .map(|r| r.into_iter().map(|v| v.to_f64() as f32).collect())
+        .collect())
+}
+
 /// Copies `src` into the (contiguous, CUDA) tensor `dst` on its stream, without allocating.
 fn upload<T: CudaDType + WithDType>(dst: &Tensor, src: &[T]) -> Result<()> {
     if dst.elem_count() != src.len() || dst.dtype() != T::DTYPE {
@@ -270,19 +278,9 @@ pub(crate) fn last_logits(
             }
         }
     }
-    let out: Vec<Vec<f32>> = match e.out.dtype() {
-        DType::F16 => e
-            .out
-            .to_vec2::<half::f16>()?
-            .iter()
-            .map(|r| r.iter().map(|v| v.to_f32()).collect())
-            .collect(),
-        DType::BF16 => e
-            .out
-            .to_vec2::<half::bf16>()?
-            .iter()
-            .map(|r| r.iter().map(|v| v.to_f32()).collect())
-            .collect(),
+    let out = match e.out.dtype() {
+        DType::F16 => widen::<half::f16>(&e.out)?,
+        DType::BF16 => widen::<half::bf16>(&e.out)?,
         _ => e.out.to_vec2::<f32>()?,
     };
     if let Some((t3, t4)) = replay {

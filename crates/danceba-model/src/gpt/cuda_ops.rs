@@ -85,6 +85,19 @@ fn prep(t: &Tensor, dtype: DType, elems: usize, what: &str) -> Result<Tensor> {
     t.contiguous()
 }
 
+/// Checks that `t` has `x`'s shape (and, by [`prep`], its device and dtype) and makes it
+/// contiguous.
+fn like(t: &Tensor, x: &Tensor, what: &str) -> Result<Tensor> {
+    if t.dims() != x.dims() {
+        bail!(
+            "fused CUDA op: {what} {:?} does not match {:?}",
+            t.dims(),
+            x.dims()
+        );
+    }
+    prep(t, x.dtype(), x.elem_count(), what)
+}
+
 /// Runs `f` with the view of an optional operand.
 fn with_opt<T: CudaDType, R>(
     t: Option<&Tensor>,
@@ -585,14 +598,7 @@ fn add_norm(
 ) -> Result<(Tensor, Tensor)> {
     let (rows, n) = rows_and_width(x)?;
     check_groups(rows, groups)?;
-    if r.dims() != x.dims() {
-        bail!(
-            "fused CUDA op: residual {:?} does not match {:?}",
-            r.dims(),
-            x.dims()
-        );
-    }
-    let r = prep(r, x.dtype(), rows * n, "residual")?;
+    let r = like(r, x, "residual")?;
     let rb = match rb {
         Some(b) => Some(prep(b, x.dtype(), n, "residual bias")?),
         None => None,
@@ -644,23 +650,8 @@ pub fn bias_act_grouped(
     let (rows, n) = rows_and_width(x)?;
     check_groups(rows, groups)?;
     let b = prep(b, x.dtype(), groups * n, "bias")?;
-    let same = |t: Option<&Tensor>, what: &str| -> Result<Option<Tensor>> {
-        match t {
-            Some(t) => {
-                if t.dims() != x.dims() {
-                    bail!(
-                        "fused CUDA op: {what} {:?} does not match {:?}",
-                        t.dims(),
-                        x.dims()
-                    );
-                }
-                Ok(Some(prep(t, x.dtype(), rows * n, what)?))
-            }
-            None => Ok(None),
-        }
-    };
-    let g = same(g, "gate")?;
-    let r = same(r, "residual")?;
+    let g = g.map(|g| like(g, x, "gate")).transpose()?;
+    let r = r.map(|r| like(r, x, "residual")).transpose()?;
     x.contiguous()?.apply_op1_no_bwd(&Op {
         kind: Kind::BiasAct {
             b: Some(&b),
@@ -679,14 +670,7 @@ pub fn bias_act_grouped(
 /// binary kernels index every element through the shapes and strides).
 pub fn add(x: &Tensor, r: &Tensor) -> Result<Tensor> {
     let (rows, n) = rows_and_width(x)?;
-    if r.dims() != x.dims() {
-        bail!(
-            "fused CUDA op: residual {:?} does not match {:?}",
-            r.dims(),
-            x.dims()
-        );
-    }
-    let r = prep(r, x.dtype(), rows * n, "residual")?;
+    let r = like(r, x, "residual")?;
     x.contiguous()?.apply_op1_no_bwd(&Op {
         kind: Kind::BiasAct {
             b: None,
