@@ -517,6 +517,11 @@ fn fused_cuda_small_ops_match_candle_ops() {
                 &cuda_ops::bias_act(&xo, &b, Act::Silu, None).unwrap(),
                 &want,
             );
+            check(
+                "rms_norm unaligned",
+                &cuda_ops::rms_norm(&xo, &w, RMS_EPS).unwrap(),
+                &candle_nn::ops::rms_norm(&xo.contiguous().unwrap(), &w, RMS_EPS).unwrap(),
+            );
             let h = Tensor::cat(&[&x, &r], 1).unwrap();
             let want = x.mul(&candle_nn::ops::silu(&r).unwrap()).unwrap();
             check("silu_gate", &cuda_ops::silu_gate(&h).unwrap(), &want);

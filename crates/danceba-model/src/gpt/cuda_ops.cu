@@ -2,9 +2,10 @@
 // build.rs and loaded by cuda_ops.rs. Storage types f32, f16, bf16; arithmetic in f32 with the
 // same formulas and rounding points as candle's kernels they replace.
 //
-//  * rmsnorm_<T>: one block per row: y = T(x·rsqrt(mean(x²)+eps)·w)  (candle_nn::ops::rms_norm)
-//  * add_rmsnorm_<T>: s = T(x + r) (r optionally T(r + bias) first) and y = rmsnorm(s) in one
-//    pass; writes (2, rows, n) = [s, y].
+//  * rmsnorm_<T>_v<V>: one block per row: y = T(x·rsqrt(mean(x²)+eps)·w)
+//    (candle_nn::ops::rms_norm)
+//  * add_rmsnorm_<T>_v<V>: s = T(x + r) (r optionally T(r + bias) first) and y = rmsnorm(s) in
+//    one pass; writes (2, rows, n) = [s, y].
 //  * bias_act_<T>_v<V>: y = act(T(x + b)) [· g] [+ r], act ∈ {identity, SiLU, GELU(erf)}; the
 //    bias add after a GEMM (or none: a plain residual add), its activation, an optional
 //    elementwise gate and residual in one launch.
@@ -32,37 +33,6 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
     return v;
 }
 
-// x, r, s, y: (rows, n) contiguous; w: (groups, n), group g weighting the rows
-// g·rpg .. (g + 1)·rpg (one group: rpg = rows). r/s may be null (plain RMSNorm); rb (n), may be
-// null, is a bias added to r first: s = T(x + T(r + rb)) (a GEMM's bias add, then the residual).
-template <typename T>
-__device__ __forceinline__ void rmsnorm_row(const T* __restrict__ x, const T* __restrict__ r,
-                                            const T* __restrict__ rb, const T* __restrict__ w,
-                                            T* __restrict__ s, T* __restrict__ y, int n,
-                                            float eps, int rpg) {
-    __shared__ float sh[32];
-    const long long base = (long long)blockIdx.x * n;
-    w += (long long)(blockIdx.x / rpg) * n;
-    float acc = 0.0f;
-    for (int c = threadIdx.x; c < n; c += blockDim.x) {
-        float v = to_f(x[base + c]);
-        if (r != nullptr) {
-            float rv = to_f(r[base + c]);
-            if (rb != nullptr) rv = rnd<T>(rv + to_f(rb[c]));
-            v = rnd<T>(v + rv);
-            s[base + c] = from_f<T>(v);
-        }
-        acc += v * v;
-    }
-    const float sum = block_sum(acc, sh);
-    const float scale = rsqrtf(sum / n + eps);
-    for (int c = threadIdx.x; c < n; c += blockDim.x) {
-        // each thread re-reads the values it wrote itself: no barrier needed for s
-        const float v = r != nullptr ? to_f(s[base + c]) : to_f(x[base + c]);
-        y[base + c] = from_f<T>(scale * v * to_f(w[c]));
-    }
-}
-
 // V consecutive values of T, loaded and stored as one (aligned) vector access.
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
@@ -75,6 +45,53 @@ __device__ __forceinline__ Pack<T, V> ld(const T* p) {
 template <typename T, int V>
 __device__ __forceinline__ void st(T* p, const Pack<T, V>& v) {
     *reinterpret_cast<Pack<T, V>*>(p) = v;
+}
+
+// x, r, s, y: (rows, n) contiguous; w: (groups, n), group g weighting the rows
+// g·rpg .. (g + 1)·rpg (one group: rpg = rows). r/s may be null (plain RMSNorm); rb (n), may be
+// null, is a bias added to r first: s = T(x + T(r + rb)) (a GEMM's bias add, then the residual).
+// One block per row, each thread V consecutive values at a time (n and every row start
+// V-aligned: checked by the host).
+template <typename T, int V>
+__device__ __forceinline__ void rmsnorm_row(const T* __restrict__ x, const T* __restrict__ r,
+                                            const T* __restrict__ rb, const T* __restrict__ w,
+                                            T* __restrict__ s, T* __restrict__ y, int n,
+                                            float eps, int rpg) {
+    __shared__ float sh[32];
+    const long long base = (long long)blockIdx.x * n;
+    w += (long long)(blockIdx.x / rpg) * n;
+    float acc = 0.0f;
+    for (int c = threadIdx.x * V; c < n; c += blockDim.x * V) {
+        Pack<T, V> xv = ld<T, V>(x + base + c);
+        if (r != nullptr) {
+            const Pack<T, V> rv = ld<T, V>(r + base + c);
+            Pack<T, V> bv;
+            if (rb != nullptr) bv = ld<T, V>(rb + c);
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+                float rf = to_f(rv.v[k]);
+                if (rb != nullptr) rf = rnd<T>(rf + to_f(bv.v[k]));
+                xv.v[k] = from_f<T>(to_f(xv.v[k]) + rf);
+            }
+            st<T, V>(s + base + c, xv);
+        }
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+            const float v = to_f(xv.v[k]);
+            acc += v * v;
+        }
+    }
+    const float sum = block_sum(acc, sh);
+    const float scale = rsqrtf(sum / n + eps);
+    for (int c = threadIdx.x * V; c < n; c += blockDim.x * V) {
+        // each thread re-reads the values it wrote itself: no barrier needed for s
+        const Pack<T, V> xv = ld<T, V>((r != nullptr ? s : x) + base + c);
+        const Pack<T, V> wv = ld<T, V>(w + c);
+        Pack<T, V> o;
+#pragma unroll
+        for (int k = 0; k < V; ++k) o.v[k] = from_f<T>(scale * to_f(xv.v[k]) * to_f(wv.v[k]));
+        st<T, V>(y + base + c, o);
+    }
 }
 
 // The row-wise kernels below run on 2-D launches: threadIdx.x/blockIdx.x over the columns, V at
@@ -266,6 +283,15 @@ __device__ __forceinline__ void scale_mask_softmax(const T* __restrict__ s,
 }
 
 #define VEC_OPS(T, S, V)                                                                        \
+    extern "C" __global__ void rmsnorm_##S##_v##V(const T* x, const T* w, T* y, int n,          \
+                                                  float eps, int rpg) {                         \
+        rmsnorm_row<T, V>(x, nullptr, nullptr, w, nullptr, y, n, eps, rpg);                     \
+    }                                                                                           \
+    extern "C" __global__ void add_rmsnorm_##S##_v##V(const T* x, const T* r, const T* rb,      \
+                                                      const T* w, T* out, int n, float eps,     \
+                                                      int rpg) {                                \
+        rmsnorm_row<T, V>(x, r, rb, w, out, out + (long long)gridDim.x * n, n, eps, rpg);       \
+    }                                                                                           \
     extern "C" __global__ void bias_act_##S##_v##V(const T* x, const T* b, const T* g,          \
                                                    const T* r, T* y, int rows, int n, int act,  \
                                                    int rpg) {                                   \
@@ -291,14 +317,6 @@ __device__ __forceinline__ void scale_mask_softmax(const T* __restrict__ s,
     }
 
 #define OPS(T, S)                                                                               \
-    extern "C" __global__ void rmsnorm_##S(const T* x, const T* w, T* y, int n, float eps,      \
-                                           int rpg) {                                           \
-        rmsnorm_row<T>(x, nullptr, nullptr, w, nullptr, y, n, eps, rpg);                        \
-    }                                                                                           \
-    extern "C" __global__ void add_rmsnorm_##S(const T* x, const T* r, const T* rb, const T* w,  \
-                                               T* out, int n, float eps, int rpg) {             \
-        rmsnorm_row<T>(x, r, rb, w, out, out + (long long)gridDim.x * n, n, eps, rpg);          \
-    }                                                                                           \
     extern "C" __global__ void scale_mask_softmax_##S(const T* s, const T* mask, T* p, int rows,\
                                                       int n, float scale) {                     \
         scale_mask_softmax<T>(s, mask, p, rows, n, scale);                                      \

@@ -236,9 +236,15 @@ impl Op<'_> {
             } => {
                 as_i32(self.rows, "rows")?;
                 let rpg = as_i32(self.rows / groups, "rows per group")?;
+                let v = vec_width(
+                    &[self.n],
+                    &[xl.start_offset(), start(Some(*w)), start(*r), start(*rb)],
+                );
+                // one block per row, a vector per thread where the row allows (768: 192 threads)
+                let threads = (self.n / v).next_multiple_of(32).min(NORM_THREADS as usize);
                 let cfg = LaunchConfig {
                     grid_dim: (self.rows as u32, 1, 1),
-                    block_dim: (NORM_THREADS, 1, 1),
+                    block_dim: (threads as u32, 1, 1),
                     shared_mem_bytes: 0,
                 };
                 let outs = if r.is_some() { 2 } else { 1 };
@@ -249,7 +255,7 @@ impl Op<'_> {
                     match r {
                         None => {
                             let func = dev.get_or_load_custom_func(
-                                &format!("rmsnorm_{sfx}"),
+                                &format!("rmsnorm_{sfx}_v{v}"),
                                 MODULE,
                                 PTX,
                             )?;
@@ -263,7 +269,7 @@ impl Op<'_> {
                         Some(r) => with_cuda(r, |rs, rl| {
                             let rv = view::<T>(rs, rl)?;
                             let func = dev.get_or_load_custom_func(
-                                &format!("add_rmsnorm_{sfx}"),
+                                &format!("add_rmsnorm_{sfx}_v{v}"),
                                 MODULE,
                                 PTX,
                             )?;
