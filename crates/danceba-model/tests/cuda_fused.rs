@@ -558,6 +558,8 @@ fn fused_cuda_small_ops_match_candle_ops() {
         (8, 28, 12, 64),
         (2, 5, 3, 7),
         (3, 29, 2, 40),
+        (1, 5, 3, 7),
+        (1, 29, 2, 40),
     ] {
         let n = 3 * t;
         for dt in [DType::F32, DType::F16, DType::BF16] {
@@ -616,6 +618,23 @@ fn fused_cuda_small_ops_match_candle_ops() {
             let e = rel_err(&got, &want);
             println!("scale_mask_softmax {b}x{n} {dt:?}: rel err {e:.2e}");
             assert!(e <= tol, "scale_mask_softmax {b}x{n} {dt:?}: rel err {e}");
+            // p·v with the heads merged by the GEMM (one song) against candle's matmul + merge
+            let merged = got
+                .matmul(&v)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, n, c))
+                .unwrap();
+            if b == 1 {
+                let pv = cuda_ops::attention_pv_merged(&got, &v).unwrap();
+                assert_eq!(pv.dims(), merged.dims());
+                let e = rel_err(&pv, &merged);
+                println!("attention_pv_merged {n}x{c} {dt:?}: rel err {e:.2e}");
+                assert!(e <= tol, "attention_pv_merged {n}x{c} {dt:?}: rel err {e}");
+            } else {
+                assert!(cuda_ops::attention_pv_merged(&got, &v).is_err());
+            }
             assert!(cuda_ops::split_heads(&qkv, c + 1).is_err());
             assert!(
                 cuda_ops::scale_mask_softmax(&sc, &mask.narrow(0, 0, n - 1).unwrap(), 1.0).is_err()

@@ -597,8 +597,13 @@ impl BlockBase {
             };
             let s = q.matmul(&k.t()?)?;
             let p = cuda_ops::scale_mask_softmax(&s, mask, scale as f32)?;
-            // heads merged by one vectorised launch (candle's strided copy is ~4× slower)
-            let o = cuda_ops::swap_mid(&p.matmul(&v)?)?.reshape((b, n, c))?;
+            // one song: p·v writes the heads merged (one GEMM); a batch: heads merged by one
+            // vectorised launch (candle's strided copy is ~4× slower)
+            let o = if b == 1 {
+                cuda_ops::attention_pv_merged(&p, &v)?
+            } else {
+                cuda_ops::swap_mid(&p.matmul(&v)?)?.reshape((b, n, c))?
+            };
             return self.finish(x, &o, &g, next);
         }
         let qkv = self.qkv.forward(&h)?; // (B, n, 3C)

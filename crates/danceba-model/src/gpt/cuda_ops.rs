@@ -16,8 +16,8 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
-    bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor,
-    WithDType,
+    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage,
+    Tensor, WithDType,
 };
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/cuda_ops.ptx"));
@@ -898,4 +898,129 @@ pub fn scale_mask_softmax(s: &Tensor, mask: &Tensor, scale: f32) -> Result<Tenso
         n,
         out_shape: s.shape().clone(),
     })
+}
+
+/// `p·v` of one song's attention with the heads merged on the way: `p` (1, H, n, n) the softmax,
+/// `v` (1, H, n, hd) the value heads; returns (1, n, H·hd). One cuBLAS strided-batched GEMM
+/// that writes each head's block of columns in place (ldc = H·hd) instead of a product and a
+/// merge launch; the same product as candle's matmul.
+pub fn attention_pv_merged(p: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (pb, heads, n, n2) = p.dims4()?;
+    let (vb, vh, vn, hd) = v.dims4()?;
+    if pb != 1 || vb != 1 || vh != heads || vn != n || n2 != n || hd == 0 || n == 0 {
+        bail!(
+            "fused CUDA op: attention p {:?} / v {:?} are not (1, H, n, n) / (1, H, n, hd)",
+            p.dims(),
+            v.dims()
+        );
+    }
+    if !usable(p) || v.dtype() != p.dtype() || !v.device().is_cuda() {
+        bail!("fused CUDA op: attention operands must be CUDA tensors of one float dtype");
+    }
+    if heads * n * n.max(hd) > i32::MAX as usize {
+        bail!("fused CUDA op: unsupported attention shape {:?}", p.dims());
+    }
+    p.contiguous()?
+        .apply_op2_no_bwd(&v.contiguous()?, &PvMerged { heads, n, hd })
+}
+
+struct PvMerged {
+    heads: usize,
+    n: usize,
+    hd: usize,
+}
+
+impl PvMerged {
+    fn run<T: CudaDType + DeviceRepr>(
+        &self,
+        ps: &CudaStorage,
+        pl: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+        dt: candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType_t,
+    ) -> Result<CudaStorage> {
+        use candle_core::cuda_backend::cudarc::cublas::{result, sys};
+        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+        let dev = ps.device().clone();
+        let p = view::<T>(ps, pl)?;
+        let v = view::<T>(vs, vl)?;
+        let (h, n, hd) = (self.heads, self.n, self.hd);
+        let c = h * hd;
+        // SAFETY: the GEMM writes every element (each head its hd columns of every row).
+        let mut out = unsafe { dev.alloc::<T>(n * c)? };
+        let blas = dev.cublas_handle();
+        let stream = dev.cuda_stream();
+        let (alpha, beta) = (1f32, 0f32);
+        {
+            let (pp, _gp) = p.device_ptr(&stream);
+            let (vp, _gv) = v.device_ptr(&stream);
+            let (op, _go) = out.device_ptr_mut(&stream);
+            // column-major: O_hᵀ (hd × n, ld C) = V_hᵀ (hd × n, ld hd) · P_hᵀ (n × n, ld n)
+            // SAFETY: the pointers cover H·n·hd (v), H·n·n (p) and n·C (out) elements, which
+            // the strides and leading dimensions below stay within; f32 alpha/beta with an f32
+            // compute type, as candle's GEMM calls.
+            unsafe {
+                result::gemm_strided_batched_ex(
+                    *blas.handle(),
+                    sys::cublasOperation_t::CUBLAS_OP_N,
+                    sys::cublasOperation_t::CUBLAS_OP_N,
+                    hd as i32,
+                    n as i32,
+                    n as i32,
+                    (&alpha) as *const f32 as *const _,
+                    vp as *const _,
+                    dt,
+                    hd as i32,
+                    (n * hd) as i64,
+                    pp as *const _,
+                    dt,
+                    n as i32,
+                    (n * n) as i64,
+                    (&beta) as *const f32 as *const _,
+                    op as *mut _,
+                    dt,
+                    c as i32,
+                    hd as i64,
+                    h as i32,
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+                )
+            }
+            .map_err(|e| candle_core::Error::Msg(format!("cuBLAS attention p·v: {e:?}")))?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+}
+
+impl CustomOp2 for PvMerged {
+    fn name(&self) -> &'static str {
+        "danceba-attention-pv-merged"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("the fused CUDA ops run on CUDA devices only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        ps: &CudaStorage,
+        pl: &Layout,
+        vs: &CudaStorage,
+        vl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType_t as Dt;
+        let out = match ps.dtype() {
+            DType::F32 => self.run::<f32>(ps, pl, vs, vl, Dt::CUDA_R_32F)?,
+            DType::F16 => self.run::<half::f16>(ps, pl, vs, vl, Dt::CUDA_R_16F)?,
+            DType::BF16 => self.run::<half::bf16>(ps, pl, vs, vl, Dt::CUDA_R_16BF)?,
+            d => bail!("the fused CUDA ops take f32, f16 or bf16, not {d:?}"),
+        };
+        Ok((out, Shape::from((1, self.n, self.heads * self.hd))))
+    }
 }
