@@ -170,7 +170,7 @@ impl Lin {
                 let rows: usize = dims[..last].iter().product();
                 let mut out_dims = dims.clone();
                 out_dims[last] = self.out_dim();
-                let y = x.reshape((rows, dims[last]))?.matmul(&self.w.t()?)?;
+                let y = self.product_rows(x)?;
                 let as_rows = |t: Option<&Tensor>| -> Result<Option<Tensor>> {
                     Ok(match t {
                         Some(t) => Some(t.reshape((rows, self.out_dim()))?),
@@ -219,6 +219,42 @@ impl Lin {
             y = y.broadcast_add(b)?;
         }
         Ok(y.reshape(out_dims)?)
+    }
+
+    /// `x·Wᵀ` without the bias, as (rows, out) (`x`'s leading dimensions flattened): candle's
+    /// matmul, i.e. cuBLAS on CUDA, for the fused launches that add the bias afterwards.
+    #[cfg(feature = "cuda")]
+    fn product_rows(&self, x: &Tensor) -> Result<Tensor> {
+        let k = self.w.dim(1)?;
+        Ok(x.reshape((x.elem_count() / k, k))?.matmul(&self.w.t()?)?)
+    }
+
+    /// On CUDA where cuBLAS takes the product: `s = r + (x·Wᵀ + b)` and `norm(s)` as one GEMM
+    /// and one launch (the rounding points of the separate ops), `s` shaped like the residual
+    /// `r`; `None` where that does not apply.
+    #[cfg(feature = "cuda")]
+    fn add_norm_fused(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        norm: &RmsNorm,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let Some(b) = &self.b else {
+            return Ok(None);
+        };
+        if !(super::cuda_ops::usable(x)
+            && x.dtype() == self.w.dtype()
+            && r.dtype() == self.w.dtype()
+            && x.elem_count() / self.w.dim(1)? * self.out_dim() == r.elem_count()
+            && !super::cuda_gemm::applies(x, &self.w))
+        {
+            return Ok(None);
+        }
+        let y = self.product_rows(x)?.reshape(r.dims())?;
+        let nw = norm.weight().to_dtype(r.dtype())?;
+        Ok(Some(super::cuda_ops::add_bias_rms_norm(
+            r, &y, b, &nw, RMS_EPS,
+        )?))
     }
 
     /// The same product with candle's matmul, whatever the device (the oracle of the tests).
@@ -587,10 +623,7 @@ impl BlockBase {
             let (q, k, v) = match self.qkv.bias() {
                 // cuBLAS's product, its bias added by the head split (one launch less)
                 Some(bias) if h.dtype() == w.dtype() && !super::cuda_gemm::applies(&h, w) => {
-                    let raw = h
-                        .reshape((b * n, c))?
-                        .matmul(&w.t()?)?
-                        .reshape((b, n, 3 * c))?;
+                    let raw = self.qkv.product_rows(&h)?.reshape((b, n, 3 * c))?;
                     cuda_ops::split_heads_bias(&raw, Some(bias), self.n_head)?
                 }
                 _ => cuda_ops::split_heads(&self.qkv.forward(&h)?, self.n_head)?,
@@ -634,19 +667,8 @@ impl BlockBase {
     /// add joins the residual add and the norm in one launch (same rounding points).
     fn out_proj_add_norm(&self, x: &Tensor, yg: &Tensor) -> Result<(Tensor, Tensor)> {
         #[cfg(feature = "cuda")]
-        if let Some(b) = self.out_proj.bias() {
-            let w = self.out_proj.weight();
-            if super::cuda_ops::usable(yg)
-                && yg.dtype() == w.dtype()
-                && x.dtype() == w.dtype()
-                && yg.dims() == x.dims()
-                && !super::cuda_gemm::applies(yg, w)
-            {
-                let (k, rows) = (w.dims()[1], yg.elem_count() / w.dims()[1]);
-                let y = yg.reshape((rows, k))?.matmul(&w.t()?)?.reshape(x.dims())?;
-                let nw = self.norm2.weight().to_dtype(x.dtype())?;
-                return Ok(super::cuda_ops::add_bias_rms_norm(x, &y, b, &nw, RMS_EPS)?);
-            }
+        if let Some(both) = self.out_proj.add_norm_fused(yg, x, &self.norm2)? {
+            return Ok(both);
         }
         self.norm2.add_forward(x, &self.out_proj.forward(yg)?)
     }
@@ -665,17 +687,8 @@ impl BlockBase {
         let (x, m) = self.out_proj_add_norm(x, &yg)?;
         let h = self.fc1.forward_act(&m, Act::GeluErf, None)?;
         #[cfg(feature = "cuda")]
-        if let (Some(next), Some(b)) = (next, self.fc2.bias()) {
-            let w = self.fc2.weight();
-            if super::cuda_ops::usable(&h)
-                && h.dtype() == w.dtype()
-                && x.dtype() == w.dtype()
-                && !super::cuda_gemm::applies(&h, w)
-            {
-                let (k, rows) = (w.dims()[1], h.elem_count() / w.dims()[1]);
-                let y = h.reshape((rows, k))?.matmul(&w.t()?)?.reshape(x.dims())?;
-                let nw = next.weight().to_dtype(x.dtype())?;
-                let (s, n) = super::cuda_ops::add_bias_rms_norm(&x, &y, b, &nw, RMS_EPS)?;
+        if let Some(next) = next {
+            if let Some((s, n)) = self.fc2.add_norm_fused(&h, &x, next)? {
                 return Ok((s, Some(n)));
             }
         }

@@ -511,27 +511,22 @@ impl HeadGroup {
     }
 }
 
-/// `x[g]·w[g]ᵀ (+ residual[g])` for `x` (G, M, K) and stacked weights `w` (G, N, K): the
-/// grouped skinny GEMM where it applies (and for a column slice `x` it can read in place, in
-/// any dtype), else cuBLAS's batched GEMM (and the add).
+/// `x[g]·w[g]ᵀ` for `x` (G, M, K) and stacked weights `w` (G, N, K): the grouped skinny GEMM
+/// where it applies (and for a column slice `x` it can read in place, in any dtype), else
+/// cuBLAS's batched GEMM.
 #[cfg(feature = "cuda")]
-fn grouped_linear(x: &Tensor, w: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+fn grouped_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     use super::cuda_gemm;
     if cuda_gemm::applies(x, w) || (!x.is_contiguous() && cuda_gemm::takes_strided(x, w)) {
         let ep = cuda_gemm::Epilogue {
             bias: None,
             act: super::block_base::Act::Identity,
             gate: None,
-            residual,
+            residual: None,
         };
         return Ok(cuda_gemm::linear(x, w, ep)?);
     }
-    let y = x.contiguous()?.matmul(&w.transpose(1, 2)?)?;
-    Ok(match residual {
-        Some(r) if super::cuda_ops::usable(&y) => super::cuda_ops::add(&y, r)?,
-        Some(r) => (r + y)?,
-        None => y,
-    })
+    Ok(x.contiguous()?.matmul(&w.transpose(1, 2)?)?)
 }
 
 impl BlockHead {
@@ -652,12 +647,12 @@ impl BlockHead {
                     n
                 }
             };
-            let xz = grouped_linear(&n, &g.in_proj, None)?.contiguous()?;
+            let xz = grouped_linear(&n, &g.in_proj)?.contiguous()?;
             let xz3 = xz.reshape((3 * b, t, 2 * di))?;
             let u = cuda_scan::conv_silu_grouped(&xz3, di, &g.conv_w, &g.conv_b, 3)?;
-            let xd = grouped_linear(&u.reshape((3, b * t, di))?, &g.x_proj, None)?.contiguous()?;
+            let xd = grouped_linear(&u.reshape((3, b * t, di))?, &g.x_proj)?.contiguous()?;
             // the skinny GEMM reads the Δ columns of `xd` in place (no copy)
-            let dpre = grouped_linear(&xd.narrow(D::Minus1, 0, dr)?, &g.dt_proj, None)?;
+            let dpre = grouped_linear(&xd.narrow(D::Minus1, 0, dr)?, &g.dt_proj)?;
             let y = cuda_scan::selective_scan_grouped(
                 &u,
                 &cuda_scan::ScanArgs {
@@ -673,14 +668,14 @@ impl BlockHead {
                 },
                 3,
             )?;
-            let y = grouped_linear(&y.reshape((3, b * t, di))?, &g.out_proj, None)?;
+            let y = grouped_linear(&y.reshape((3, b * t, di))?, &g.out_proj)?;
             // GatedMLP
             let (s, n) =
                 cuda_ops::add_rms_norm_grouped(&xs, &y, &g.norm_b.to_dtype(dtype)?, RMS_EPS, 3)?;
             xs = s;
-            let h = grouped_linear(&n, &g.fc1, None)?;
+            let h = grouped_linear(&n, &g.fc1)?;
             let gated = cuda_ops::silu_gate(&h)?;
-            pending = Some(grouped_linear(&gated, &g.fc2, None)?);
+            pending = Some(grouped_linear(&gated, &g.fc2)?);
         }
         if let Some(y) = pending {
             xs = cuda_ops::add(&y, &xs)?;
