@@ -8,7 +8,7 @@ mod gpt_common;
 
 use candle_core::{DType, Device, Tensor, D};
 use danceba_model::gpt::block_base::Act;
-use danceba_model::gpt::cuda_gemm::{self, Epilogue};
+use danceba_model::gpt::cuda_gemm::{self, Epilogue, F32Kernel};
 use gpt_common::rel_err;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -79,9 +79,18 @@ fn skinny_gemm_matches_cublas_and_candle_ops() {
         (&[17], 132, 20),
         (&[3, 11], 260, 36),
         (&[128], 1028, 4),
+        // batch 8, and tails of the register-tiled f32 kernel (rows, columns, k chunks)
+        (&[8, 28], 3072, 768),
+        (&[672], 768, 768),
+        (&[33], 1060, 132),
+        (&[2, 47], 36, 260),
     ];
+    let kinds = F32Kernel::ALL.map(|k| (DType::F32, k)).into_iter().chain([
+        (DType::F16, F32Kernel::Tile16x4),
+        (DType::BF16, F32Kernel::Tile16x4),
+    ]);
     for &(lead, k, n) in shapes {
-        for dt in [DType::F32, DType::F16, DType::BF16] {
+        for (dt, f32k) in kinds.clone() {
             let tol = if dt == DType::F32 { 2e-6 } else { 1e-2 };
             let mut xdims = lead.to_vec();
             xdims.push(k);
@@ -139,21 +148,23 @@ fn skinny_gemm_matches_cublas_and_candle_ops() {
                 },
             ];
             for (i, ep) in eps.iter().enumerate() {
-                let got = cuda_gemm::linear(&x, &w, *ep).unwrap();
+                let got = cuda_gemm::linear_with(&x, &w, *ep, f32k).unwrap();
                 assert_eq!(got.dims(), ydims.as_slice());
                 let want = reference(&x, &w, ep);
                 let e = rel_err(&got, &want);
                 if i == 0 || e > tol / 10.0 {
-                    println!("{xdims:?} x ({n}, {k}) {dt:?} epilogue {i}: rel err {e:.2e}");
+                    println!(
+                        "{xdims:?} x ({n}, {k}) {dt:?} {f32k:?} epilogue {i}: rel err {e:.2e}"
+                    );
                 }
                 assert!(
                     e <= tol,
-                    "{xdims:?} x ({n}, {k}) {dt:?} epilogue {i}: rel err {e}"
+                    "{xdims:?} x ({n}, {k}) {dt:?} {f32k:?} epilogue {i}: rel err {e}"
                 );
             }
             // deterministic: the same bits twice
-            let a = cuda_gemm::linear(&x, &w, eps[1]).unwrap();
-            let b2 = cuda_gemm::linear(&x, &w, eps[1]).unwrap();
+            let a = cuda_gemm::linear_with(&x, &w, eps[1], f32k).unwrap();
+            let b2 = cuda_gemm::linear_with(&x, &w, eps[1], f32k).unwrap();
             let diff = (a.to_dtype(DType::F32).unwrap() - b2.to_dtype(DType::F32).unwrap())
                 .unwrap()
                 .abs()
@@ -162,7 +173,61 @@ fn skinny_gemm_matches_cublas_and_candle_ops() {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            assert_eq!(diff, 0.0, "{xdims:?} x {n} {dt:?} is not deterministic");
+            assert_eq!(
+                diff, 0.0,
+                "{xdims:?} x {n} {dt:?} {f32k:?} is not deterministic"
+            );
+        }
+    }
+}
+
+#[test]
+fn stacked_products_match_one_by_one() {
+    let dev = cuda();
+    let mut rng = StdRng::seed_from_u64(14);
+    // (groups, rows per group, K, N): the head's three streams at batch 1 and 8, odd sizes
+    for &(g, rows, k, n) in &[
+        (3, 28, 768, 6144),
+        (3, 28, 3072, 304),
+        (3, 224, 3072, 768),
+        (2, 37, 100, 132),
+    ] {
+        for (dt, f32k) in F32Kernel::ALL
+            .map(|k| (DType::F32, k))
+            .into_iter()
+            .chain([(DType::BF16, F32Kernel::Auto)])
+        {
+            let tol = if dt == DType::F32 { 2e-6 } else { 1e-2 };
+            let scale = 1.0 / (k as f32).sqrt();
+            let x = uniform(&mut rng, &[g, rows, k], -2.0, 2.0, dt, &dev);
+            let w = uniform(&mut rng, &[g, n, k], -scale, scale, dt, &dev);
+            let b = uniform(&mut rng, &[g, n], -0.5, 0.5, dt, &dev);
+            let r = uniform(&mut rng, &[g, rows, n], -2.0, 2.0, dt, &dev);
+            let ep = Epilogue {
+                bias: Some(&b),
+                act: Act::Silu,
+                gate: None,
+                residual: Some(&r),
+            };
+            let got = cuda_gemm::linear_with(&x, &w, ep, f32k).unwrap();
+            assert_eq!(got.dims(), &[g, rows, n]);
+            for i in 0..g {
+                let (bi, ri) = (b.get(i).unwrap(), r.get(i).unwrap());
+                let want = reference(
+                    &x.get(i).unwrap(),
+                    &w.get(i).unwrap(),
+                    &Epilogue {
+                        bias: Some(&bi),
+                        residual: Some(&ri),
+                        ..ep
+                    },
+                );
+                let e = rel_err(&got.get(i).unwrap(), &want);
+                assert!(
+                    e <= tol,
+                    "group {i} of {g} × ({rows}, {k}) → {n} {dt:?} {f32k:?}: rel err {e}"
+                );
+            }
         }
     }
 }
@@ -245,9 +310,22 @@ fn skinny_gemm_refuses_what_it_cannot_take() {
         ..ep
     };
     assert!(cuda_gemm::linear(&x, &w, bad).is_err());
-    // the model's layers send at most max_rows() rows to it
-    let tall = f32u(&mut rng, &[cuda_gemm::max_rows() + 1, 64]);
-    assert!(cuda_gemm::supports(&tall, &w) && !cuda_gemm::applies(&tall, &w));
+    // the model's layers send at most max_rows() rows to it (f16/bf16 and the K-splitting f32
+    // kernel: 32 by default; the register-tiled f32 kernels: any number)
+    let limit = cuda_gemm::max_rows(DType::F16);
+    let tall = f32u(&mut rng, &[limit + 1, 64])
+        .to_dtype(DType::F16)
+        .unwrap();
+    let wh16 = w.to_dtype(DType::F16).unwrap();
+    assert!(cuda_gemm::supports(&tall, &wh16) && !cuda_gemm::applies(&tall, &wh16));
+    let f32_limit = cuda_gemm::max_rows(DType::F32);
+    if f32_limit < 100_000 {
+        let tall = f32u(&mut rng, &[f32_limit + 1, 64]);
+        assert!(cuda_gemm::supports(&tall, &w) && !cuda_gemm::applies(&tall, &w));
+    } else {
+        let tall = f32u(&mut rng, &[4096, 64]);
+        assert!(cuda_gemm::applies(&tall, &w));
+    }
     // the model's layers send f32 to it by default, f16/bf16 to cuBLAS (`DANCEBA_CUDA_GEMM`)
     let xh = x.to_dtype(DType::F16).unwrap();
     let wh = w.to_dtype(DType::F16).unwrap();

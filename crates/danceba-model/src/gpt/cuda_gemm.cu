@@ -112,6 +112,13 @@ __device__ __forceinline__ void copy_wait() {
 #endif
 }
 
+// Waits until every committed group has landed.
+__device__ __forceinline__ void copy_wait_all() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 0;\n" ::);
+#endif
+}
+
 __device__ __forceinline__ void smem4(const float* p, float v[4]) {
     const float4 t = *reinterpret_cast<const float4*>(p);
     v[0] = t.x;
@@ -385,6 +392,159 @@ __device__ __forceinline__ void skinny_reduce(const float* __restrict__ ws,
                 act);
 }
 
+// Asynchronous 16-byte copy from global to shared memory bypassing L1 (cp.async.cg; zeros when
+// !valid, and then nothing is read); a plain copy before sm_80.
+__device__ __forceinline__ void copy16_cg(float* dst, const float* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+                 "r"(valid ? 16 : 0));
+#else
+    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (valid) v = __ldg(reinterpret_cast<const float4*>(src));
+    *reinterpret_cast<float4*>(dst) = v;
+#endif
+}
+
+// The f32 register-tiled GEMM (sm_80+: cp.async; dynamic shared memory tg_smem_bytes(BN)).
+// Block tile: TG_BM = 32 rows x BN = 32·TN columns, 8 warps: WM = 32 / TM row groups × WK =
+// 8 / WM k groups, warp w taking rows TM·(w % WM) .. + TM over the k range (w / WM) of every
+// TG_KT chunk. Lane l holds TM × TN outputs (tile row r, column l + 32j): every lane of a warp
+// reads the same x quad (one broadcast wavefront) and its own TN weight rows (rows TG_S floats
+// apart: conflict-free), 4·TM·TN FMAs per TM + TN loads. Sums: per lane FMAs over k in order
+// within each k group, the groups added in order, then the K splits in order (skinny_reduce):
+// deterministic.
+#define TG_BM 32
+#define TG_KT 64
+#define TG_STAGES 2  // chunks in flight: one copied while the other is summed
+#define TG_S (TG_KT + 4)
+#define TG_THREADS 256
+
+// Floats of one pipeline stage of a tile kernel with bn columns (TG_STAGES stages of dynamic
+// shared memory: 16x4 87,040 bytes).
+__host__ __device__ constexpr int tg_stage(int bn) { return (TG_BM + bn) * TG_S; }
+
+template <int TM, int TN>
+__device__ __forceinline__ void tile_gemm(const float* __restrict__ x, const float* __restrict__ w,
+                                          const float* __restrict__ bias,
+                                          const float* __restrict__ gate,
+                                          const float* __restrict__ res, float* __restrict__ y,
+                                          float* __restrict__ ws, int M, int N, int K, int ldx,
+                                          int kchunk, int act, int split, int splits) {
+    constexpr int TBN = 32 * TN;
+    constexpr int WM = TG_BM / TM;
+    constexpr int WK = (TG_THREADS / 32) / WM;
+    constexpr int KW = TG_KT / WK;  // k per warp and chunk
+    constexpr int STAGE = tg_stage(TBN);
+    static_assert(WM * TM == TG_BM && WM * WK * 32 == TG_THREADS && KW % 4 == 0, "tiling");
+    static_assert(WK * TG_BM * TBN <= TG_STAGES * STAGE, "the k groups' sums fit the stages");
+    extern __shared__ __align__(16) float tg_smem[];
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int wm = warp % WM, wk = warp / WM;
+    const int m0 = blockIdx.x * TG_BM;
+    const int nb = blockIdx.y * TBN;
+    const int rows = min(TG_BM, M - m0);
+    const int kb = split * kchunk;
+    const int ke = min(K, kb + kchunk);
+    const int chunks = (ke - kb + TG_KT - 1) / TG_KT;
+
+    // Thread t copies quad kq of rows r0 + RP·i (r0 = t / QR, RP = TG_THREADS / QR rows per
+    // pass) of the chunk's 32 x rows and then of its 32·TN weight rows (QR quads per row).
+    constexpr int QR = TG_KT / 4;
+    constexpr int RP = TG_THREADS / QR;
+    constexpr int XP = TG_BM / RP, WP = TBN / RP;  // passes over x and over the weights
+    static_assert(XP * RP == TG_BM && WP * RP == TBN, "whole passes");
+    const int r0 = threadIdx.x / QR, kq = 4 * (threadIdx.x % QR);
+    unsigned xrows = 0, wrows = 0;  // bit i: row r0 + RP·i exists (x: below M, weights: N)
+#pragma unroll
+    for (int i = 0; i < XP; ++i) xrows |= (r0 + RP * i < rows ? 1u : 0u) << i;
+#pragma unroll
+    for (int i = 0; i < WP; ++i) wrows |= (nb + r0 + RP * i < N ? 1u : 0u) << i;
+    const float* xsrc = x + (long long)(m0 + r0) * ldx + kb + kq;
+    const float* wsrc = w + (long long)(nb + r0) * K + kb + kq;
+    // copies chunk c (zeros past M, N or ke) into stage c % TG_STAGES, then commits a group (an
+    // empty one past the last chunk)
+    auto issue = [&](int c) {
+        if (c < chunks) {
+            float* dst = tg_smem + (c % TG_STAGES) * STAGE + r0 * TG_S + kq;
+            const bool kin = kb + c * TG_KT + kq < ke;
+#pragma unroll
+            for (int i = 0; i < XP; ++i) {
+                const bool ok = kin && ((xrows >> i) & 1u);
+                copy16_cg(dst + RP * i * TG_S,
+                          ok ? xsrc + (long long)RP * i * ldx + c * TG_KT : x, ok);
+            }
+#pragma unroll
+            for (int i = 0; i < WP; ++i) {
+                const bool ok = kin && ((wrows >> i) & 1u);
+                copy16_cg(dst + (TG_BM + RP * i) * TG_S,
+                          ok ? wsrc + (long long)RP * i * K + c * TG_KT : w, ok);
+            }
+        }
+        copy_commit();
+    };
+
+    float acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+    issue(0);
+    for (int c = 0; c < chunks; ++c) {
+        copy_wait_all();
+        __syncthreads();  // chunk c is in; every warp is done with chunk c - 1's stage
+        issue(c + 1);
+        const float* xs = tg_smem + (c % TG_STAGES) * STAGE + wm * TM * TG_S + wk * KW;
+        const float* wsh =
+            tg_smem + (c % TG_STAGES) * STAGE + TG_BM * TG_S + lane * TG_S + wk * KW;
+#pragma unroll
+        for (int kq = 0; kq < KW; kq += 4) {
+            float4 wv[TN];
+#pragma unroll
+            for (int j = 0; j < TN; ++j)
+                wv[j] = *reinterpret_cast<const float4*>(wsh + 32 * j * TG_S + kq);
+#pragma unroll
+            for (int i = 0; i < TM; ++i) {
+                const float4 xv = *reinterpret_cast<const float4*>(xs + i * TG_S + kq);
+#pragma unroll
+                for (int j = 0; j < TN; ++j) {
+                    acc[i][j] = fmaf(xv.x, wv[j].x, acc[i][j]);
+                    acc[i][j] = fmaf(xv.y, wv[j].y, acc[i][j]);
+                    acc[i][j] = fmaf(xv.z, wv[j].z, acc[i][j]);
+                    acc[i][j] = fmaf(xv.w, wv[j].w, acc[i][j]);
+                }
+            }
+        }
+    }
+    __syncthreads();  // every warp is done with the stages: reuse them for the k groups
+    // red[q][r][c]: k group q's sums of tile row r, column c
+    float* red = tg_smem;
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j)
+            red[(wk * TG_BM + wm * TM + i) * TBN + lane + 32 * j] = acc[i][j];
+    __syncthreads();
+    // every thread: column t % TBN of rows t / TBN + i·(TG_THREADS / TBN), k groups in order
+    const int col = threadIdx.x % TBN;
+    const long long mn = (long long)M * N;
+    if (nb + col < N) {
+#pragma unroll 1
+        for (int r = threadIdx.x / TBN; r < rows; r += TG_THREADS / TBN) {
+            float v = red[r * TBN + col];
+#pragma unroll
+            for (int q = 1; q < WK; ++q) v += red[(q * TG_BM + r) * TBN + col];
+            const long long o = (long long)(m0 + r) * N + nb + col;
+            if (splits == 1) {
+                epilogue<float>(v, bias, gate, res, y, o, nb + col, act);
+            } else {
+                ws[split * mn + o] = v;
+            }
+        }
+    }
+}
+
 // The kernels' grid z is (group, split), split fastest: group g reads x + g·xg and the weights
 // w + g·wg, its bias b + g·N, gate, residual and output (and workspace) the g-th (M, N) block
 // (the three streams of a Block_Head, each with its own weights, in one launch).
@@ -427,6 +587,20 @@ __device__ __forceinline__ void skinny_reduce(const float* __restrict__ ws,
         GROUP_OFFSETS                                                                           \
         skinny_mma<T>(x, w, bias, gate, res, y, ws, M, N, K, ldx, kchunk, act, split, splits);  \
     }
+
+#define TILE(TM, TN, MINB)                                                                      \
+    extern "C" __global__ void __launch_bounds__(TG_THREADS, MINB)                              \
+        tile_gemm##TM##x##TN##_f32(const float* x, const float* w, const float* bias,           \
+                                   const float* gate, const float* res, float* y, float* ws,    \
+                                   int M, int N, int K, int ldx, int kchunk, int act,           \
+                                   int splits, long long xg, long long wg) {                    \
+        GROUP_OFFSETS                                                                           \
+        tile_gemm<TM, TN>(x, w, bias, gate, res, y, ws, M, N, K, ldx, kchunk, act, split,       \
+                          splits);                                                              \
+    }
+
+TILE(16, 4, 2)
+TILE(16, 2, 3)
 
 GEMMS(float, f32)
 GEMMS(__half, f16)

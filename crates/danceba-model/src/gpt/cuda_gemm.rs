@@ -2,24 +2,27 @@
 //! rows (one window: 28 or 84 rows per song) with the bias, the activation, an elementwise gate
 //! and a residual add fused into its epilogue (`cuda_gemm.cu`, compiled to PTX by the build
 //! script). cuBLAS cuts such products into a few dozen 32×32 tiles and leaves most of the GPU
-//! idle; here each block streams x and the weights through a 3-deep cp.async pipeline in shared
+//! idle; here each block streams x and the weights through a cp.async pipeline in shared
 //! memory, and K is split over blocks (a second kernel adds the partial sums in order) until the
-//! GPU is full. f32 runs on CUDA-core FMAs (16 output columns of 8 or 16 rows per block),
-//! f16/bf16 on the tensor cores (m16n8k16 products, 32 columns of 16 rows per block).
+//! GPU is busy. f32 runs on CUDA-core FMAs: register tiles of 16 rows × 2 or 4 columns per lane,
+//! 32 × 64 or 32 × 128 per block ([`F32Kernel`]; the K-splitting kernel with 16 output columns
+//! of 8 or 16 rows per block takes at most 8 rows), f16/bf16 on the tensor cores (m16n8k16
+//! products, 32 columns of 16 rows per block).
 //!
-//! f32 results differ from cuBLAS only by the order of the K sum (deterministic: per-lane FMAs,
-//! a fixed shuffle tree, the K splits in order); f16/bf16 keep f32 sums and the rounding points
-//! of the unfused path (GEMM result, bias, activation, gate, residual).
+//! f32 results differ from cuBLAS only by the order of the K sum (deterministic: per-lane FMAs
+//! in k order, fixed partial-sum trees, the K splits in order); f16/bf16 keep f32 sums and the
+//! rounding points of the unfused path (GEMM result, bias, activation, gate, residual).
 //!
-//! The model uses it for f32 products of at most [`max_rows`] rows (`DANCEBA_CUDA_GEMM_MAX_ROWS`,
-//! default 32: one song's 28-row Mamba/MLP layers; cuBLAS was faster on the base blocks' 84 rows
-//! and bigger batches). In f16/bf16 the tensor-core kernel and cuBLAS measured the same, so the
-//! default leaves them to cuBLAS; `DANCEBA_CUDA_GEMM=all` takes every dtype,
-//! `DANCEBA_CUDA_GEMM=0|off|false|no` none ([`Mode`]).
+//! The model uses it for every f32 product (measured on an H100 against cuBLAS: one song's
+//! step 1.97–2.04 ms instead of 2.19–2.22, eight songs' 7.27–7.38 instead of 7.46–7.47 ms);
+//! [`max_rows`] (`DANCEBA_CUDA_GEMM_MAX_ROWS`) limits it. In f16/bf16 the tensor-core kernel
+//! and cuBLAS measured the same, so the default leaves them to cuBLAS; `DANCEBA_CUDA_GEMM=all`
+//! takes every dtype (up to 32 rows), `DANCEBA_CUDA_GEMM=0|off|false|no` none ([`Mode`]).
 
 use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -40,8 +43,10 @@ const KT: usize = 128;
 /// Blocks to aim for: four per SM of an H100/H200 (132 SMs; registers and shared memory allow
 /// four); K is split until there are.
 const TARGET_BLOCKS: usize = 528;
-/// Default of [`max_rows`]. On an H200 (f32, batch 1): 32 → 2.87 ms per step, 128 (the 84-row
-/// base blocks too) → 2.96 ms, 16 (the ramp only) → 3.11 ms, cuBLAS only → 3.14 ms.
+/// Default of [`max_rows`] for the K-splitting kernels (f16/bf16 with `DANCEBA_CUDA_GEMM=all`,
+/// f32 with `DANCEBA_CUDA_GEMM_F32=skinny`). On an H200 (f32, batch 1): 32 → 2.87 ms per step,
+/// 128 (the 84-row base blocks too) → 2.96 ms, 16 (the ramp only) → 3.11 ms, cuBLAS only →
+/// 3.14 ms.
 pub const DEFAULT_MAX_ROWS: usize = 32;
 
 /// Which dtypes the model's linear layers send to the skinny GEMM (`DANCEBA_CUDA_GEMM`).
@@ -72,11 +77,19 @@ pub fn mode() -> Mode {
     })
 }
 
-/// The most rows (product of the leading dimensions) the skinny GEMM takes; bigger products go
-/// to cuBLAS. `DANCEBA_CUDA_GEMM_MAX_ROWS` overrides the default (32).
-pub fn max_rows() -> usize {
-    static N: OnceLock<usize> = OnceLock::new();
-    *N.get_or_init(|| super::env_usize("DANCEBA_CUDA_GEMM_MAX_ROWS").unwrap_or(DEFAULT_MAX_ROWS))
+/// The most rows (per group) the model's `dtype` products send here; bigger ones go to cuBLAS.
+/// `DANCEBA_CUDA_GEMM_MAX_ROWS` overrides the default: no limit for f32 on the register-tiled
+/// kernels, [`DEFAULT_MAX_ROWS`] for the K-splitting ones.
+pub fn max_rows(dtype: DType) -> usize {
+    static N: OnceLock<Option<usize>> = OnceLock::new();
+    let set = *N.get_or_init(|| super::env_usize("DANCEBA_CUDA_GEMM_MAX_ROWS"));
+    set.unwrap_or(
+        if dtype == DType::F32 && f32_kernel() != F32Kernel::Skinny {
+            usize::MAX
+        } else {
+            DEFAULT_MAX_ROWS
+        },
+    )
 }
 
 /// The epilogue of one product.
@@ -124,7 +137,7 @@ pub fn applies(x: &Tensor, w: &Tensor) -> bool {
         Mode::F32 => x.dtype() == DType::F32,
         Mode::All => x.dtype() == DType::F32 || tensor_cores(),
     };
-    dtype_on && supports(x, w) && group_shape(x, w).is_some_and(|g| g.rows <= max_rows())
+    dtype_on && supports(x, w) && group_shape(x, w).is_some_and(|g| g.rows <= max_rows(x.dtype()))
 }
 
 /// The product's shape: `groups` products of `rows` × `k` → `n`.
@@ -143,7 +156,7 @@ pub fn takes_strided(x: &Tensor, w: &Tensor) -> bool {
     mode() != Mode::Off
         && (x.dtype() == DType::F32 || tensor_cores())
         && supports(x, w)
-        && group_shape(x, w).is_some_and(|g| g.rows <= max_rows())
+        && group_shape(x, w).is_some_and(|g| g.rows <= max_rows(x.dtype()))
 }
 
 /// The shape of `x` (.., K) times `w` (N, K) (one group), or of `x` (G, .., K) times `w`
@@ -193,6 +206,7 @@ struct Gemm<'a> {
     k: usize,
     n: usize,
     out_shape: Shape,
+    f32_kernel: F32Kernel,
 }
 
 /// The rows of `x` (layout `l`, rows evenly spaced by [`row_stride`]) and that stride.
@@ -275,28 +289,176 @@ fn tensor_cores() -> bool {
         .is_ok_and(|cap| cap >= 80)
 }
 
-/// The kernel's tiles for a product of `rows` × `k` → `n` in `dtype`: (kernel name prefix, rows
-/// per block, columns per block, K splits, k per split). f32 runs on the FMA kernel (8/16 rows ×
-/// 16 columns), f16/bf16 on the tensor-core kernel (16 × 32). K is split over blocks (their
-/// partial sums added by a second kernel) until the `groups` products have [`TARGET_BLOCKS`].
+/// The f32 kernel ([`f32_kernel`], `DANCEBA_CUDA_GEMM_F32`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum F32Kernel {
+    /// The default: [`F32Kernel::Tile16x2`] for at most [`AUTO_16X2_ROWS`] rows per group (one
+    /// song: more, smaller blocks), [`F32Kernel::Tile16x4`] above (batches: more FMAs per
+    /// shared-memory load).
+    Auto,
+    /// `16x4`: register tiles of 16 rows × 4 columns per lane, 32 × 128 outputs per block of 8
+    /// warps, every lane of a warp reading the same x values (`tile_gemm16x4_f32`).
+    Tile16x4,
+    /// `16x2`: 16 × 2 per lane, 32 × 64 per block (`tile_gemm16x2_f32`).
+    Tile16x2,
+    /// `skinny`: lanes splitting K, 4 columns of 8/16 rows per warp (`skinny_gemm{8,16}_f32`),
+    /// at most [`DEFAULT_MAX_ROWS`] rows by default.
+    Skinny,
+}
+
+/// Rows per group up to which [`F32Kernel::Auto`] takes the 16 × 2 tiles. H100, f32 batch 1
+/// (28- and 84-row products): 16 × 2 1.97 / 1.97 ms per step, 16 × 4 2.04 / 2.02 ms; at batch 8
+/// (224 and 672 rows) 16 × 4 ran 8.15 ms against 16 × 2's 8.85 ms (an earlier build).
+pub const AUTO_16X2_ROWS: usize = 96;
+
+impl F32Kernel {
+    /// Every kernel, for tests.
+    pub const ALL: [F32Kernel; 4] = [Self::Auto, Self::Tile16x4, Self::Tile16x2, Self::Skinny];
+
+    /// (kernel name prefix, columns per block) of the register-tiled kernel for `rows` rows per
+    /// group; `None` for the K-splitting one.
+    fn tile(self, rows: usize) -> Option<(&'static str, usize)> {
+        match self {
+            Self::Auto if rows <= AUTO_16X2_ROWS => Self::Tile16x2.tile(rows),
+            Self::Auto => Self::Tile16x4.tile(rows),
+            Self::Tile16x4 => Some(("tile_gemm16x4_", 128)),
+            Self::Tile16x2 => Some(("tile_gemm16x2_", 64)),
+            Self::Skinny => None,
+        }
+    }
+}
+
+/// The f32 kernel of this process (`DANCEBA_CUDA_GEMM_F32`: `16x4`, `16x2`, `skinny`; by
+/// default [`F32Kernel::Auto`]).
+pub fn f32_kernel() -> F32Kernel {
+    static K: OnceLock<F32Kernel> = OnceLock::new();
+    *K.get_or_init(
+        || match super::env_value("DANCEBA_CUDA_GEMM_F32").as_str() {
+            "skinny" => F32Kernel::Skinny,
+            "16x4" => F32Kernel::Tile16x4,
+            "16x2" => F32Kernel::Tile16x2,
+            _ => F32Kernel::Auto,
+        },
+    )
+}
+
+/// Rows per block of the register-tiled kernels (`TG_BM`).
+const TILE_BM: usize = 32;
+/// Threads per block of the register-tiled kernels (8 warps, `TG_THREADS`).
+const TILE_THREADS: usize = 256;
+/// k per chunk of the register-tiled kernels (`TG_KT`).
+const TILE_KT: usize = 64;
+
+/// Dynamic shared memory of a register-tiled kernel with `bn` columns per block: two pipeline
+/// stages (`TG_STAGES`) of x and weight rows, `TG_KT + 4` floats each (`tg_stage`).
+fn tile_smem(bn: usize) -> usize {
+    2 * (TILE_BM + bn) * (TILE_KT + 4) * 4
+}
+
+/// A launch plan: the kernel, its block tile, K split and shared memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Plan {
+    /// Kernel name without the dtype suffix.
+    name: &'static str,
+    /// Rows per block.
+    bm: usize,
+    /// Columns per block.
+    bn: usize,
+    /// Threads per block.
+    threads: usize,
+    /// K splits (blocks along K, their partial sums added by `skinny_reduce`).
+    splits: usize,
+    /// k per split, a multiple of the kernel's chunk.
+    kchunk: usize,
+    /// Dynamic shared memory per block.
+    smem: usize,
+}
+
+/// K splits for `tiles` blocks of `chunks` chunks each on `sms` SMs: the fewest that minimise
+/// a cost in chunk times. An SM runs its share of the blocks (the most any SM gets) in the time
+/// of their chunks, plus two per block for the pipeline fill and the epilogue, and a single
+/// block leaves it under-used (measured: its warps issue about 60 % of what two blocks' do);
+/// with splits comes the reduction (a launch, about two chunk times, and its traffic:
+/// `outputs` floats per split at roughly 3 MB per chunk time).
+fn tile_splits(tiles: usize, chunks: usize, sms: usize, outputs: usize) -> usize {
+    let sms = sms.max(1);
+    let cost = |s: usize| {
+        let per_sm = (tiles * s).div_ceil(sms);
+        let efficiency = if per_sm == 1 { 0.6 } else { 1.0 };
+        let reduce = if s > 1 {
+            2.0 + (s * outputs * 4) as f64 / 3e6
+        } else {
+            0.0
+        };
+        per_sm as f64 * (chunks.div_ceil(s) as f64 + 2.0) / efficiency + reduce
+    };
+    (1..=chunks.clamp(1, 64))
+        .map(|s| (s, cost(s)))
+        .fold(
+            (1, f64::INFINITY),
+            |best, (s, c)| if c < best.1 { (s, c) } else { best },
+        )
+        .0
+}
+
+/// The kernel's tiles for a product of `rows` × `k` → `n` in `dtype` on a GPU with `sms`
+/// SMs. f32 runs on a register-tiled kernel (32 × 64 or 32 × 128 per block, [`F32Kernel`],
+/// [`tile_splits`]) or, for at most 8 rows or when asked, the K-splitting FMA kernel (8/16 rows
+/// × 16 columns); f16/bf16 on the tensor-core kernel (16 × 32). The latter two split K over
+/// blocks (their partial sums added by a second kernel) until the `groups` products have
+/// [`TARGET_BLOCKS`].
 fn plan(
     groups: usize,
     rows: usize,
     k: usize,
     n: usize,
     dtype: DType,
-) -> (&'static str, usize, usize, usize, usize) {
-    let (name, bm, bn) = match dtype {
-        DType::F16 | DType::BF16 => ("skinny_mma_", 16, 32),
+    f32k: F32Kernel,
+    sms: usize,
+) -> Plan {
+    let tile = match dtype {
+        DType::F32 if rows > 8 => f32k.tile(rows),
+        _ => None,
+    };
+    let (name, bm, bn) = match (dtype, tile) {
+        (DType::F16 | DType::BF16, _) => ("skinny_mma_", 16, 32),
+        (_, Some((name, bn))) => (name, TILE_BM, bn),
         _ if rows <= 8 => ("skinny_gemm8_", 8, 4 * WARPS),
         _ => ("skinny_gemm16_", 16, 4 * WARPS),
     };
-    let blocks = groups * n.div_ceil(bn) * rows.div_ceil(bm);
-    let chunks = k.div_ceil(KT);
-    let splits = TARGET_BLOCKS.div_ceil(blocks).clamp(1, chunks);
+    let tiles = groups * n.div_ceil(bn) * rows.div_ceil(bm);
+    let (kt, threads, smem, splits) = if let Some((_, bn)) = tile {
+        let chunks = k.div_ceil(TILE_KT);
+        let outputs = groups * rows * n;
+        let s = tile_splits(tiles, chunks, sms, outputs);
+        (TILE_KT, TILE_THREADS, tile_smem(bn), s)
+    } else {
+        let s = TARGET_BLOCKS.div_ceil(tiles).clamp(1, k.div_ceil(KT));
+        (KT, 32 * WARPS, 0, s)
+    };
     // whole chunks per split, then as few splits as that needs
-    let kchunk = chunks.div_ceil(splits) * KT;
-    (name, bm, bn, k.div_ceil(kchunk), kchunk)
+    let kchunk = k.div_ceil(kt).div_ceil(splits) * kt;
+    Plan {
+        name,
+        bm,
+        bn,
+        threads,
+        splits: k.div_ceil(kchunk),
+        kchunk,
+        smem,
+    }
+}
+
+/// The number of SMs of the device (132 on an H100 SXM when the driver does not say).
+fn sm_count(dev: &candle_core::CudaDevice) -> usize {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    dev.cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .ok()
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(132)
 }
 
 impl Gemm<'_> {
@@ -307,7 +469,23 @@ impl Gemm<'_> {
     ) -> Result<CudaStorage> {
         let dev = xs.device().clone();
         let (x, ldx) = rows_view::<T>(xs, xl, self.groups * self.rows, self.k)?;
-        let (name, bm, bn, splits, kchunk) = plan(self.groups, self.rows, self.k, self.n, T::DTYPE);
+        let Plan {
+            name,
+            bm,
+            bn,
+            threads,
+            splits,
+            kchunk,
+            smem,
+        } = plan(
+            self.groups,
+            self.rows,
+            self.k,
+            self.n,
+            T::DTYPE,
+            self.f32_kernel,
+            sm_count(&dev),
+        );
         if self.groups * splits > u16::MAX as usize {
             bail!(
                 "CUDA skinny GEMM: {} products of input width {} are too many for one launch",
@@ -317,14 +495,22 @@ impl Gemm<'_> {
         }
         let func =
             dev.get_or_load_custom_func(&format!("{name}{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+        if smem > 48 * 1024 {
+            // above the default limit: opt in (fails on GPUs with less shared memory per block)
+            func.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .w()?;
+        }
         let cfg = LaunchConfig {
             grid_dim: (
                 as_i32(self.rows.div_ceil(bm), "row tiles")? as u32,
                 as_i32(self.n.div_ceil(bn), "column blocks")? as u32,
                 (self.groups * splits) as u32,
             ),
-            block_dim: ((32 * WARPS) as u32, 1, 1),
-            shared_mem_bytes: 0,
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
         };
         let (m_i, n_i) = (as_i32(self.rows, "rows")?, as_i32(self.n, "output width")?);
         let ints = [
@@ -452,6 +638,11 @@ fn operand(t: &Tensor, dtype: DType, dims: &[usize], what: &str) -> Result<Tenso
 /// (G, N, K), `x[g]·w[g]ᵀ` for each g of `x` (G, .., K) in one launch, the bias then (G, N).
 /// Errors unless [`supports`].
 pub fn linear(x: &Tensor, w: &Tensor, ep: Epilogue) -> Result<Tensor> {
+    linear_with(x, w, ep, f32_kernel())
+}
+
+/// [`linear`] with the given f32 kernel (f16/bf16 ignore it): for comparing the kernels.
+pub fn linear_with(x: &Tensor, w: &Tensor, ep: Epilogue, f32k: F32Kernel) -> Result<Tensor> {
     let shape = group_shape(x, w).filter(|_| supports(x, w));
     let Some(GroupShape { groups, rows, k, n }) = shape else {
         bail!(
@@ -492,6 +683,7 @@ pub fn linear(x: &Tensor, w: &Tensor, ep: Epilogue) -> Result<Tensor> {
         k,
         n,
         out_shape: Shape::from(out_dims),
+        f32_kernel: f32k,
     })
 }
 
@@ -501,8 +693,14 @@ mod tests {
 
     #[test]
     fn plans_cover_k_and_fill_the_gpu() {
+        use super::F32Kernel;
         use candle_core::DType;
-        for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let kinds = F32Kernel::ALL.map(|k| (DType::F32, k)).into_iter().chain([
+            (DType::F16, F32Kernel::Auto),
+            (DType::BF16, F32Kernel::Auto),
+        ]);
+        for (dtype, f32k) in kinds {
+            let plan = |g, rows, k, n| plan(g, rows, k, n, dtype, f32k, 132);
             for &(rows, k, n) in &[
                 (28, 768, 6144),
                 (28, 3072, 768),
@@ -510,24 +708,54 @@ mod tests {
                 (28, 48, 3072),
                 (84, 768, 2304),
                 (84, 3072, 768),
+                (672, 3072, 768),
                 (1, 768, 512),
                 (96, 3076, 12),
             ] {
-                let (_, bm, bn, splits, kchunk) = plan(1, rows, k, n, dtype);
-                assert!(bm >= rows.min(16), "{rows} rows in tiles of {bm}");
-                assert!(bn >= 16);
-                assert!(splits >= 1);
-                assert_eq!(kchunk % super::KT, 0);
+                let p = plan(1, rows, k, n);
+                assert!(p.bm >= rows.min(16), "{rows} rows in tiles of {}", p.bm);
+                assert!(p.bn >= 16);
+                assert!(p.splits >= 1);
+                let tiled = p.name.starts_with("tile_gemm");
+                let kt = if tiled { super::TILE_KT } else { super::KT };
+                assert_eq!(p.kchunk % kt, 0);
                 assert!(
-                    splits * kchunk >= k && (splits - 1) * kchunk < k,
-                    "{k}: {splits} × {kchunk}"
+                    p.splits * p.kchunk >= k && (p.splits - 1) * p.kchunk < k,
+                    "{k}: {} × {}",
+                    p.splits,
+                    p.kchunk
                 );
+                assert_eq!(p.smem > 0, tiled);
+                assert!(p.smem <= 227 * 1024);
             }
             // a narrow layer with a long K is split more than a wide one with a short K
-            assert!(plan(1, 28, 3072, 768, dtype).3 > 2);
-            assert!(plan(1, 28, 768, 6144, dtype).3 <= 2);
+            assert!(plan(1, 28, 3072, 768).splits > 2);
+            assert!(plan(1, 28, 768, 6144).splits < plan(1, 28, 3072, 768).splits);
             // three stacked products fill the GPU with fewer splits each
-            assert!(plan(3, 28, 3072, 768, dtype).3 < plan(1, 28, 3072, 768, dtype).3);
+            assert!(plan(3, 28, 3072, 768).splits < plan(1, 28, 3072, 768).splits);
         }
+        // f32: the tiled kernel unless asked otherwise or for at most 8 rows
+        let f32 = |rows, k, f32k| plan(1, rows, k, 768, DType::F32, f32k, 132);
+        assert_eq!(f32(28, 768, F32Kernel::Tile16x4).name, "tile_gemm16x4_");
+        assert_eq!(f32(28, 768, F32Kernel::Tile16x2).bn, 64);
+        assert_eq!(f32(84, 768, F32Kernel::Auto).name, "tile_gemm16x2_");
+        assert_eq!(f32(224, 768, F32Kernel::Auto).name, "tile_gemm16x4_");
+        assert_eq!(f32(28, 768, F32Kernel::Skinny).name, "skinny_gemm16_");
+        assert_eq!(f32(8, 768, F32Kernel::Tile16x4).name, "skinny_gemm8_");
+        // a GPU with fewer SMs splits less
+        let tile = |sms| plan(1, 84, 3072, 768, DType::F32, F32Kernel::Tile16x4, sms).splits;
+        assert!(tile(16) < tile(132), "{} vs {}", tile(16), tile(132));
+    }
+
+    #[test]
+    fn tile_splits_balance_the_sms() {
+        use super::tile_splits;
+        // few tiles, long K: split until the SMs are busy, within one wave
+        let s = tile_splits(18, 48, 132, 84 * 768);
+        assert!(s > 4 && 18 * s <= 264, "{s}");
+        // enough tiles for every SM: no split
+        assert_eq!(tile_splits(1008, 12, 132, 672 * 6144), 1);
+        // one chunk: nothing to split
+        assert_eq!(tile_splits(1, 1, 132, 32), 1);
     }
 }
