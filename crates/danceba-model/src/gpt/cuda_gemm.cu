@@ -105,17 +105,12 @@ __device__ __forceinline__ void copy_commit() {
 #endif
 }
 
-// Waits until at most `STAGES - 2` committed groups are still in flight.
+// Waits until at most PENDING committed groups are still in flight (by default `STAGES - 2`:
+// the chunk about to be summed has landed in a STAGES-deep pipeline).
+template <int PENDING = STAGES - 2>
 __device__ __forceinline__ void copy_wait() {
 #if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
-#endif
-}
-
-// Waits until every committed group has landed.
-__device__ __forceinline__ void copy_wait_all() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group 0;\n" ::);
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
 #endif
 }
 
@@ -406,7 +401,8 @@ __device__ __forceinline__ void copy16_cg(float* dst, const float* src, bool val
 #endif
 }
 
-// The f32 register-tiled GEMM (sm_80+: cp.async; dynamic shared memory tg_smem_bytes(BN)).
+// The f32 register-tiled GEMM (sm_80+: cp.async; TG_STAGES · tg_stage(BN) floats of dynamic
+// shared memory, `tile_smem` on the host).
 // Block tile: TG_BM = 32 rows x BN = 32·TN columns, 8 warps: WM = 32 / TM row groups × WK =
 // 8 / WM k groups, warp w taking rows TM·(w % WM) .. + TM over the k range (w / WM) of every
 // TG_KT chunk. Lane l holds TM × TN outputs (tile row r, column l + 32j): every lane of a warp
@@ -492,7 +488,7 @@ __device__ __forceinline__ void tile_gemm(const float* __restrict__ x, const flo
         for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
     issue(0);
     for (int c = 0; c < chunks; ++c) {
-        copy_wait_all();
+        copy_wait<0>();  // two stages: the only group in flight is chunk c
         __syncthreads();  // chunk c is in; every warp is done with chunk c - 1's stage
         issue(c + 1);
         const float* xs = tg_smem + (c % TG_STAGES) * STAGE + wm * TM * TG_S + wk * KW;
