@@ -620,6 +620,22 @@ fn fused_cuda_small_ops_match_candle_ops() {
             let e = rel_err(&got, &want);
             println!("scale_mask_softmax {b}x{n} {dt:?}: rel err {e:.2e}");
             assert!(e <= tol, "scale_mask_softmax {b}x{n} {dt:?}: rel err {e}");
+            // a few query rows (the last block's forward_last) with their mask rows
+            let m = n.min(3);
+            let (sr, mr) = (
+                sc.narrow(2, n - m, m).unwrap().contiguous().unwrap(),
+                mask.narrow(0, n - m, m).unwrap(),
+            );
+            let want_rows = candle_nn::ops::softmax_last_dim(
+                &(&sr * scale).unwrap().broadcast_add(&mr).unwrap(),
+            )
+            .unwrap();
+            let got_rows = cuda_ops::scale_mask_softmax(&sr, &mr, scale as f32).unwrap();
+            let e = rel_err(&got_rows, &want_rows);
+            assert!(
+                e <= tol,
+                "scale_mask_softmax rows {b}x{m}x{n} {dt:?}: rel err {e}"
+            );
             // p·v with the heads merged by the GEMM (one song) against candle's matmul + merge
             let merged = got
                 .matmul(&v)

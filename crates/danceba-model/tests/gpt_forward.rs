@@ -2,6 +2,7 @@
 
 mod gpt_common;
 
+use candle_core::{DType, Device, Tensor};
 use danceba_model::gpt::{lpe::lpe_phase, mamba::Mamba, MambaImpl};
 use gpt_common::*;
 
@@ -78,4 +79,66 @@ fn mamba_layer_matches_golden_portable_and_fused() {
     let (ep, ef, epf) = (rel_err(&p, want), rel_err(&f, want), rel_err(&f, &p));
     println!("mamba: portable {ep:e}, fused {ef:e}, fused vs portable {epf:e}");
     assert!(ep <= TOL && ef <= TOL && epf <= TOL);
+}
+
+/// The sampler's forward (`last_logits`: the head's last block only at the last row of each
+/// stream) against the whole forward's last row, at every golden window and on a batch of two
+/// different windows, in f32 and with bf16 weights.
+#[test]
+fn last_logits_match_the_whole_forward_at_the_last_row() {
+    let g = load_st("gpt_forward.safetensors");
+    for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 1e-5)] {
+        let gpt = tiny_gpt_dtype(dtype);
+        let nm = gpt.arch().n_music;
+        for t in WINDOWS {
+            let k = |n: &str| g[&format!("t{t}.{n}")].clone();
+            let ids = |n: &str| -> Vec<u32> {
+                let v = k(n).flatten_all().unwrap().to_dtype(DType::I64).unwrap();
+                v.to_vec1::<i64>()
+                    .unwrap()
+                    .iter()
+                    .map(|&x| x as u32)
+                    .collect()
+            };
+            let (up, down) = (ids("idx_up"), ids("idx_down"));
+            let cond = k("cond").flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            // a second window: the streams' tokens swapped and reversed, the condition scaled
+            let up2: Vec<u32> = down.iter().rev().copied().collect();
+            let down2: Vec<u32> = up.iter().rev().copied().collect();
+            let cond2: Vec<f32> = cond.iter().map(|v| 0.5 * v - 0.25).collect();
+            let cat = |a: &[u32], b: &[u32]| [a, b].concat();
+            let (bu, bd, bc) = (
+                cat(&up, &up2),
+                cat(&down, &down2),
+                [&cond[..], &cond2].concat(),
+            );
+            let (lu, ld) = gpt.last_logits(&bu, &bd, &bc, 2, t).unwrap();
+            let (vu, vd) = (gpt.arch().vocab_up, gpt.arch().vocab_down);
+            assert_eq!((lu.len(), ld.len()), (2 * vu, 2 * vd));
+            for (i, (u, d, c)) in [(&up, &down, &cond), (&up2, &down2, &cond2)]
+                .into_iter()
+                .enumerate()
+            {
+                let tensor = |v: &[u32]| Tensor::from_slice(v, (1, t), &Device::Cpu).unwrap();
+                let ct = Tensor::from_slice(c, (1, t, nm), &Device::Cpu).unwrap();
+                let (fu, fd) = gpt.forward(&tensor(u), &tensor(d), &ct).unwrap();
+                let last = |l: &Tensor| {
+                    l.narrow(1, t - 1, 1)
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                };
+                let got_u = Tensor::new(&lu[i * vu..(i + 1) * vu], &Device::Cpu).unwrap();
+                let got_d = Tensor::new(&ld[i * vd..(i + 1) * vd], &Device::Cpu).unwrap();
+                let (eu, ed) = (rel_err(&got_u, &last(&fu)), rel_err(&got_d, &last(&fd)));
+                println!("{dtype:?} t={t} window {i}: rel err up {eu:e}, down {ed:e}");
+                assert!(
+                    eu <= tol && ed <= tol,
+                    "{dtype:?} t={t} window {i}: {eu} / {ed}"
+                );
+            }
+        }
+    }
 }

@@ -418,6 +418,57 @@ impl RmsNorm {
     }
 }
 
+/// The last position's row of each of the three streams of `v`, whose dimension `dim` holds
+/// the window's 3t rows: that dimension becomes 3 (one strided copy).
+fn last_rows(v: &Tensor, dim: usize, t: usize) -> Result<Tensor> {
+    let mut split = v.dims().to_vec();
+    split.splice(dim..=dim, [3, t]);
+    let mut out = v.dims().to_vec();
+    out[dim] = 3;
+    Ok(v.reshape(split)?
+        .narrow(dim + 1, t - 1, 1)?
+        .contiguous()?
+        .reshape(out)?)
+}
+
+/// `p·v` with the heads merged: `p` (B, H, m, n) the attention weights, `v` (B, H, n, hd) the
+/// value heads; returns (B, m, H·hd). On CUDA one song's product writes the heads merged (one
+/// GEMM), a batch's are merged by one vectorised launch (candle's strided copy is ~4× slower).
+fn attend(p: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, heads, m, _) = p.dims4()?;
+    let c = heads * v.dim(3)?;
+    #[cfg(feature = "cuda")]
+    if super::cuda_ops::usable(p) && v.dtype() == p.dtype() {
+        use super::cuda_ops;
+        return Ok(if b == 1 {
+            cuda_ops::attention_pv_merged(p, v)?
+        } else {
+            cuda_ops::swap_mid(&p.matmul(v)?)?.reshape((b, m, c))?
+        });
+    }
+    Ok(p.matmul(v)?.transpose(1, 2)?.reshape((b, m, c))?)
+}
+
+/// `softmax(s · scale + mask)` over the last dimension: `s` the raw scores (B, H, m, n), `mask`
+/// additive (m, n). One fused launch on CUDA. On the CPU candle's softmax sums in the tensor's
+/// own type: in f16/bf16 it is taken in f32 (the CUDA kernel accumulates in f32 already).
+fn attention_probs(s: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::cuda_ops::usable(s) && mask.dtype() == s.dtype() {
+        return Ok(super::cuda_ops::scale_mask_softmax(s, mask, scale as f32)?);
+    }
+    let dt = s.dtype();
+    let s = (s * scale)?;
+    Ok(if dt != DType::F32 && matches!(s.device(), Device::Cpu) {
+        let s = s
+            .to_dtype(DType::F32)?
+            .broadcast_add(&mask.to_dtype(DType::F32)?)?;
+        candle_nn::ops::softmax_last_dim(&s)?.to_dtype(dt)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&s.broadcast_add(mask)?)?
+    })
+}
+
 /// The additive attention mask of a window of `t` positions per stream: allowed(i, j) ⇔
 /// (j mod t) ≤ (i mod t) over the 3t × 3t rows (the causal mask tiled 3×3).
 pub fn tiled_causal_mask(t: usize, device: &Device) -> Result<Tensor> {
@@ -544,6 +595,18 @@ impl BlockBase {
     /// them, one batched cuBLAS GEMM of `a` with the stacked weights and one bias + SiLU launch
     /// (the same products and rounding points as two of each).
     fn gate_and_input(&self, a: &Tensor) -> Result<(Tensor, Tensor)> {
+        if let Some(both) = self.gate_and_input_stacked(a)? {
+            return Ok(both);
+        }
+        Ok((
+            self.act_proj.forward_act(a, Act::Silu, None)?,
+            self.in_proj.forward_act(a, Act::Silu, None)?,
+        ))
+    }
+
+    /// [`BlockBase::gate_and_input`] where its two products are one GEMM (on CUDA where
+    /// cuBLAS takes them); `None` elsewhere.
+    fn gate_and_input_stacked(&self, a: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
         #[cfg(feature = "cuda")]
         if let Some((w, b)) = &self.gate_in {
             if super::cuda_ops::usable(a)
@@ -561,13 +624,15 @@ impl BlockBase {
                 let out = w.dims()[1];
                 let mut out_dims = dims.to_vec();
                 *out_dims.last_mut().expect("a has a last dimension") = out;
-                return Ok((z.get(0)?.reshape(&*out_dims)?, z.get(1)?.reshape(out_dims)?));
+                return Ok(Some((
+                    z.get(0)?.reshape(&*out_dims)?,
+                    z.get(1)?.reshape(out_dims)?,
+                )));
             }
         }
-        Ok((
-            self.act_proj.forward_act(a, Act::Silu, None)?,
-            self.in_proj.forward_act(a, Act::Silu, None)?,
-        ))
+        #[cfg(not(feature = "cuda"))]
+        let _ = a;
+        Ok(None)
     }
 
     /// `x`: (B, 3t, C); `mask`: (3t, 3t) additive mask from [`tiled_causal_mask`].
@@ -608,59 +673,93 @@ impl BlockBase {
         mask: &Tensor,
         next: Option<&RmsNorm>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (b, n, c) = x.dims3()?;
-        let hd = c / self.n_head;
         let a = match a {
             Some(a) => a,
             None => self.norm1.forward(x)?,
         };
         let (g, h) = self.gate_and_input(&a)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let (q, k, v) = self.heads(&h)?;
+        let p = attention_probs(&q.matmul(&k.t()?)?, mask, self.scale(x)?)?;
+        let o = attend(&p, &v)?;
+        self.finish(x, &o, &g, next)
+    }
+
+    /// The block's output at the last position of each of the window's three streams only,
+    /// then `norm` of it: (B, 3, C) from `x` (B, 3t, C), equal to the rows t − 1, 2t − 1 and
+    /// 3t − 1 of [`BlockBase::forward`] followed by `norm`. The keys and values need every
+    /// row's input projection; the gate, the attention's output and all that follows it only
+    /// these rows (the GPT's last block, whose logits are read at one row per stream: about 5 %
+    /// of a step's products).
+    pub fn forward_last(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        t: usize,
+        norm: &RmsNorm,
+    ) -> Result<Tensor> {
+        let (_, n, _) = x.dims3()?;
+        if t == 0 || n != 3 * t {
+            return Err(candle_core::Error::Msg(format!(
+                "a window of {n} rows is not three streams of {t} positions"
+            ))
+            .into());
+        }
+        let a = self.norm1.forward(x)?;
+        // the gate at the chosen rows: of all rows where one GEMM gives it with the input
+        let (g, h) = match self.gate_and_input_stacked(&a)? {
+            Some((g, h)) => (last_rows(&g, 1, t)?, h),
+            None => (
+                self.act_proj
+                    .forward_act(&last_rows(&a, 1, t)?, Act::Silu, None)?,
+                self.in_proj.forward_act(&a, Act::Silu, None)?,
+            ),
+        };
+        let (q, k, v) = self.heads(&h)?;
+        let p = attention_probs(
+            &last_rows(&q, 2, t)?.matmul(&k.t()?)?,
+            &last_rows(mask, 0, t)?,
+            self.scale(x)?,
+        )?;
+        let o = attend(&p, &v)?;
+        Ok(
+            match self.finish(&last_rows(x, 1, t)?, &o, &g, Some(norm))? {
+                (_, Some(normed)) => normed,
+                (y, None) => norm.forward(&y)?,
+            },
+        )
+    }
+
+    /// 1/√(head size) for the input `x` (B, n, C).
+    fn scale(&self, x: &Tensor) -> Result<f64> {
+        Ok(1.0 / ((x.dim(2)? / self.n_head) as f64).sqrt())
+    }
+
+    /// The attention heads q, k, v, each (B, H, n, hd), of `h` (B, n, C). On CUDA one product
+    /// and one launch that splits the heads (adding the bias where cuBLAS took the product).
+    fn heads(&self, h: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, n, c) = h.dims3()?;
         #[cfg(feature = "cuda")]
-        if super::cuda_ops::usable(&h) && mask.dtype() == h.dtype() {
+        if super::cuda_ops::usable(h) {
             use super::cuda_ops;
             let w = self.qkv.weight();
-            let (q, k, v) = match self.qkv.bias() {
+            return Ok(match self.qkv.bias() {
                 // cuBLAS's product, its bias added by the head split (one launch less)
-                Some(bias) if h.dtype() == w.dtype() && !super::cuda_gemm::applies(&h, w) => {
-                    let raw = self.qkv.product_rows(&h)?.reshape((b, n, 3 * c))?;
+                Some(bias) if h.dtype() == w.dtype() && !super::cuda_gemm::applies(h, w) => {
+                    let raw = self.qkv.product_rows(h)?.reshape((b, n, 3 * c))?;
                     cuda_ops::split_heads_bias(&raw, Some(bias), self.n_head)?
                 }
-                _ => cuda_ops::split_heads(&self.qkv.forward(&h)?, self.n_head)?,
-            };
-            let s = q.matmul(&k.t()?)?;
-            let p = cuda_ops::scale_mask_softmax(&s, mask, scale as f32)?;
-            // one song: p·v writes the heads merged (one GEMM); a batch: heads merged by one
-            // vectorised launch (candle's strided copy is ~4× slower)
-            let o = if b == 1 {
-                cuda_ops::attention_pv_merged(&p, &v)?
-            } else {
-                cuda_ops::swap_mid(&p.matmul(&v)?)?.reshape((b, n, c))?
-            };
-            return self.finish(x, &o, &g, next);
+                _ => cuda_ops::split_heads(&self.qkv.forward(h)?, self.n_head)?,
+            });
         }
-        let qkv = self.qkv.forward(&h)?; // (B, n, 3C)
+        let qkv = self.qkv.forward(h)?; // (B, n, 3C)
         let split = |i: usize| -> Result<Tensor> {
             Ok(qkv
                 .narrow(D::Minus1, i * c, c)?
-                .reshape((b, n, self.n_head, hd))?
+                .reshape((b, n, self.n_head, c / self.n_head))?
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-        let s = (q.matmul(&k.t()?)? * scale)?;
-        // On the CPU candle's softmax sums in the tensor's own type: in f16/bf16 take it in f32
-        // (the CUDA kernel accumulates in f32 already).
-        let p = if s.dtype() != DType::F32 && matches!(s.device(), Device::Cpu) {
-            let s = s
-                .to_dtype(DType::F32)?
-                .broadcast_add(&mask.to_dtype(DType::F32)?)?;
-            candle_nn::ops::softmax_last_dim(&s)?.to_dtype(v.dtype())?
-        } else {
-            candle_nn::ops::softmax_last_dim(&s.broadcast_add(mask)?)?
-        };
-        let o = p.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
-        self.finish(x, &o, &g, next)
+        Ok((split(0)?, split(1)?, split(2)?))
     }
 
     /// `s = x + out_proj(yg)` and `norm2(s)`. On CUDA where cuBLAS takes the product, its bias

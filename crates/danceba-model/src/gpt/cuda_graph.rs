@@ -25,7 +25,7 @@ use candle_core::{DType, Device, Storage, Tensor, WithDType};
 
 use super::block_base::tiled_causal_mask;
 use super::lpe::{Lpe, N_BINS};
-use super::{CoreInputs, Gpt, GptError, MambaImpl, Result};
+use super::{CoreInputs, Gpt, GptError, Logits, MambaImpl, Result};
 
 /// A captured graph. `CudaGraph` is not `Send` (raw handles); it is only touched under the
 /// cache's mutex, one thread at a time, as CUDA requires of graph objects.
@@ -182,13 +182,11 @@ impl Entry {
                 mask: &self.mask,
             },
             true,
+            Logits::Last,
         )?;
-        let t = self.up.dim(1)?;
+        // (b, 1, vocab) each
         let last = |l: &Tensor| -> Result<Tensor> {
-            Ok(l.narrow(1, t - 1, 1)?
-                .squeeze(1)?
-                .to_dtype(self.out.dtype())?
-                .contiguous()?)
+            Ok(l.squeeze(1)?.to_dtype(self.out.dtype())?.contiguous()?)
         };
         let lu = last(&tr.logits_up)?;
         let ld = last(&tr.logits_down)?;

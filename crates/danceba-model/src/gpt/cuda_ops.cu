@@ -250,18 +250,18 @@ __device__ __forceinline__ void embed(const T* __restrict__ ce, const T* __restr
     }
 }
 
-// One warp per row of s (rows × n): p = softmax(T(T(s·scale) + mask[row mod n])), the order of
-// candle's affine, broadcast_add and softmax_last_dim kernels (f32 sums).
+// One warp per row of s (rows × n): p = softmax(T(T(s·scale) + mask[row mod m])), the order of
+// candle's affine, broadcast_add and softmax_last_dim kernels (f32 sums). mask: (m, n).
 template <typename T>
 __device__ __forceinline__ void scale_mask_softmax(const T* __restrict__ s,
                                                    const T* __restrict__ mask,
-                                                   T* __restrict__ p, int rows, int n,
+                                                   T* __restrict__ p, int rows, int n, int m,
                                                    float scale) {
     const int row = blockIdx.x * blockDim.y + threadIdx.y;
     if (row >= rows) return;
     const int lane = threadIdx.x;
     const long long base = (long long)row * n;
-    const long long mbase = (long long)(row % n) * n;
+    const long long mbase = (long long)(row % m) * n;
     float mx = -INFINITY;
     for (int c = lane; c < n; c += 32) {
         const float v = rnd<T>(rnd<T>(to_f(s[base + c]) * scale) + to_f(mask[mbase + c]));
@@ -318,8 +318,8 @@ __device__ __forceinline__ void scale_mask_softmax(const T* __restrict__ s,
 
 #define OPS(T, S)                                                                               \
     extern "C" __global__ void scale_mask_softmax_##S(const T* s, const T* mask, T* p, int rows,\
-                                                      int n, float scale) {                     \
-        scale_mask_softmax<T>(s, mask, p, rows, n, scale);                                      \
+                                                      int n, int m, float scale) {              \
+        scale_mask_softmax<T>(s, mask, p, rows, n, m, scale);                                   \
     }                                                                                           \
     VEC_OPS(T, S, 1)                                                                            \
     VEC_OPS(T, S, 2)                                                                            \

@@ -148,7 +148,8 @@ enum Kind<'a> {
     },
     Softmax {
         mask: &'a Tensor,
-        n: usize,
+        /// The mask's rows (its width is the op's `n`).
+        m: usize,
         scale: f32,
     },
     /// The GPT's input rows from the condition embedding (the op's input), the token tables and
@@ -458,9 +459,9 @@ impl Op<'_> {
                 })?;
                 Ok(CudaStorage::wrap_cuda_slice(out, dev))
             }
-            Kind::Softmax { mask, n: mn, scale } => {
+            Kind::Softmax { mask, m, scale } => {
                 let rows = as_i32(self.rows, "rows")?;
-                let mn = as_i32(*mn, "mask width")?;
+                let m = as_i32(*m, "mask rows")?;
                 // SAFETY: the kernel writes every element of every row.
                 let out = unsafe { dev.alloc::<T>(total)? };
                 let func =
@@ -474,9 +475,15 @@ impl Op<'_> {
                 with_cuda(mask, |ms, ml| {
                     let mv = view::<T>(ms, ml)?;
                     let mut lb = func.builder();
-                    lb.arg(&x).arg(&mv).arg(&out).arg(&rows).arg(&mn).arg(scale);
+                    lb.arg(&x)
+                        .arg(&mv)
+                        .arg(&out)
+                        .arg(&rows)
+                        .arg(&n)
+                        .arg(&m)
+                        .arg(scale);
                     // SAFETY: argument types and counts match the kernel; the mask holds
-                    // n × n elements, the input rows × n (checked).
+                    // m × n elements, the input rows × n (checked).
                     unsafe { lb.launch(cfg) }.w()?;
                     Ok(())
                 })?;
@@ -875,23 +882,24 @@ pub fn split_heads_bias(
     Ok((all.get(0)?, all.get(1)?, all.get(2)?))
 }
 
-/// `softmax(s · scale + mask)` over the last dimension for attention scores `s` (.., n, n)
-/// and an additive mask (n, n), as candle's affine, broadcast_add and softmax_last_dim.
+/// `softmax(s · scale + mask)` over the last dimension for attention scores `s` (.., m, n)
+/// and an additive mask (m, n), as candle's affine, broadcast_add and softmax_last_dim.
 pub fn scale_mask_softmax(s: &Tensor, mask: &Tensor, scale: f32) -> Result<Tensor> {
     let (rows, n) = rows_and_width(s)?;
     let d = s.dims();
-    if d.len() < 2 || d[d.len() - 2] != n || mask.dims() != [n, n] {
+    let m = if d.len() < 2 { 0 } else { d[d.len() - 2] };
+    if m == 0 || mask.dims() != [m, n] {
         bail!(
-            "fused CUDA op: scores {:?} / mask {:?} are not (.., n, n) / (n, n)",
+            "fused CUDA op: scores {:?} / mask {:?} are not (.., m, n) / (m, n)",
             d,
             mask.dims()
         );
     }
-    let mask = prep(mask, s.dtype(), n * n, "mask")?;
+    let mask = prep(mask, s.dtype(), m * n, "mask")?;
     s.contiguous()?.apply_op1_no_bwd(&Op {
         kind: Kind::Softmax {
             mask: &mask,
-            n,
+            m,
             scale,
         },
         rows,
@@ -900,16 +908,16 @@ pub fn scale_mask_softmax(s: &Tensor, mask: &Tensor, scale: f32) -> Result<Tenso
     })
 }
 
-/// `p·v` of one song's attention with the heads merged on the way: `p` (1, H, n, n) the softmax,
-/// `v` (1, H, n, hd) the value heads; returns (1, n, H·hd). One cuBLAS strided-batched GEMM
-/// that writes each head's block of columns in place (ldc = H·hd) instead of a product and a
-/// merge launch; the same product as candle's matmul.
+/// `p·v` of one song's attention with the heads merged on the way: `p` (1, H, m, n) the softmax
+/// of m queries over n keys, `v` (1, H, n, hd) the value heads; returns (1, m, H·hd). One cuBLAS
+/// strided-batched GEMM that writes each head's block of columns in place (ldc = H·hd) instead
+/// of a product and a merge launch; the same product as candle's matmul.
 pub fn attention_pv_merged(p: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let (pb, heads, n, n2) = p.dims4()?;
+    let (pb, heads, m, n) = p.dims4()?;
     let (vb, vh, vn, hd) = v.dims4()?;
-    if pb != 1 || vb != 1 || vh != heads || vn != n || n2 != n || hd == 0 || n == 0 {
+    if pb != 1 || vb != 1 || vh != heads || vn != n || hd == 0 || n == 0 || m == 0 {
         bail!(
-            "fused CUDA op: attention p {:?} / v {:?} are not (1, H, n, n) / (1, H, n, hd)",
+            "fused CUDA op: attention p {:?} / v {:?} are not (1, H, m, n) / (1, H, n, hd)",
             p.dims(),
             v.dims()
         );
@@ -917,15 +925,18 @@ pub fn attention_pv_merged(p: &Tensor, v: &Tensor) -> Result<Tensor> {
     if !usable(p) || v.dtype() != p.dtype() || !v.device().is_cuda() {
         bail!("fused CUDA op: attention operands must be CUDA tensors of one float dtype");
     }
-    if heads * n * n.max(hd) > i32::MAX as usize {
+    if heads * m.max(n) * n.max(hd) > i32::MAX as usize {
         bail!("fused CUDA op: unsupported attention shape {:?}", p.dims());
     }
     p.contiguous()?
-        .apply_op2_no_bwd(&v.contiguous()?, &PvMerged { heads, n, hd })
+        .apply_op2_no_bwd(&v.contiguous()?, &PvMerged { heads, m, n, hd })
 }
 
 struct PvMerged {
     heads: usize,
+    /// Queries (rows of the output).
+    m: usize,
+    /// Keys.
     n: usize,
     hd: usize,
 }
@@ -944,10 +955,10 @@ impl PvMerged {
         let dev = ps.device().clone();
         let p = view::<T>(ps, pl)?;
         let v = view::<T>(vs, vl)?;
-        let (h, n, hd) = (self.heads, self.n, self.hd);
+        let (h, m, n, hd) = (self.heads, self.m, self.n, self.hd);
         let c = h * hd;
         // SAFETY: the GEMM writes every element (each head its hd columns of every row).
-        let mut out = unsafe { dev.alloc::<T>(n * c)? };
+        let mut out = unsafe { dev.alloc::<T>(m * c)? };
         let blas = dev.cublas_handle();
         let stream = dev.cuda_stream();
         let (alpha, beta) = (1f32, 0f32);
@@ -955,8 +966,8 @@ impl PvMerged {
             let (pp, _gp) = p.device_ptr(&stream);
             let (vp, _gv) = v.device_ptr(&stream);
             let (op, _go) = out.device_ptr_mut(&stream);
-            // column-major: O_hᵀ (hd × n, ld C) = V_hᵀ (hd × n, ld hd) · P_hᵀ (n × n, ld n)
-            // SAFETY: the pointers cover H·n·hd (v), H·n·n (p) and n·C (out) elements, which
+            // column-major: O_hᵀ (hd × m, ld C) = V_hᵀ (hd × n, ld hd) · P_hᵀ (n × m, ld n)
+            // SAFETY: the pointers cover H·n·hd (v), H·m·n (p) and m·C (out) elements, which
             // the strides and leading dimensions below stay within; f32 alpha/beta with an f32
             // compute type, as candle's GEMM calls.
             unsafe {
@@ -965,7 +976,7 @@ impl PvMerged {
                     sys::cublasOperation_t::CUBLAS_OP_N,
                     sys::cublasOperation_t::CUBLAS_OP_N,
                     hd as i32,
-                    n as i32,
+                    m as i32,
                     n as i32,
                     (&alpha) as *const f32 as *const _,
                     vp as *const _,
@@ -975,7 +986,7 @@ impl PvMerged {
                     pp as *const _,
                     dt,
                     n as i32,
-                    (n * n) as i64,
+                    (m * n) as i64,
                     (&beta) as *const f32 as *const _,
                     op as *mut _,
                     dt,
@@ -1021,6 +1032,6 @@ impl CustomOp2 for PvMerged {
             DType::BF16 => self.run::<half::bf16>(ps, pl, vs, vl, Dt::CUDA_R_16BF)?,
             d => bail!("the fused CUDA ops take f32, f16 or bf16, not {d:?}"),
         };
-        Ok((out, Shape::from((1, self.n, self.heads * self.hd))))
+        Ok((out, Shape::from((1, self.m, self.heads * self.hd))))
     }
 }

@@ -247,7 +247,9 @@ impl Gpt {
     /// position's logits of every window as f32: (b × vocab_up, b × vocab_down) values, row
     /// after row. `up`, `down`: b·t token ids; `cond`: b·t·n_music values, window-major.
     ///
-    /// Equals [`Gpt::forward`] followed by the last row. With [`Gpt::cuda_graphs`] on, the first
+    /// Equals [`Gpt::forward`] followed by the last row (to rounding: the head's last block
+    /// computes its queries, gate, MLP and norm only at the two rows read, so its products have
+    /// other shapes than in a whole forward). With [`Gpt::cuda_graphs`] on, the first
     /// call of a (b, t) runs the forward directly (warming up), the second captures it in a CUDA
     /// graph, and later calls only copy the inputs, replay the graph and read the logits.
     pub fn last_logits(
@@ -292,21 +294,20 @@ impl Gpt {
         let iu = Tensor::from_slice(up, (b, t), dev)?;
         let id = Tensor::from_slice(down, (b, t), dev)?;
         let c = Tensor::from_slice(cond, (b, t, nm), dev)?;
-        let (lu, ld) = if dev.is_cpu() {
+        let forward = || self.forward_impl(&iu, &id, &c, false, Logits::Last);
+        let tr = if dev.is_cpu() {
             // The whole forward on a thread of rayon's pool: its parallel loops then start from
             // a worker, which takes its share and wakes one other, instead of this thread
             // handing every loop to the pool and sleeping until it is done.
-            rayon::scope(|_| self.forward(&iu, &id, &c))?
+            rayon::scope(|_| forward())?
         } else {
-            self.forward(&iu, &id, &c)?
+            forward()?
         };
-        let last = |l: Tensor| -> Result<Vec<f32>> {
-            Ok(l.narrow(1, t - 1, 1)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?)
+        // (b, 1, vocab) each
+        let host = |l: Tensor| -> Result<Vec<f32>> {
+            Ok(l.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
         };
-        Ok((last(lu)?, last(ld)?))
+        Ok((host(tr.logits_up)?, host(tr.logits_down)?))
     }
 
     /// The precision of the residual stream and of everything between the linear layers. On
@@ -424,7 +425,7 @@ impl Gpt {
         idx_down: &Tensor,
         cond: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
-        let tr = self.forward_impl(idx_up, idx_down, cond, false)?;
+        let tr = self.forward_impl(idx_up, idx_down, cond, false, Logits::All)?;
         Ok((tr.logits_up, tr.logits_down))
     }
 
@@ -435,7 +436,7 @@ impl Gpt {
         idx_down: &Tensor,
         cond: &Tensor,
     ) -> Result<ForwardTrace> {
-        self.forward_impl(idx_up, idx_down, cond, true)
+        self.forward_impl(idx_up, idx_down, cond, true, Logits::All)
     }
 
     fn forward_impl(
@@ -444,6 +445,7 @@ impl Gpt {
         idx_down: &Tensor,
         cond: &Tensor,
         keep: bool,
+        logits: Logits,
     ) -> Result<ForwardTrace> {
         let (host, b, t, up, down) = self.check_inputs(idx_up, idx_down, cond)?;
         let cond_t = Tensor::from_slice(&host, (b, t, self.arch.n_music), &self.device)?;
@@ -459,13 +461,14 @@ impl Gpt {
                 mask: &mask,
             },
             keep,
+            logits,
         )
     }
 
     /// The device part of a forward pass, from inputs already on the device: no host
     /// synchronisation and no host data uploads besides small kernel parameters, so that it can
     /// be captured in a CUDA graph.
-    fn forward_core(&self, inp: &CoreInputs, keep: bool) -> Result<ForwardTrace> {
+    fn forward_core(&self, inp: &CoreInputs, keep: bool, logits: Logits) -> Result<ForwardTrace> {
         let (b, t) = inp.up.dims2()?;
         let c = self.arch.n_embd;
         let ce = self.cond_emb.forward(&inp.cond.to_dtype(self.dtype)?)?;
@@ -487,7 +490,7 @@ impl Gpt {
                 &lpe_out,
                 self.position_scale,
             )?;
-            return self.forward_blocks(x, lpe_out, inp, keep);
+            return self.forward_blocks(x, lpe_out, inp, keep, logits);
         }
         let eu = self
             .tok_up
@@ -500,7 +503,7 @@ impl Gpt {
         let e = Tensor::cat(&[ce, eu, ed], 1)?;
         let p = (lpe_out.narrow(1, 0, 3 * t)? * self.position_scale)?;
         let x = (e + p)?.to_dtype(self.activation_dtype())?;
-        self.forward_blocks(x, lpe_out, inp, keep)
+        self.forward_blocks(x, lpe_out, inp, keep, logits)
     }
 
     /// The blocks and the heads, from the embedded input rows `x` (B, 3t, C).
@@ -510,22 +513,34 @@ impl Gpt {
         lpe_out: Tensor,
         inp: &CoreInputs,
         keep: bool,
+        logits: Logits,
     ) -> Result<ForwardTrace> {
         let t = inp.up.dim(1)?;
         let mut x = BlockBase::forward_chain(&self.base, &x, inp.mask)?;
         let base_out = x.clone();
         x = BlockHead::forward_chain(&self.head, &x, t, self.mamba_impl)?;
         let head_blocks_out = x.clone();
-        // on CUDA the head's Block_Base ends in RMS_f's launch (with fc2's bias and residual)
-        let x = match self
-            .head_base
-            .forward_then_norm(&x, inp.mask, &self.rms_f)?
-        {
-            (_, Some(n)) => n,
-            (x, None) => self.rms_f.forward(&x)?,
+        let (up, down) = match logits {
+            Logits::All => {
+                // on CUDA the head's Block_Base ends in RMS_f's launch (with fc2's bias and
+                // residual)
+                let x = match self
+                    .head_base
+                    .forward_then_norm(&x, inp.mask, &self.rms_f)?
+                {
+                    (_, Some(n)) => n,
+                    (x, None) => self.rms_f.forward(&x)?,
+                };
+                (x.narrow(1, t, t)?, x.narrow(1, 2 * t, t)?)
+            }
+            Logits::Last => {
+                // the last row of each stream: (B, 3, C), music, upper, lower body
+                let x = self.head_base.forward_last(&x, inp.mask, t, &self.rms_f)?;
+                (x.narrow(1, 1, 1)?, x.narrow(1, 2, 1)?)
+            }
         };
-        let logits_up = self.head_up.forward(&x.narrow(1, t, t)?)?;
-        let logits_down = self.head_down.forward(&x.narrow(1, 2 * t, t)?)?;
+        let logits_up = self.head_up.forward(&up)?;
+        let logits_down = self.head_down.forward(&down)?;
         let empty = || Tensor::zeros(0, self.dtype, &self.device);
         Ok(ForwardTrace {
             lpe_out: if keep { lpe_out } else { empty()? },
@@ -535,6 +550,16 @@ impl Gpt {
             logits_down,
         })
     }
+}
+
+/// Which positions' logits a forward pass computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Logits {
+    /// Every position's: (B, t, vocab) per stream.
+    All,
+    /// The last position's only, (B, 1, vocab) per stream: the head's last block then computes
+    /// its queries, gate, MLP and norm at those two rows alone (the sampler's case).
+    Last,
 }
 
 /// The device inputs of [`Gpt::forward_core`].
