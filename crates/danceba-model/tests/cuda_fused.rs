@@ -636,6 +636,23 @@ fn fused_cuda_small_ops_match_candle_ops() {
                 e <= tol,
                 "scale_mask_softmax rows {b}x{m}x{n} {dt:?}: rel err {e}"
             );
+            if b == 1 {
+                // p·v of those rows with the heads merged
+                let want = got_rows
+                    .matmul(&v)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .reshape((b, m, c))
+                    .unwrap();
+                let pv = cuda_ops::attention_pv_merged(&got_rows, &v).unwrap();
+                assert_eq!(pv.dims(), want.dims());
+                let e = rel_err(&pv, &want);
+                assert!(
+                    e <= tol,
+                    "attention_pv_merged rows {m}x{n} {dt:?}: rel err {e}"
+                );
+            }
             // p·v with the heads merged by the GEMM (one song) against candle's matmul + merge
             let merged = got
                 .matmul(&v)
