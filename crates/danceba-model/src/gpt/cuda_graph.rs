@@ -25,7 +25,7 @@ use candle_core::{DType, Device, Storage, Tensor, WithDType};
 
 use super::block_base::tiled_causal_mask;
 use super::lpe::{Lpe, N_BINS};
-use super::{CoreInputs, Gpt, GptError, Logits, MambaImpl, Result};
+use super::{CoreInputs, Gpt, GptError, MambaImpl, Result};
 
 /// A captured graph. `CudaGraph` is not `Send` (raw handles); it is only touched under the
 /// cache's mutex, one thread at a time, as CUDA requires of graph objects.
@@ -182,11 +182,15 @@ impl Entry {
                 mask: &self.mask,
             },
             true,
-            Logits::Last,
+            gpt.sampler_logits(),
         )?;
-        // (b, 1, vocab) each
+        // the last position's logits, (b, vocab) each
         let last = |l: &Tensor| -> Result<Tensor> {
-            Ok(l.squeeze(1)?.to_dtype(self.out.dtype())?.contiguous()?)
+            let t = l.dim(1)?;
+            Ok(l.narrow(1, t - 1, 1)?
+                .squeeze(1)?
+                .to_dtype(self.out.dtype())?
+                .contiguous()?)
         };
         let lu = last(&tr.logits_up)?;
         let ld = last(&tr.logits_down)?;

@@ -247,9 +247,9 @@ impl Gpt {
     /// position's logits of every window as f32: (b × vocab_up, b × vocab_down) values, row
     /// after row. `up`, `down`: b·t token ids; `cond`: b·t·n_music values, window-major.
     ///
-    /// Equals [`Gpt::forward`] followed by the last row (to rounding: the head's last block
-    /// computes its queries, gate, MLP and norm only at the two rows read, so its products have
-    /// other shapes than in a whole forward). With [`Gpt::cuda_graphs`] on, the first
+    /// Equals [`Gpt::forward`] followed by the last row (to rounding: where the head's last block
+    /// computes its queries, gate, MLP and norm only at the rows read (`Gpt::sampler_logits`),
+    /// its products have other shapes than in a whole forward). With [`Gpt::cuda_graphs`] on, the first
     /// call of a (b, t) runs the forward directly (warming up), the second captures it in a CUDA
     /// graph, and later calls only copy the inputs, replay the graph and read the logits.
     pub fn last_logits(
@@ -294,7 +294,7 @@ impl Gpt {
         let iu = Tensor::from_slice(up, (b, t), dev)?;
         let id = Tensor::from_slice(down, (b, t), dev)?;
         let c = Tensor::from_slice(cond, (b, t, nm), dev)?;
-        let forward = || self.forward_impl(&iu, &id, &c, false, Logits::Last);
+        let forward = || self.forward_impl(&iu, &id, &c, false, self.sampler_logits());
         let tr = if dev.is_cpu() {
             // The whole forward on a thread of rayon's pool: its parallel loops then start from
             // a worker, which takes its share and wakes one other, instead of this thread
@@ -303,11 +303,27 @@ impl Gpt {
         } else {
             forward()?
         };
-        // (b, 1, vocab) each
+        // the last position's logits (the only ones with `Logits::Last`)
         let host = |l: Tensor| -> Result<Vec<f32>> {
-            Ok(l.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+            let t = l.dim(1)?;
+            Ok(l.narrow(1, t - 1, 1)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
         };
         Ok((host(tr.logits_up)?, host(tr.logits_down)?))
+    }
+
+    /// What [`Gpt::last_logits`] computes: the last rows only ([`Logits::Last`]), except on
+    /// CUDA with f16/bf16 weights, where the last block's tensor-core products cost about the
+    /// same at 3 rows as at 3t and the row copies the shortcut needs made the step 1–3 % slower
+    /// on an H100 (f32 there: batch 8 3 % faster, batch 1 the same).
+    pub(crate) fn sampler_logits(&self) -> Logits {
+        if self.device.is_cuda() && self.dtype != DType::F32 {
+            Logits::All
+        } else {
+            Logits::Last
+        }
     }
 
     /// The precision of the residual stream and of everything between the linear layers. On
@@ -554,7 +570,7 @@ impl Gpt {
 
 /// Which positions' logits a forward pass computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Logits {
+pub(crate) enum Logits {
     /// Every position's: (B, t, vocab) per stream.
     All,
     /// The last position's only, (B, 1, vocab) per stream: the head's last block then computes
