@@ -636,39 +636,29 @@ fn fused_cuda_small_ops_match_candle_ops() {
                 e <= tol,
                 "scale_mask_softmax rows {b}x{m}x{n} {dt:?}: rel err {e}"
             );
-            if b == 1 {
-                // p·v of those rows with the heads merged
-                let want = got_rows
+            // p·v with the heads merged by the GEMM (one song; all query rows and the few
+            // above) against candle's matmul + merge
+            for p in [&got, &got_rows] {
+                let rows = p.dim(2).unwrap();
+                let merged = p
                     .matmul(&v)
                     .unwrap()
                     .transpose(1, 2)
                     .unwrap()
-                    .reshape((b, m, c))
+                    .reshape((b, rows, c))
                     .unwrap();
-                let pv = cuda_ops::attention_pv_merged(&got_rows, &v).unwrap();
-                assert_eq!(pv.dims(), want.dims());
-                let e = rel_err(&pv, &want);
-                assert!(
-                    e <= tol,
-                    "attention_pv_merged rows {m}x{n} {dt:?}: rel err {e}"
-                );
-            }
-            // p·v with the heads merged by the GEMM (one song) against candle's matmul + merge
-            let merged = got
-                .matmul(&v)
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-                .reshape((b, n, c))
-                .unwrap();
-            if b == 1 {
-                let pv = cuda_ops::attention_pv_merged(&got, &v).unwrap();
-                assert_eq!(pv.dims(), merged.dims());
-                let e = rel_err(&pv, &merged);
-                println!("attention_pv_merged {n}x{c} {dt:?}: rel err {e:.2e}");
-                assert!(e <= tol, "attention_pv_merged {n}x{c} {dt:?}: rel err {e}");
-            } else {
-                assert!(cuda_ops::attention_pv_merged(&got, &v).is_err());
+                if b == 1 {
+                    let pv = cuda_ops::attention_pv_merged(p, &v).unwrap();
+                    assert_eq!(pv.dims(), merged.dims());
+                    let e = rel_err(&pv, &merged);
+                    println!("attention_pv_merged {rows}x{n}x{c} {dt:?}: rel err {e:.2e}");
+                    assert!(
+                        e <= tol,
+                        "attention_pv_merged {rows}x{n}x{c} {dt:?}: rel err {e}"
+                    );
+                } else {
+                    assert!(cuda_ops::attention_pv_merged(p, &v).is_err());
+                }
             }
             assert!(cuda_ops::split_heads(&qkv, c + 1).is_err());
             assert!(
