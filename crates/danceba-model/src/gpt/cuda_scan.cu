@@ -2,9 +2,7 @@
 // `cuda` feature is on and loaded by cuda_scan.rs.
 //
 //  * mamba_conv_silu_<T>: causal depthwise convolution (zero history) + bias + SiLU over the
-//    first `d` columns of the in_proj output, one thread per (batch, position, channel);
-//    mamba_conv_silu_vec_<T>: the same for kernels of at most CONV_KMAX taps, a thread on 16
-//    bytes of channels and CONV_LP positions, each input row loaded once into a sliding window.
+//    first `d` columns of the in_proj output, one thread per (batch, position, channel).
 //
 // Both kernels take their per-channel weights in groups: batch item b uses group b / gb (`gb`
 // batch items per group), so one launch runs the three streams of a Block_Head, each with its
@@ -70,10 +68,6 @@ __device__ __forceinline__ void conv_silu(const T* __restrict__ xz, const T* __r
     u[(row0 + l) * d + c] = from_f<T>(silu_f(acc));
 }
 
-// Taps a thread of the vectorised convolution keeps in registers, positions it computes.
-#define CONV_KMAX 4
-#define CONV_LP 4
-
 // 16 bytes of T (4 floats or 8 halves) widened to f32.
 __device__ __forceinline__ void widen16(const uint4& r, float* o, float) {
     o[0] = __uint_as_float(r.x);
@@ -96,83 +90,6 @@ __device__ __forceinline__ void widen16(const uint4& r, float* o, __nv_bfloat16)
     for (int i = 0; i < 4; ++i) {
         o[2 * i] = __low2float(h[i]);
         o[2 * i + 1] = __high2float(h[i]);
-    }
-}
-
-// The 16 bytes at p (16-byte aligned; V = 16 / sizeof(T) values) widened to f32.
-template <typename T>
-__device__ __forceinline__ void load_row16(const T* __restrict__ p, float* o) {
-    widen16(*reinterpret_cast<const uint4*>(p), o, T());
-}
-
-// f32 values rounded to T and stored as one 16-byte vector.
-template <typename T>
-__device__ __forceinline__ void store_row16(T* __restrict__ p, const float* v) {
-    constexpr int V = 16 / sizeof(T);
-    union {
-        uint4 u;
-        T t[V];
-    } r;
-#pragma unroll
-    for (int i = 0; i < V; ++i) r.t[i] = from_f<T>(v[i]);
-    *reinterpret_cast<uint4*>(p) = r.u;
-}
-
-// conv_silu for k <= CONV_KMAX taps with d, xz_stride and the row starts multiples of V: a
-// thread computes V consecutive channels at up to CONV_LP consecutive positions, keeping the
-// last CONV_KMAX input rows in registers (each row read once, 16 bytes at a time). Tap j of the
-// k multiplies x[l - (k - 1) + j], as in conv_silu; taps before position 0 add w·0, the same
-// sums. Grid (ceil(d / (V·blockDim.x)), ceil(len / CONV_LP), batch).
-template <typename T>
-__device__ __forceinline__ void conv_silu_vec(const T* __restrict__ xz, const T* __restrict__ w,
-                                              const T* __restrict__ bias, T* __restrict__ u,
-                                              int len, int d, int k, int xz_stride) {
-    constexpr int V = 16 / sizeof(T);
-    constexpr int K = CONV_KMAX;
-    const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) * V;
-    if (c0 >= d) return;
-    const int l0 = blockIdx.y * CONV_LP, l1 = min(len, l0 + CONV_LP);
-    const long long row0 = (long long)blockIdx.z * len;
-    // window slot i holds x[l - (K - 1) + i]; the kernel's tap j sits in slot j + K - k
-    float wt[K][V], b[V], win[K][V];
-#pragma unroll
-    for (int c = 0; c < V; ++c) {
-        b[c] = to_f(bias[c0 + c]);
-#pragma unroll
-        for (int i = 0; i < K; ++i) {
-            const int j = i - (K - k);
-            wt[i][c] = j >= 0 ? to_f(w[(long long)(c0 + c) * k + j]) : 0.0f;
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < K - 1; ++i) {
-        const int r = l0 - (K - 1) + i;
-        if (r >= 0) {
-            load_row16(xz + (row0 + r) * xz_stride + c0, win[i]);
-        } else {
-#pragma unroll
-            for (int c = 0; c < V; ++c) win[i][c] = 0.0f;
-        }
-    }
-#pragma unroll
-    for (int dl = 0; dl < CONV_LP; ++dl) {
-        const int l = l0 + dl;
-        if (l >= l1) break;
-        load_row16(xz + (row0 + l) * xz_stride + c0, win[K - 1]);
-        float o[V];
-#pragma unroll
-        for (int c = 0; c < V; ++c) {
-            float acc = b[c];
-#pragma unroll
-            for (int i = 0; i < K; ++i)
-                if (i >= K - k) acc += wt[i][c] * win[i][c];
-            o[c] = silu_f(acc);
-        }
-        store_row16(u + (row0 + l) * d + c0, o);
-#pragma unroll
-        for (int i = 0; i < K - 1; ++i)
-#pragma unroll
-            for (int c = 0; c < V; ++c) win[i][c] = win[i + 1][c];
     }
 }
 
@@ -397,12 +314,6 @@ __device__ __forceinline__ void scan(const T* __restrict__ u, const T* __restric
                                                         int xz_stride, int gb) {                \
         const long long g = blockIdx.z / gb; /* the batch item's weight group */                  \
         conv_silu<T>(xz, w + g * d * k, bias + g * d, u, len, d, k, xz_stride);                 \
-    }                                                                                           \
-    extern "C" __global__ void mamba_conv_silu_vec_##SUFFIX(const T* xz, const T* w,            \
-                                                            const T* bias, T* u, int len, int d,\
-                                                            int k, int xz_stride, int gb) {     \
-        const long long g = blockIdx.z / gb; /* the batch item's weight group */                  \
-        conv_silu_vec<T>(xz, w + g * d * k, bias + g * d, u, len, d, k, xz_stride);             \
     }                                                                                           \
     DANCEBA_MAMBA_SCAN(SUFFIX, T, 4, 4, 1)                                                         \
     DANCEBA_MAMBA_SCAN(SUFFIX, T, 8, 4, 1)                                                         \

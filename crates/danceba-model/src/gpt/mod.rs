@@ -247,11 +247,12 @@ impl Gpt {
     /// position's logits of every window as f32: (b × vocab_up, b × vocab_down) values, row
     /// after row. `up`, `down`: b·t token ids; `cond`: b·t·n_music values, window-major.
     ///
-    /// Equals [`Gpt::forward`] followed by the last row (to rounding: where the head's last block
-    /// computes its queries, gate, MLP and norm only at the rows read (`Gpt::sampler_logits`),
-    /// its products have other shapes than in a whole forward). With [`Gpt::cuda_graphs`] on, the first
-    /// call of a (b, t) runs the forward directly (warming up), the second captures it in a CUDA
-    /// graph, and later calls only copy the inputs, replay the graph and read the logits.
+    /// Equals [`Gpt::forward`] followed by the last row (to rounding: where the head's last
+    /// block computes its queries, gate, MLP and norm only at the rows read, see
+    /// `Gpt::sampler_logits`, its products have other shapes than in a whole forward). With
+    /// [`Gpt::cuda_graphs`] on, the first call of a (b, t) runs the forward directly (warming
+    /// up), the second captures it in a CUDA graph, and later calls only copy the inputs,
+    /// replay the graph and read the logits.
     pub fn last_logits(
         &self,
         up: &[u32],
@@ -574,7 +575,8 @@ pub(crate) enum Logits {
     /// Every position's: (B, t, vocab) per stream.
     All,
     /// The last position's only, (B, 1, vocab) per stream: the head's last block then computes
-    /// its queries, gate, MLP and norm at those two rows alone (the sampler's case).
+    /// its queries, gate, MLP and norm at the last row of each of the three streams alone (the
+    /// sampler's case).
     Last,
 }
 
