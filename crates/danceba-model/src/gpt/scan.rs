@@ -94,6 +94,14 @@ pub fn causal_conv_silu(
                 }
             }
         }
+        #[cfg(target_arch = "x86_64")]
+        if super::cpu_gemm::kernel() == Some(super::cpu_gemm::Kernel::Avx512) {
+            // SAFETY: AVX-512F is there (`kernel`); `o` holds d values
+            unsafe {
+                super::vmath::avx512::silu_gate_residual(o.as_mut_ptr(), d, true, None, None)
+            };
+            return;
+        }
         for oc in o.iter_mut() {
             *oc = silu(*oc);
         }
@@ -309,21 +317,35 @@ mod avx512 {
         _mm512_mask_storeu_ps(out, mask, _mm512_loadu_ps(y));
     }
 
-    /// 16-lane [`super::fast_exp2`] (same polynomial and lower clamp: 2^−126 rather than a
-    /// denormal, which would cost a microcode assist per use; the power of two applied with
-    /// `scalef`). Arguments are ≤ 0 here (Δ ≥ 0, A < 0), so there is no upper clamp.
+    /// Coefficients of the degree-6 polynomial for `2^f` on `[0, 1)` (interpolation at the
+    /// Chebyshev nodes of that interval; truncation error 6e-9), constant term first.
+    const EXP2_POLY_01: [f32; 7] = [
+        1.0,
+        0.693_146_94,
+        0.240_230_46,
+        5.548_063e-2,
+        9.684_186e-3,
+        1.239_133_2e-3,
+        2.186_578_5e-4,
+    ];
+
+    /// 16-lane `2^t` (≈1 ulp) for the scan's decay, `t ≤ 0` (Δ ≥ 0, A < 0): `f = t − ⌊t⌋` in
+    /// one `vreduceps`, `2^f` by [`EXP2_POLY_01`], and `scalef` applies `2^⌊t⌋` from `t`
+    /// itself (it floors its exponent argument), so no rounding and no subtraction per lane.
+    /// Arguments below −126 give 2^−126 ≈ 1.2e-38 rather than a denormal, which would cost a
+    /// microcode assist per use and is harmless as a decay factor.
     #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn exp2_16(t: __m512) -> __m512 {
+    #[target_feature(enable = "avx512f,avx512dq")]
+    pub(super) unsafe fn exp2_16(t: __m512) -> __m512 {
         let t = _mm512_max_ps(t, _mm512_set1_ps(-126.0));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
-        let f = _mm512_sub_ps(t, n);
-        let c = super::EXP2_POLY;
+        // imm8: keep 0 fraction bits, round down → t − ⌊t⌋ ∈ [0, 1)
+        let f = _mm512_reduce_ps::<{ _MM_FROUND_TO_NEG_INF }>(t);
+        let c = EXP2_POLY_01;
         let mut q = _mm512_set1_ps(c[6]);
         for &ck in c[..6].iter().rev() {
             q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(ck));
         }
-        _mm512_scalef_ps(q, n)
+        _mm512_scalef_ps(q, t)
     }
 
     /// Stores the 16 lanes `v` at `at` (the first chunk of states) or adds them to those there.
@@ -338,14 +360,61 @@ mod avx512 {
         _mm512_storeu_ps(at, v);
     }
 
+    /// States `s .. s + 16·K` of one channel's scan: their `h` and `A·log2(e)` stay in
+    /// registers for the whole sequence; per position the lanes of Σ h·C over these states
+    /// (one product and K − 1 fused multiply-adds) are stored to `acc` (`first`) or added to it.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    unsafe fn states<const K: usize>(
+        p: &ScanInputs,
+        bi: usize,
+        c: usize,
+        s: usize,
+        delta: &[f32],
+        lane: usize,
+        acc: *mut f32,
+        first: bool,
+    ) {
+        let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+        let a = p.a.as_ptr().add(c * p.n + s);
+        let mut a2 = [_mm512_setzero_ps(); K];
+        for (k, v) in a2.iter_mut().enumerate() {
+            *v = _mm512_mul_ps(_mm512_loadu_ps(a.add(16 * k)), log2e);
+        }
+        let mut h = [_mm512_setzero_ps(); K];
+        for l in 0..p.len {
+            let dl = *delta.get_unchecked(16 * l + lane);
+            let dv = _mm512_set1_ps(dl);
+            let duv = _mm512_set1_ps(dl * *p.u.get_unchecked((bi * p.len + l) * p.d + c));
+            let row = p.bc.as_ptr().add((bi * p.len + l) * p.bc_stride);
+            let (bm, cm) = (row.add(p.b_offset + s), row.add(p.c_offset + s));
+            let mut sum = _mm512_setzero_ps();
+            for k in 0..K {
+                h[k] = _mm512_fmadd_ps(
+                    exp2_16(_mm512_mul_ps(dv, a2[k])),
+                    h[k],
+                    _mm512_mul_ps(_mm512_loadu_ps(bm.add(16 * k)), duv),
+                );
+                let ck = _mm512_loadu_ps(cm.add(16 * k));
+                sum = if k == 0 {
+                    _mm512_mul_ps(h[k], ck)
+                } else {
+                    _mm512_fmadd_ps(h[k], ck, sum)
+                };
+            }
+            add_lanes(acc.add(16 * l), sum, first);
+        }
+    }
+
     /// One channel's scan with Δ and the gate (SiLU(z)) already computed, lane `lane` of the
     /// 16-lane rows of `delta` and `gate` (position-major, `[l · 16 + lane]`); writes lane
-    /// `lane` of the rows of `y`. The states are processed 64 at a time with their `h` and
-    /// `A·log2(e)` in registers for the whole sequence, then 16 at a time; `acc` (len × 16
-    /// lanes) collects the lanes of Σ h·C over the chunks, summed once per position at the end.
-    /// Requires `p.n % 16 == 0` and every slice ≥ 16 · `p.len` long.
+    /// `lane` of the rows of `y`. The states are processed 128 at a time (then 64, then 16) by
+    /// [`states`]; `acc` (len × 16 lanes) collects the lanes of Σ h·C over the chunks, summed
+    /// once per position at the end. Requires `p.n % 16 == 0` and every slice ≥ 16 · `p.len`
+    /// long.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512dq")]
     pub(super) unsafe fn scan_channel(
         p: &ScanInputs,
         bi: usize,
@@ -356,94 +425,29 @@ mod avx512 {
         acc: &mut [f32],
         y: &mut [f32],
     ) {
-        let n = p.n;
-        let len = p.len;
+        let (n, len) = (p.n, p.len);
         assert!(lane < 16);
         for v in [delta.len(), gate.len(), acc.len(), y.len()] {
             assert!(v >= 16 * len);
         }
-        let delta = |l: usize| *delta.get_unchecked(16 * l + lane);
-        let a = p.a.as_ptr().add(c * n);
-        let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
-        let a2 = |s: usize| _mm512_mul_ps(_mm512_loadu_ps(a.add(s)), log2e);
         let accp = acc.as_mut_ptr();
-        let row = |l: usize| p.bc.as_ptr().add((bi * p.len + l) * p.bc_stride);
-        let uu = |l: usize| *p.u.get_unchecked((bi * p.len + l) * p.d + c);
         // the first chunk stores its lanes, later ones add to them
-        let mut first = true;
         let mut s = 0;
+        while s + 128 <= n {
+            states::<8>(p, bi, c, s, delta, lane, accp, s == 0);
+            s += 128;
+        }
         while s + 64 <= n {
-            let (a0, a1, a2_, a3) = (a2(s), a2(s + 16), a2(s + 32), a2(s + 48));
-            let (mut h0, mut h1, mut h2, mut h3) = (
-                _mm512_setzero_ps(),
-                _mm512_setzero_ps(),
-                _mm512_setzero_ps(),
-                _mm512_setzero_ps(),
-            );
-            for l in 0..len {
-                let dv = _mm512_set1_ps(delta(l));
-                let duv = _mm512_set1_ps(delta(l) * uu(l));
-                let bm = row(l).add(p.b_offset + s);
-                let cm = row(l).add(p.c_offset + s);
-                h0 = _mm512_fmadd_ps(
-                    exp2_16(_mm512_mul_ps(dv, a0)),
-                    h0,
-                    _mm512_mul_ps(_mm512_loadu_ps(bm), duv),
-                );
-                h1 = _mm512_fmadd_ps(
-                    exp2_16(_mm512_mul_ps(dv, a1)),
-                    h1,
-                    _mm512_mul_ps(_mm512_loadu_ps(bm.add(16)), duv),
-                );
-                h2 = _mm512_fmadd_ps(
-                    exp2_16(_mm512_mul_ps(dv, a2_)),
-                    h2,
-                    _mm512_mul_ps(_mm512_loadu_ps(bm.add(32)), duv),
-                );
-                h3 = _mm512_fmadd_ps(
-                    exp2_16(_mm512_mul_ps(dv, a3)),
-                    h3,
-                    _mm512_mul_ps(_mm512_loadu_ps(bm.add(48)), duv),
-                );
-                let acc01 = _mm512_fmadd_ps(
-                    h1,
-                    _mm512_loadu_ps(cm.add(16)),
-                    _mm512_mul_ps(h0, _mm512_loadu_ps(cm)),
-                );
-                let acc23 = _mm512_fmadd_ps(
-                    h3,
-                    _mm512_loadu_ps(cm.add(48)),
-                    _mm512_mul_ps(h2, _mm512_loadu_ps(cm.add(32))),
-                );
-                add_lanes(accp.add(16 * l), _mm512_add_ps(acc01, acc23), first);
-            }
-            first = false;
+            states::<4>(p, bi, c, s, delta, lane, accp, s == 0);
             s += 64;
         }
         while s + 16 <= n {
-            let a0 = a2(s);
-            let mut h0 = _mm512_setzero_ps();
-            for l in 0..len {
-                let dv = _mm512_set1_ps(delta(l));
-                let duv = _mm512_set1_ps(delta(l) * uu(l));
-                let bm = row(l).add(p.b_offset + s);
-                let cm = row(l).add(p.c_offset + s);
-                h0 = _mm512_fmadd_ps(
-                    exp2_16(_mm512_mul_ps(dv, a0)),
-                    h0,
-                    _mm512_mul_ps(_mm512_loadu_ps(bm), duv),
-                );
-                add_lanes(
-                    accp.add(16 * l),
-                    _mm512_mul_ps(h0, _mm512_loadu_ps(cm)),
-                    first,
-                );
-            }
-            first = false;
+            states::<1>(p, bi, c, s, delta, lane, accp, s == 0);
             s += 16;
         }
+        let uu = |l: usize| *p.u.get_unchecked((bi * len + l) * p.d + c);
         for l in 0..len {
-            let sum = if first {
+            let sum = if n == 0 {
                 0.0
             } else {
                 _mm512_reduce_add_ps(_mm512_loadu_ps(accp.add(16 * l)))
@@ -459,7 +463,10 @@ fn use_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *DETECTED.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+        *DETECTED.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -648,9 +655,43 @@ mod tests {
         assert!(fast_exp2(-1000.0) < 1.2e-38);
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_exp2_is_accurate() {
+        use std::arch::x86_64::*;
+        if !use_avx512() {
+            eprintln!("no AVX-512F/DQ here: the AVX-512 scan is not used");
+            return;
+        }
+        let ts: Vec<f32> = (0..200_000).map(|i| -130.0 + i as f32 * 0.000_65).collect();
+        let mut worst = 0f64;
+        for ch in ts.chunks_exact(16) {
+            let mut out = [0f32; 16];
+            // SAFETY: AVX-512F and DQ were detected; `ch` and `out` hold 16 values.
+            unsafe {
+                _mm512_storeu_ps(
+                    out.as_mut_ptr(),
+                    avx512::exp2_16(_mm512_loadu_ps(ch.as_ptr())),
+                )
+            };
+            for (&t, &e) in ch.iter().zip(&out) {
+                let r = (t.max(-126.0) as f64).exp2();
+                worst = worst.max(((e as f64 - r) / r).abs());
+            }
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst}");
+    }
+
     #[test]
     fn simd_scan_matches_portable_loop() {
-        let (batch, len, d, n) = (2, 13, 24, 80);
+        // 80 states: a chunk of 64 and one of 16; 208: one of each size (128, 64, 16)
+        for n in [80, 208] {
+            simd_scan_matches_portable_loop_with(n);
+        }
+    }
+
+    fn simd_scan_matches_portable_loop_with(n: usize) {
+        let (batch, len, d) = (2, 13, 24);
         let mut s = 12345u64;
         let mut rnd = |k: usize, lo: f32, hi: f32| -> Vec<f32> {
             (0..k)
