@@ -142,3 +142,54 @@ fn last_logits_match_the_whole_forward_at_the_last_row() {
         }
     }
 }
+
+/// `BlockHead::forward_chain` on the CPU runs each stream through all the blocks as its own
+/// task; it must give the bits of the blocks applied one after another, stream by stream
+/// (`forward_streams`), at batch 1 and 2, a short window and a full one, f32 and bf16 weights.
+#[test]
+fn block_head_chain_with_parallel_streams_matches_stream_by_stream() {
+    use candle_nn::VarBuilder;
+    use danceba_model::arch::MambaArch;
+    use danceba_model::gpt::mamba::BlockHead;
+    use rand::SeedableRng;
+    let (c, arch) = (
+        64,
+        MambaArch {
+            d_inner: 128,
+            d_state: 32,
+            dt_rank: 4,
+            d_conv: 4,
+        },
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let ws = [
+        random_block_head(&mut rng, c, &arch),
+        random_block_head(&mut rng, c, &arch),
+    ];
+    for dt in [DType::F32, DType::BF16] {
+        let blocks: Vec<BlockHead> = ws
+            .iter()
+            .map(|w| {
+                let vb = VarBuilder::from_tensors(w.clone(), dt, &Device::Cpu);
+                BlockHead::load(vb, c, c, &arch).unwrap()
+            })
+            .collect();
+        for (batch, t) in [(1, 3), (1, 28), (2, 28)] {
+            let x = uniform(&mut rng, &[batch, 3 * t, c], -2.0, 2.0);
+            let got = BlockHead::forward_chain(&blocks, &x, t, MambaImpl::FusedCpu).unwrap();
+            let mut want = x.clone();
+            for b in &blocks {
+                want = b.forward_streams(&want, t, MambaImpl::FusedCpu).unwrap();
+            }
+            let (g, w) = (
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert_eq!(got.dims(), want.dims());
+            assert!(
+                g.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{dt:?} B={batch} t={t}: the parallel streams differ"
+            );
+        }
+    }
+}

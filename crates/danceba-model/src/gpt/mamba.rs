@@ -587,11 +587,39 @@ impl BlockHead {
                 return Self::forward_grouped(blocks, &groups, x, t);
             }
         }
+        if matches!(x.device(), Device::Cpu) && x.dim(1)? == 3 * t {
+            return Self::forward_chain_cpu(blocks, x, t, imp);
+        }
         let mut x = x.clone();
         for blk in blocks {
             x = blk.forward_streams(&x, t, imp)?;
         }
         Ok(x)
+    }
+
+    /// [`BlockHead::forward_chain`] on the CPU: the three streams never mix inside the head's
+    /// blocks, so each runs through all of them as one task (rayon), its layers' own parallel
+    /// loops shared with the other tasks by work stealing. Two threads then rarely wait for
+    /// each other at the end of a product or a scan, as they do running one stream's layers
+    /// after another's. Each stream's arithmetic is that of [`BlockHead::forward_streams`].
+    fn forward_chain_cpu(
+        blocks: &[BlockHead],
+        x: &Tensor,
+        t: usize,
+        imp: MambaImpl,
+    ) -> Result<Tensor> {
+        use rayon::prelude::*;
+        let outs = (0..3)
+            .into_par_iter()
+            .map(|i| -> Result<Tensor> {
+                let mut y = x.narrow(1, i * t, t)?.contiguous()?;
+                for blk in blocks {
+                    y = blk.streams[i].forward(&y, imp)?;
+                }
+                Ok(y)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&outs, 1)?)
     }
 
     /// [`BlockHead::forward`] one stream after another.

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use danceba_model::arch::{GptArch, MambaArch};
 use danceba_model::gpt::Gpt;
+use rand::rngs::StdRng;
+use rand::Rng;
 
 pub fn golden_dir() -> PathBuf {
     match std::env::var_os("DANCEBA_GOLDEN") {
@@ -157,4 +159,73 @@ pub fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
         .zip(&b)
         .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
     d / scale
+}
+
+/// Uniform random values in [lo, hi) as a CPU f32 tensor.
+pub fn uniform(rng: &mut StdRng, shape: &[usize], lo: f32, hi: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.gen_range(lo..hi)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// A real-size Mamba layer with weights at the official initialisation's scales.
+pub fn random_mamba_weights(rng: &mut StdRng, c: usize, a: &MambaArch) -> HashMap<String, Tensor> {
+    let (di, ds, dr, dc) = (a.d_inner, a.d_state, a.dt_rank, a.d_conv);
+    let k = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
+    let mut w = HashMap::new();
+    w.insert(
+        "in_proj.weight".into(),
+        uniform(rng, &[2 * di, c], -k(c), k(c)),
+    );
+    w.insert(
+        "conv1d.weight".into(),
+        uniform(rng, &[di, 1, dc], -k(dc), k(dc)),
+    );
+    w.insert("conv1d.bias".into(), uniform(rng, &[di], -k(dc), k(dc)));
+    w.insert(
+        "x_proj.weight".into(),
+        uniform(rng, &[dr + 2 * ds, di], -k(di), k(di)),
+    );
+    let dts = (dr as f32).powf(-0.5);
+    w.insert("dt_proj.weight".into(), uniform(rng, &[di, dr], -dts, dts));
+    // inverse softplus of Δ log-uniform in [1e-3, 1e-1]
+    let bias: Vec<f32> = (0..di)
+        .map(|_| {
+            let dt = (rng.gen_range(1e-3f32.ln()..1e-1f32.ln())).exp();
+            dt + (-(-dt).exp_m1()).ln()
+        })
+        .collect();
+    w.insert(
+        "dt_proj.bias".into(),
+        Tensor::from_vec(bias, di, &Device::Cpu).unwrap(),
+    );
+    let alog: Vec<f32> = (0..di * ds).map(|i| ((i % ds) as f32 + 1.0).ln()).collect();
+    w.insert(
+        "A_log".into(),
+        Tensor::from_vec(alog, (di, ds), &Device::Cpu).unwrap(),
+    );
+    w.insert("D".into(), uniform(rng, &[di], 0.5, 1.5));
+    w.insert(
+        "out_proj.weight".into(),
+        uniform(rng, &[c, di], -k(di), k(di)),
+    );
+    w
+}
+
+/// A real-size `Block_Head` (three streams: norms, Mamba, GatedMLP) with random weights.
+pub fn random_block_head(rng: &mut StdRng, c: usize, a: &MambaArch) -> HashMap<String, Tensor> {
+    let k = (c as f32).powf(-0.5);
+    let mut w = HashMap::new();
+    for i in 1..=3 {
+        for (key, t) in random_mamba_weights(rng, c, a) {
+            w.insert(format!("mamba_{i}.{key}"), t);
+        }
+        for j in [2 * i - 1, 2 * i] {
+            w.insert(format!("ln{j}.weight"), uniform(rng, &[c], 0.5, 1.5));
+        }
+        let g = format!("gate_mlp_{i}");
+        w.insert(format!("{g}.fc1.weight"), uniform(rng, &[2 * c, c], -k, k));
+        w.insert(format!("{g}.fc2.weight"), uniform(rng, &[c, c], -k, k));
+    }
+    w
 }
