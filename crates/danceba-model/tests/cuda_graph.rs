@@ -149,3 +149,50 @@ fn graph_path_reproduces_golden_step_logits() {
         "the steady window was never replayed from a graph"
     );
 }
+
+/// The next window's LPE phase computed during a replay (`Gpt::last_logits_ahead`): a run of
+/// steady windows, each call told the next window's condition, except one hint with a single
+/// value changed and one with another window count. Every call gives the direct forward's
+/// logits, and exactly the matching hints are used (calls 0 and 1 warm up and capture; the
+/// replays 2–6 compute hints for calls 3–7: 3 and 5 hit, 4 and 6 miss).
+#[test]
+fn phase_computed_ahead_is_used_only_for_its_window() {
+    let dev = cuda();
+    let gpt = tiny_gpt_on(&dev, DType::F32);
+    let mut direct = gpt.clone();
+    direct.set_cuda_graphs(false);
+    let a = gpt.arch().clone();
+    let (b, t) = (2, a.block_size - 1);
+    let mut rng = StdRng::seed_from_u64(9);
+    let mut random =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect() };
+    let conds: Vec<Vec<f32>> = (0..8).map(|_| random(b * t * a.n_music)).collect();
+    let before = gpt.cuda_graph_timing();
+    for i in 0..7 {
+        let ids = |v: u32| {
+            (0..b * t)
+                .map(|j| (j as u32 * 7 + v) % 50)
+                .collect::<Vec<u32>>()
+        };
+        let (up, down) = (ids(i as u32), ids(3 * i as u32 + 1));
+        let (hint, nb) = match i {
+            3 => {
+                let mut c = conds[4].clone();
+                c[17] += 0.25;
+                (c, b)
+            }
+            5 => (conds[6].clone(), 1),
+            _ => (conds[i + 1].clone(), b),
+        };
+        let (gu, gd) = gpt
+            .last_logits_ahead(&up, &down, &conds[i], b, t, Some((&hint, nb)))
+            .unwrap();
+        let (wu, wd) = direct.last_logits(&up, &down, &conds[i], b, t).unwrap();
+        let (eu, ed) = (rel(&gu, &wu), rel(&gd, &wd));
+        println!("call {i}: graph (phase ahead) vs direct rel err up {eu:e} down {ed:e}");
+        assert!(eu <= 1e-6 && ed <= 1e-6, "call {i}: {eu} {ed}");
+    }
+    let after = gpt.cuda_graph_timing();
+    assert_eq!(after.replays - before.replays, 5);
+    assert_eq!(after.ahead_hits - before.ahead_hits, 2);
+}

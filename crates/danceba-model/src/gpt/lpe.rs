@@ -218,12 +218,23 @@ impl Lpe {
     /// The cropped STFT phase the LPE layers take, from host values of `cond` (B, t, n_music)
     /// flattened frame-major: (B × F' × bins values, F').
     pub(crate) fn cropped_phase_host(cond_host: &[f32], batch: usize) -> Result<(Vec<f32>, usize)> {
+        let mut all = Vec::new();
+        let fc = Self::cropped_phase_host_into(cond_host, batch, &mut all)?;
+        Ok((all, fc))
+    }
+
+    /// [`Lpe::cropped_phase_host`] into `all` (resized, its allocation reused); returns F'.
+    pub(crate) fn cropped_phase_host_into(
+        cond_host: &[f32],
+        batch: usize,
+        all: &mut Vec<f32>,
+    ) -> Result<usize> {
         use rayon::prelude::*;
         let per = cond_host.len() / batch.max(1);
         let (first, fc) = lpe_crop(stft_frames(per)?);
         let fft = fft_plan();
         // every (batch item, frame) in parallel
-        let mut all = vec![0f32; batch * fc * N_BINS];
+        all.resize(batch * fc * N_BINS, 0.0);
         all.par_chunks_mut(N_BINS).enumerate().for_each(|(i, out)| {
             let b = i / fc;
             frame_phase(
@@ -233,7 +244,7 @@ impl Lpe {
                 out,
             )
         });
-        Ok((all, fc))
+        Ok(fc)
     }
 
     /// The LPE layers on a cropped phase (B, F', bins) of any float dtype: (B, 3F', C).

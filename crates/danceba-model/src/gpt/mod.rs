@@ -261,6 +261,24 @@ impl Gpt {
         b: usize,
         t: usize,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        self.last_logits_ahead(up, down, cond, b, t, None)
+    }
+
+    /// [`Gpt::last_logits`], told the condition of the next call's windows (`next`: its values
+    /// and its number of windows). A replayed CUDA graph computes that window's LPE phase on the
+    /// host while the GPU runs, and the next call uses it if its condition is the same bit for
+    /// bit; elsewhere `next` is ignored. The results are those of [`Gpt::last_logits`].
+    pub fn last_logits_ahead(
+        &self,
+        up: &[u32],
+        down: &[u32],
+        cond: &[f32],
+        b: usize,
+        t: usize,
+        next: Option<(&[f32], usize)>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        #[cfg(not(feature = "cuda"))]
+        let _ = next;
         let nm = self.arch.n_music;
         if b == 0 || t == 0 {
             return input_err(format!("empty window (batch {b}, t {t})"));
@@ -289,7 +307,7 @@ impl Gpt {
                 self.arch.vocab_down,
             )?;
             check_finite_condition(cond, t, nm)?;
-            return cuda_graph::last_logits(self, &self.graphs, up, down, cond, b, t);
+            return cuda_graph::last_logits(self, &self.graphs, up, down, cond, b, t, next);
         }
         let dev = &self.device;
         let iu = Tensor::from_slice(up, (b, t), dev)?;

@@ -231,19 +231,40 @@ impl Gpt {
             })
             .collect();
         let nm = arch.n_music;
-        for k in 0..total {
+        // step k's windows: the songs still going and their condition rows (known in advance,
+        // unlike the tokens)
+        let cond_of = |k: usize| -> (Vec<usize>, Vec<f32>) {
             let (start, t) = window(k, arch.block_size);
             let active: Vec<usize> = (0..conds.len()).filter(|&i| steps[i] > k).collect();
+            let mut cc = Vec::with_capacity(active.len() * t * nm);
+            for &i in &active {
+                cc.extend_from_slice(&hosts[i][start * nm..(start + t) * nm]);
+            }
+            (active, cc)
+        };
+        // the next step's condition is handed to the GPT (CUDA graphs compute its phase while
+        // the GPU runs this step), then reused as that step's
+        let ahead = self.cuda_graphs();
+        let mut next = if ahead && total > 0 {
+            Some(cond_of(0))
+        } else {
+            None
+        };
+        for k in 0..total {
+            let (start, t) = window(k, arch.block_size);
+            let (active, cc) = next.take().unwrap_or_else(|| cond_of(k));
+            if ahead && k + 1 < total {
+                next = Some(cond_of(k + 1));
+            }
             let a = active.len();
             let mut cu = Vec::with_capacity(a * t);
             let mut cd = Vec::with_capacity(a * t);
-            let mut cc = Vec::with_capacity(a * t * nm);
             for &i in &active {
                 cu.extend_from_slice(&toks[i].up[start..start + t]);
                 cd.extend_from_slice(&toks[i].down[start..start + t]);
-                cc.extend_from_slice(&hosts[i][start * nm..(start + t) * nm]);
             }
-            let (lu, ld) = self.last_logits(&cu, &cd, &cc, a, t)?;
+            let hint = next.as_ref().map(|(na, nc)| (nc.as_slice(), na.len()));
+            let (lu, ld) = self.last_logits_ahead(&cu, &cd, &cc, a, t, hint)?;
             let (vu, vd) = (arch.vocab_up, arch.vocab_down);
             for (j, &i) in active.iter().enumerate() {
                 let nu = choose(&lu[j * vu..(j + 1) * vu], &opts.policy, &mut rngs[i]);

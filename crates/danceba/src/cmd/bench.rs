@@ -242,8 +242,9 @@ fn bench_gpt(gpt: &Gpt, batch: usize, steps: usize, seed: u64) -> anyhow::Result
 }
 
 /// The graph replay counters of `gpt` (replays, phase, upload, launch, GPU wait, readback
-/// seconds); zeros without CUDA.
-fn graph_timing(gpt: &Gpt) -> [f64; 6] {
+/// seconds, the next phase computed during the GPU's run, steps that used it); zeros without
+/// CUDA.
+fn graph_timing(gpt: &Gpt) -> [f64; 8] {
     #[cfg(feature = "cuda")]
     {
         let t = gpt.cuda_graph_timing();
@@ -254,17 +255,19 @@ fn graph_timing(gpt: &Gpt) -> [f64; 6] {
             t.launch_s,
             t.wait_s,
             t.readback_s,
+            t.ahead_s,
+            t.ahead_hits as f64,
         ]
     }
     #[cfg(not(feature = "cuda"))]
     {
         let _ = gpt;
-        [0.0; 6]
+        [0.0; 8]
     }
 }
 
 /// Mean milliseconds per replayed step between two [`graph_timing`] readings.
-fn graph_timing_json(before: [f64; 6], after: [f64; 6]) -> serde_json::Value {
+fn graph_timing_json(before: [f64; 8], after: [f64; 8]) -> serde_json::Value {
     let n = after[0] - before[0];
     if n <= 0.0 {
         return serde_json::Value::Null;
@@ -277,6 +280,8 @@ fn graph_timing_json(before: [f64; 6], after: [f64; 6]) -> serde_json::Value {
         "launch": ms(3),
         "gpu_wait": ms(4),
         "readback": ms(5),
+        "next_phase_during_gpu": ms(6),
+        "phase_ahead_hits": after[7] - before[7],
     })
 }
 
