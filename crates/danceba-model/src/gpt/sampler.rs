@@ -231,39 +231,44 @@ impl Gpt {
             })
             .collect();
         let nm = arch.n_music;
-        // step k's windows: the songs still going and their condition rows (known in advance,
-        // unlike the tokens)
-        let cond_of = |k: usize| -> (Vec<usize>, Vec<f32>) {
+        // step k's windows into (active, cc): the songs still going and their condition rows
+        // (known in advance, unlike the tokens); the buffers are reused from step to step
+        let fill = |k: usize, active: &mut Vec<usize>, cc: &mut Vec<f32>| {
             let (start, t) = window(k, arch.block_size);
-            let active: Vec<usize> = (0..conds.len()).filter(|&i| steps[i] > k).collect();
-            let mut cc = Vec::with_capacity(active.len() * t * nm);
-            for &i in &active {
+            active.clear();
+            active.extend((0..conds.len()).filter(|&i| steps[i] > k));
+            cc.clear();
+            for &i in active.iter() {
                 cc.extend_from_slice(&hosts[i][start * nm..(start + t) * nm]);
             }
-            (active, cc)
         };
         // the next step's condition is handed to the GPT (CUDA graphs compute its phase while
-        // the GPU runs this step), then reused as that step's
+        // the GPU runs this step), then becomes that step's
         let ahead = self.cuda_graphs();
-        let mut next = if ahead && total > 0 {
-            Some(cond_of(0))
-        } else {
-            None
-        };
+        let (mut active, mut cc) = (Vec::new(), Vec::new());
+        let (mut next_active, mut next_cc) = (Vec::new(), Vec::new());
+        let mut have_next = false;
+        let (mut cu, mut cd) = (Vec::new(), Vec::new());
         for k in 0..total {
             let (start, t) = window(k, arch.block_size);
-            let (active, cc) = next.take().unwrap_or_else(|| cond_of(k));
-            if ahead && k + 1 < total {
-                next = Some(cond_of(k + 1));
+            if have_next {
+                std::mem::swap(&mut active, &mut next_active);
+                std::mem::swap(&mut cc, &mut next_cc);
+            } else {
+                fill(k, &mut active, &mut cc);
+            }
+            have_next = ahead && k + 1 < total;
+            if have_next {
+                fill(k + 1, &mut next_active, &mut next_cc);
             }
             let a = active.len();
-            let mut cu = Vec::with_capacity(a * t);
-            let mut cd = Vec::with_capacity(a * t);
+            cu.clear();
+            cd.clear();
             for &i in &active {
                 cu.extend_from_slice(&toks[i].up[start..start + t]);
                 cd.extend_from_slice(&toks[i].down[start..start + t]);
             }
-            let hint = next.as_ref().map(|(na, nc)| (nc.as_slice(), na.len()));
+            let hint = have_next.then_some((next_cc.as_slice(), next_active.len()));
             let (lu, ld) = self.last_logits_ahead(&cu, &cd, &cc, a, t, hint)?;
             let (vu, vd) = (arch.vocab_up, arch.vocab_down);
             for (j, &i) in active.iter().enumerate() {
