@@ -242,23 +242,16 @@ impl Gpt {
                 cc.extend_from_slice(&hosts[i][start * nm..(start + t) * nm]);
             }
         };
-        // the next step's condition is handed to the GPT (CUDA graphs compute its phase while
-        // the GPU runs this step), then becomes that step's
-        let ahead = self.cuda_graphs();
+        // step k's condition is built during step k − 1 and handed to the GPT as the next one
+        // (CUDA graphs compute its phase while the GPU runs step k − 1; elsewhere it is ignored)
         let (mut active, mut cc) = (Vec::new(), Vec::new());
         let (mut next_active, mut next_cc) = (Vec::new(), Vec::new());
-        let mut have_next = false;
         let (mut cu, mut cd) = (Vec::new(), Vec::new());
+        fill(0, &mut active, &mut cc);
         for k in 0..total {
             let (start, t) = window(k, arch.block_size);
-            if have_next {
-                std::mem::swap(&mut active, &mut next_active);
-                std::mem::swap(&mut cc, &mut next_cc);
-            } else {
-                fill(k, &mut active, &mut cc);
-            }
-            have_next = ahead && k + 1 < total;
-            if have_next {
+            let has_next = k + 1 < total;
+            if has_next {
                 fill(k + 1, &mut next_active, &mut next_cc);
             }
             let a = active.len();
@@ -268,7 +261,7 @@ impl Gpt {
                 cu.extend_from_slice(&toks[i].up[start..start + t]);
                 cd.extend_from_slice(&toks[i].down[start..start + t]);
             }
-            let hint = have_next.then_some((next_cc.as_slice(), next_active.len()));
+            let hint = has_next.then_some((next_cc.as_slice(), next_active.len()));
             let (lu, ld) = self.last_logits_ahead(&cu, &cd, &cc, a, t, hint)?;
             let (vu, vd) = (arch.vocab_up, arch.vocab_down);
             for (j, &i) in active.iter().enumerate() {
@@ -277,6 +270,8 @@ impl Gpt {
                 toks[i].up.push(nu as u32);
                 toks[i].down.push(nd as u32);
             }
+            std::mem::swap(&mut active, &mut next_active);
+            std::mem::swap(&mut cc, &mut next_cc);
             progress(k + 1, total);
         }
         Ok(toks)
