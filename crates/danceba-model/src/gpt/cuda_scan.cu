@@ -3,14 +3,16 @@
 //
 //  * mamba_conv_silu_<T>: causal depthwise convolution (zero history) + bias + SiLU over the
 //    first `d` columns of the in_proj output, one thread per (batch, position, channel).
+//  * mamba_scan_<T>_g<G>_s<S>_c<CH>: softplus(Δ + bias), the selective scan from a zero state,
+//    the D skip and the SiLU(z) gate. G lanes per group of CH channels (1 or 2), each holding S
+//    states of each channel in registers (so the (L, d, d_state) state tensor never reaches
+//    memory); the B and C rows and the channels' Δ, u and z of a tile of positions are staged
+//    in shared memory once per block of channels. With two channels every B and C value a lane
+//    reads from shared memory serves two state updates.
 //
 // Both kernels take their per-channel weights in groups: batch item b uses group b / gb (`gb`
 // batch items per group), so one launch runs the three streams of a Block_Head, each with its
 // own Mamba weights (one group: gb = batch).
-//  * mamba_scan_<T>_g<G>_s<S>: softplus(Δ + bias), the selective scan from a zero state, the D
-//    skip and the SiLU(z) gate. G lanes per channel, each holding S states in registers (so the
-//    (L, d, d_state) state tensor never reaches memory); the B and C rows and the channels' Δ, u
-//    and z of a tile of positions are staged in shared memory once per block of channels.
 //
 // Storage types f32, f16 and bf16; all arithmetic is f32.
 
@@ -97,22 +99,23 @@ __device__ __forceinline__ void widen16(const uint4& r, float* o, __nv_bfloat16)
 // bc: rows of bc_stride values per (batch, position), B at b_off, C at c_off (n each).
 // z: rows of z_stride values per (batch, position), z at z_off.
 //
-// Grid (ceil(d / (THREADS / G)), batch), THREADS threads per block: G consecutive lanes per
-// channel, lane j holding the states 4(j + G·m) + i (m < S/4, i < 4), so that a lane reads its B
-// and C values as float4s and the G lanes of a channel cover G·S >= n states (the missing ones
-// are zeros: A = B = C = 0 keeps them at 0). Positions go in tiles of `lt` (a multiple of 4):
+// Grid (ceil(d / (CH·THREADS / G)), batch), THREADS threads per block: G consecutive lanes per
+// group of CH consecutive channels, lane j holding the states 4(j + G·m) + i (m < S/4, i < 4)
+// of each, so that a lane reads its B and C values as float4s and the G lanes cover G·S >= n
+// states (the missing ones are zeros: A = B = C = 0 keeps them at 0). Positions go in tiles of `lt` (a multiple of 4):
 //  1. the block stages the tile's B and C rows (shared by its channels; 16-byte loads where the
 //     layout allows) and its channels' Δ = softplus(dpre + bias), u and z in shared memory, all
 //     of a thread's loads issued before its stores (rows past the end as zeros: Δ = 0 leaves h
 //     unchanged);
 //  2. per 4 positions each lane updates its states, h = exp(Δ·A)·h + B·(Δ·u), and sums h·C
-//     over them; the G lanes' 4 partial sums are reduced with a transposing butterfly (3
-//     shuffles for the 4 positions, then log2(G/4) more) that leaves position j % 4's total in
-//     lane j, which stores it. exp(Δ·A) is computed as exp2(Δ·(A·log2 e)), A scaled once, on
+//     over them; per channel the G lanes' 4 partial sums are reduced with a transposing
+//     butterfly (3 shuffles for the 4 positions; with two channels one more transposing step
+//     over lanes j and j ^ 4; then log2(G/4) or log2(G/8) more) that leaves position j % 4's
+//     total of channel j / 4 in lane j, which stores it. exp(Δ·A) is computed as exp2(Δ·(A·log2 e)), A scaled once, on
 //     the special-function unit except for one state in eight (exp2_fma);
 //  3. the block writes y = (C·h + D·u)·SiLU(z) for the tile, consecutive threads on
 //     consecutive channels.
-template <typename T, int G, int S, int THREADS>
+template <typename T, int G, int S, int CH, int THREADS>
 __device__ __forceinline__ void scan(const T* __restrict__ u, const T* __restrict__ dpre,
                                      const T* __restrict__ dt_bias, const T* __restrict__ a,
                                      const T* __restrict__ bc, int bc_stride, int b_off, int c_off,
@@ -122,7 +125,9 @@ __device__ __forceinline__ void scan(const T* __restrict__ u, const T* __restric
     static_assert(G >= 4 && G <= 32 && (G & (G - 1)) == 0, "G: 4, 8, 16 or 32 lanes");
     static_assert(S >= 4 && (S & (S - 1)) == 0, "S: a power of two >= 4");
     static_assert(THREADS % 32 == 0 && THREADS % G == 0, "whole warps of whole channels");
-    constexpr int CPB = THREADS / G;  // channels per block
+    static_assert(CH == 1 || (CH == 2 && G >= 8), "CH: 1 or 2 channels per lane group");
+    constexpr int CPB = CH * THREADS / G;  // channels per block
+    constexpr int RPS = THREADS / CPB;     // positions per staging pass of the block
     constexpr int NP = G * S;         // staged states per row (n padded with zeros)
     constexpr int V = 16 / sizeof(T);  // values per 16-byte load
     constexpr int QPR = NP / V;       // 16-byte chunks per staged row
@@ -138,10 +143,9 @@ __device__ __forceinline__ void scan(const T* __restrict__ u, const T* __restric
     const int tid = threadIdx.x;
     const int c0 = blockIdx.x * CPB;
     const long long b = blockIdx.y;
-    // the scan: lane j of channel cl
-    const int cl = tid / G, j = tid % G;
-    const int c = c0 + cl;
-    // staging and output: channel c0 + tid % CPB at positions tid / CPB + G·i
+    // the scan: lane j of the lane group of channels cl..cl + CH
+    const int cl = CH * (tid / G), j = tid % G;
+    // staging and output: channel c0 + tid % CPB at positions tid / CPB + RPS·i
     const int cw = c0 + tid % CPB;
     const bool cw_ok = cw < d;
     const float bias = cw_ok ? to_f(dt_bias[cw]) : 0.0f;
@@ -149,12 +153,17 @@ __device__ __forceinline__ void scan(const T* __restrict__ u, const T* __restric
     // B and C rows can be read 16 bytes at a time
     const bool vec = n % V == 0 && bc_stride % V == 0 && b_off % V == 0 && c_off % V == 0 &&
                      (reinterpret_cast<unsigned long long>(bc) & 15) == 0;
-    float av[S], h[S];
+    float av[CH][S], h[CH][S];
 #pragma unroll
-    for (int k = 0; k < S; ++k) {
-        const int s = 4 * (j + G * (k / 4)) + k % 4;
-        av[k] = (c < d && s < n) ? to_f(a[(long long)c * n + s]) * 1.44269504088896341f : 0.0f;
-        h[k] = 0.0f;
+    for (int q = 0; q < CH; ++q) {
+        const int c = c0 + cl + q;
+#pragma unroll
+        for (int k = 0; k < S; ++k) {
+            const int s = 4 * (j + G * (k / 4)) + k % 4;
+            av[q][k] =
+                (c < d && s < n) ? to_f(a[(long long)c * n + s]) * 1.44269504088896341f : 0.0f;
+            h[q][k] = 0.0f;
+        }
     }
     for (int l0 = 0; l0 < len; l0 += lt) {
         const int cnt = min(lt, len - l0);
@@ -219,11 +228,11 @@ __device__ __forceinline__ void scan(const T* __restrict__ u, const T* __restric
                 }
             }
         }
-        for (int l1 = tid / CPB; l1 < cnt4; l1 += 2 * G) {
+        for (int l1 = tid / CPB; l1 < cnt4; l1 += 2 * RPS) {
             float vd[2], vu[2], vz[2];
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const int l = l1 + r * G;
+                const int l = l1 + r * RPS;
                 vd[r] = 0.0f;
                 vu[r] = 0.0f;
                 vz[r] = 0.0f;
@@ -236,7 +245,7 @@ __device__ __forceinline__ void scan(const T* __restrict__ u, const T* __restric
             }
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const int l = l1 + r * G;
+                const int l = l1 + r * RPS;
                 if (l < cnt4) {
                     const int i = l * CPB + tid % CPB;
                     ds[i] = (l < cnt && cw_ok) ? softplus_f(vd[r] + bias) : 0.0f;
@@ -248,42 +257,68 @@ __device__ __forceinline__ void scan(const T* __restrict__ u, const T* __restric
         __syncthreads();
         // 2. the recurrence, 4 positions at a time
         for (int l = 0; l < cnt4; l += 4) {
-            float acc[4];
+            float acc[CH][4];
 #pragma unroll
             for (int p = 0; p < 4; ++p) {
-                const float dl = ds[(l + p) * CPB + cl];
-                const float du = dl * us[(l + p) * CPB + cl];
+                float dl[CH], du[CH], sum[CH];
+#pragma unroll
+                for (int q = 0; q < CH; ++q) {
+                    dl[q] = ds[(l + p) * CPB + cl + q];
+                    du[q] = dl[q] * us[(l + p) * CPB + cl + q];
+                    sum[q] = 0.0f;
+                }
                 const float4* brow = reinterpret_cast<const float4*>(bs + (l + p) * NP) + j;
                 const float4* crow = reinterpret_cast<const float4*>(cs + (l + p) * NP) + j;
-                float sum = 0.0f;
 #pragma unroll
                 for (int m = 0; m < S / 4; ++m) {
                     const float4 bv = brow[G * m], cv = crow[G * m];
                     const float bb[4] = {bv.x, bv.y, bv.z, bv.w};
                     const float cc[4] = {cv.x, cv.y, cv.z, cv.w};
 #pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        const int k = 4 * m + i;
-                        const float e =
-                            k % 8 == 7 ? exp2_fma(dl * av[k]) : exp2_mufu(dl * av[k]);
-                        h[k] = e * h[k] + bb[i] * du;
-                        sum += h[k] * cc[i];
+                    for (int q = 0; q < CH; ++q) {
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            const int k = 4 * m + i;
+                            const float e = (CH * k + q) % 8 == 7 ? exp2_fma(dl[q] * av[q][k])
+                                                                  : exp2_mufu(dl[q] * av[q][k]);
+                            h[q][k] = e * h[q][k] + bb[i] * du[q];
+                            sum[q] += h[q][k] * cc[i];
+                        }
                     }
                 }
-                acc[p] = sum;
-            }
-            const bool odd = j & 1, two = j & 2;
-            const float w0 = (odd ? acc[1] : acc[0]) + __shfl_xor_sync(FULL, odd ? acc[0] : acc[1], 1);
-            const float w1 = (odd ? acc[3] : acc[2]) + __shfl_xor_sync(FULL, odd ? acc[2] : acc[3], 1);
-            float r = (two ? w1 : w0) + __shfl_xor_sync(FULL, two ? w0 : w1, 2);
 #pragma unroll
-            for (int o = 4; o < G; o <<= 1) r += __shfl_xor_sync(FULL, r, o);
-            if (j < 4) ys[(l + j) * CPB + cl] = r;
+                for (int q = 0; q < CH; ++q) acc[q][p] = sum[q];
+            }
+            // per channel, a transposing butterfly leaves position (j % 4)'s partial sum of
+            // lanes j, j ^ 1, j ^ 2, j ^ 3 in lane j
+            const bool odd = j & 1, two = j & 2;
+            float r[CH];
+#pragma unroll
+            for (int q = 0; q < CH; ++q) {
+                const float* ac = acc[q];
+                const float w0 = (odd ? ac[1] : ac[0]) + __shfl_xor_sync(FULL, odd ? ac[0] : ac[1], 1);
+                const float w1 = (odd ? ac[3] : ac[2]) + __shfl_xor_sync(FULL, odd ? ac[2] : ac[3], 1);
+                r[q] = (two ? w1 : w0) + __shfl_xor_sync(FULL, two ? w0 : w1, 2);
+            }
+            float t;
+            if constexpr (CH == 2) {
+                // lanes with j & 4 take the second channel: one more transposing step
+                const bool hi = j & 4;
+                t = (hi ? r[1] : r[0]) + __shfl_xor_sync(FULL, hi ? r[0] : r[1], 4);
+#pragma unroll
+                for (int o = 8; o < G; o <<= 1) t += __shfl_xor_sync(FULL, t, o);
+            } else {
+                t = r[0];
+#pragma unroll
+                for (int o = 4; o < G; o <<= 1) t += __shfl_xor_sync(FULL, t, o);
+            }
+            // lane j < 4·CH holds position j % 4 of channel cl + j / 4
+            if (j < 4 * CH) ys[(l + j % 4) * CPB + cl + j / 4] = t;
         }
         __syncthreads();
         // 3. the gated output
         if (cw_ok) {
-            for (int l = tid / CPB; l < cnt; l += G) {
+            for (int l = tid / CPB; l < cnt; l += RPS) {
                 const int i = l * CPB + tid % CPB;
                 y[(b * len + l0 + l) * d + cw] = from_f<T>((ys[i] + dsk * us[i]) * silu_f(zs[i]));
             }
@@ -296,15 +331,15 @@ __device__ __forceinline__ void scan(const T* __restrict__ u, const T* __restric
 
 // MINB: blocks per SM the registers must allow (__launch_bounds__; cuda_scan.rs sizes the
 // position tiles so that shared memory allows as many).
-#define DANCEBA_MAMBA_SCAN(SUFFIX, T, G, S, MINB)                                                 \
+#define DANCEBA_MAMBA_SCAN(SUFFIX, T, G, S, CH, MINB)                                             \
     extern "C" __global__ void __launch_bounds__(SCAN_THREADS, MINB)                              \
-        mamba_scan_##SUFFIX##_g##G##_s##S(const T* u, const T* dpre, const T* dt_bias,            \
+        mamba_scan_##SUFFIX##_g##G##_s##S##_c##CH(const T* u, const T* dpre, const T* dt_bias,            \
                                           const T* a, const T* bc, int bc_stride, int b_off,      \
                                           int c_off, const T* dskip, const T* z, int z_stride,    \
                                           int z_off, T* y, int len, int d, int n, int lt,        \
                                           int gb) {                                               \
         const long long g = blockIdx.y / gb; /* the batch item's weight group */                   \
-        scan<T, G, S, SCAN_THREADS>(u, dpre, dt_bias + g * d, a + g * d * n, bc, bc_stride, b_off, \
+        scan<T, G, S, CH, SCAN_THREADS>(u, dpre, dt_bias + g * d, a + g * d * n, bc, bc_stride, b_off, \
                                     c_off, dskip + g * d, z, z_stride, z_off, y, len, d, n, lt);  \
     }
 
@@ -315,11 +350,12 @@ __device__ __forceinline__ void scan(const T* __restrict__ u, const T* __restric
         const long long g = blockIdx.z / gb; /* the batch item's weight group */                  \
         conv_silu<T>(xz, w + g * d * k, bias + g * d, u, len, d, k, xz_stride);                 \
     }                                                                                           \
-    DANCEBA_MAMBA_SCAN(SUFFIX, T, 4, 4, 1)                                                         \
-    DANCEBA_MAMBA_SCAN(SUFFIX, T, 8, 4, 1)                                                         \
-    DANCEBA_MAMBA_SCAN(SUFFIX, T, 8, 8, 1)                                                         \
-    DANCEBA_MAMBA_SCAN(SUFFIX, T, 8, 16, 5)                                                        \
-    DANCEBA_MAMBA_SCAN(SUFFIX, T, 32, 8, 1)
+    DANCEBA_MAMBA_SCAN(SUFFIX, T, 4, 4, 1, 1)                                                      \
+    DANCEBA_MAMBA_SCAN(SUFFIX, T, 8, 4, 1, 1)                                                      \
+    DANCEBA_MAMBA_SCAN(SUFFIX, T, 8, 8, 1, 1)                                                      \
+    DANCEBA_MAMBA_SCAN(SUFFIX, T, 8, 16, 1, 5)                                                     \
+    DANCEBA_MAMBA_SCAN(SUFFIX, T, 32, 8, 1, 1)                                                     \
+    DANCEBA_MAMBA_SCAN(SUFFIX, T, 16, 8, 2, 5)
 
 DANCEBA_MAMBA_KERNELS(f32, float)
 DANCEBA_MAMBA_KERNELS(f16, __half)

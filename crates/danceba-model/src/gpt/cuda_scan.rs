@@ -27,18 +27,45 @@ const SCAN_THREADS: usize = 128;
 /// Shared memory a scan block may use (the default limit, no opt-in needed).
 const SCAN_SMEM: usize = 48 * 1024;
 
-/// The scan kernel variant for a `d_state`: `g` lanes per channel holding `s` states each
-/// (`mamba_scan_<T>_g<g>_s<s>` in cuda_scan.cu), `g·s >= d_state`.
+/// Which scan kernel runs a layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ScanKernel {
+    /// The paired-channel kernel where it supports `d_state` and its launch has at least two
+    /// waves of blocks (batches of songs: B·streams·d/32 blocks), else the single-channel one;
+    /// `DANCEBA_CUDA_SCAN=single|paired` overrides it (as far as `d_state` allows).
+    #[default]
+    Auto,
+    /// Each lane holds states of one channel (any `d_state` ≤ 256).
+    Single,
+    /// Each lane holds the same states of two channels, so every B and C value it reads
+    /// serves two state updates (`d_state` ≤ 128).
+    Paired,
+}
+
+/// `DANCEBA_CUDA_SCAN` (`single` or `paired`), read once.
+fn env_override() -> Option<ScanKernel> {
+    static KIND: std::sync::OnceLock<Option<ScanKernel>> = std::sync::OnceLock::new();
+    *KIND.get_or_init(|| match std::env::var("DANCEBA_CUDA_SCAN").as_deref() {
+        Ok("single") => Some(ScanKernel::Single),
+        Ok("paired") => Some(ScanKernel::Paired),
+        _ => None,
+    })
+}
+
+/// The scan kernel variant for a `d_state`: `g` lanes per group of `ch` channels, each lane
+/// holding `s` states of each (`mamba_scan_<T>_g<g>_s<s>_c<ch>` in cuda_scan.cu, `g·s >=
+/// d_state`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ScanConfig {
     g: usize,
     s: usize,
+    ch: usize,
     /// Blocks per SM its registers are bounded for (`MINB` in cuda_scan.cu; 1: unbounded).
     minb: usize,
 }
 
 impl ScanConfig {
-    /// The compiled variants, smallest first.
+    /// The compiled single-channel variants, smallest first.
     /// One song's 128 states run on (8, 16), bounded for 5 blocks per SM (93 registers): on an
     /// H100 under ncu (bf16, 100-step bench) its scan took 24.4 µs for one song and 134 µs for
     /// eight, against 25.6 / 155 µs for (16, 8) bounded for 6 blocks per SM (76 registers) and
@@ -46,32 +73,29 @@ impl ScanConfig {
     /// blocks per SM). Sixteen states per lane halve the per-block staging of B and C per state
     /// and the lane reduction per position: 17 % fewer instructions.
     const VARIANTS: [ScanConfig; 5] = [
-        ScanConfig {
-            g: 4,
-            s: 4,
-            minb: 1,
-        },
-        ScanConfig {
-            g: 8,
-            s: 4,
-            minb: 1,
-        },
-        ScanConfig {
-            g: 8,
-            s: 8,
-            minb: 1,
-        },
-        ScanConfig {
-            g: 8,
-            s: 16,
-            minb: 5,
-        },
-        ScanConfig {
-            g: 32,
-            s: 8,
-            minb: 1,
-        },
+        ScanConfig::single(4, 4, 1),
+        ScanConfig::single(8, 4, 1),
+        ScanConfig::single(8, 8, 1),
+        ScanConfig::single(8, 16, 5),
+        ScanConfig::single(32, 8, 1),
     ];
+
+    /// The paired-channel variant: 16 lanes of 8 states for two channels (`d_state` 65..=128
+    /// without much padding), bounded for 5 blocks per SM. At batch 8 ncu showed the
+    /// single-channel kernel bound by shared-memory wavefronts (L1 85 % busy, every 16-byte
+    /// read of B or C 4 wavefronts): two channels per lane halve those reads at the same
+    /// instruction count. Its blocks cover 32 channels, half as many blocks as the
+    /// single-channel kernel's: too few to fill the GPU for one song.
+    const PAIRED: ScanConfig = ScanConfig {
+        g: 16,
+        s: 8,
+        ch: 2,
+        minb: 5,
+    };
+
+    const fn single(g: usize, s: usize, minb: usize) -> Self {
+        ScanConfig { g, s, ch: 1, minb }
+    }
 
     fn for_d_state(n: usize) -> Result<Self> {
         match Self::VARIANTS.iter().find(|v| v.g * v.s >= n) {
@@ -80,8 +104,37 @@ impl ScanConfig {
         }
     }
 
+    /// The kernel for a launch of `batch` items of `d` channels with `n` states on a GPU of
+    /// `sms` SMs.
+    fn choose(kind: ScanKernel, n: usize, batch: usize, d: usize, sms: usize) -> Result<Self> {
+        let p = Self::PAIRED;
+        let fits = n > 0 && n <= p.g * p.s;
+        let kind = match kind {
+            ScanKernel::Auto => match env_override() {
+                Some(ScanKernel::Single) => ScanKernel::Single,
+                Some(ScanKernel::Paired) if fits => ScanKernel::Paired,
+                _ if n > p.g * p.s / 2
+                    && fits
+                    && d.div_ceil(p.channels_per_block()) * batch >= 2 * p.minb * sms =>
+                {
+                    ScanKernel::Paired
+                }
+                _ => ScanKernel::Single,
+            },
+            k => k,
+        };
+        match kind {
+            ScanKernel::Paired if fits => Ok(p),
+            ScanKernel::Paired => bail!(
+                "fused CUDA Mamba: the paired-channel scan holds at most {} states, not {n}",
+                p.g * p.s
+            ),
+            _ => Self::for_d_state(n),
+        }
+    }
+
     fn channels_per_block(&self) -> usize {
-        SCAN_THREADS / self.g
+        self.ch * SCAN_THREADS / self.g
     }
 
     /// Shared memory per staged position: B and C rows of g·s floats; Δ, u, z and C·h per
@@ -92,11 +145,13 @@ impl ScanConfig {
 
     /// Positions per tile: a multiple of 4, all of `len` (rounded up) if it fits in the
     /// shared memory of one of the `minb` blocks an SM (227 KiB usable, 1 KiB reserved per
-    /// block) should hold.
+    /// block) should hold, else the fewest tiles of equal length.
     fn tile_len(&self, len: usize) -> usize {
         let cap = SCAN_SMEM.min((227 * 1024) / self.minb - 1024);
-        let max = (cap / self.smem_row_bytes()) / 4 * 4;
-        len.next_multiple_of(4).min(max).max(4)
+        let max = ((cap / self.smem_row_bytes()) / 4 * 4).max(4);
+        let len4 = len.next_multiple_of(4).max(4);
+        let tiles = len4.div_ceil(max);
+        len4.div_ceil(tiles).next_multiple_of(4)
     }
 }
 
@@ -321,6 +376,7 @@ struct Scan<'a> {
     z_stride: usize,
     /// Batch items per weight group.
     gb: usize,
+    kernel: ScanKernel,
 }
 
 impl Scan<'_> {
@@ -347,7 +403,8 @@ impl Scan<'_> {
             as_i32(self.n, "d_state")?,
             as_i32(self.gb, "batch items per group")?,
         ];
-        let sc = ScanConfig::for_d_state(self.n)?;
+        let sms = super::cuda_gemm::sm_count(us.device());
+        let sc = ScanConfig::choose(self.kernel, self.n, self.batch, self.d, sms)?;
         let blocks_x = self.d.div_ceil(sc.channels_per_block());
         if blocks_x > u32::MAX as usize || self.batch > 65_535 {
             bail!("fused CUDA Mamba: too many channels or batch items for one launch");
@@ -355,7 +412,13 @@ impl Scan<'_> {
         let lt = sc.tile_len(self.len);
         let smem = (lt * sc.smem_row_bytes()) as u32;
         let lt = lt as i32;
-        let name = format!("mamba_scan_{}_g{}_s{}", suffix(T::DTYPE)?, sc.g, sc.s);
+        let name = format!(
+            "mamba_scan_{}_g{}_s{}_c{}",
+            suffix(T::DTYPE)?,
+            sc.g,
+            sc.s,
+            sc.ch
+        );
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         // SAFETY: every element is written by the kernel below (each block writes every
         // position of its channels).
@@ -428,6 +491,17 @@ pub fn selective_scan(u: &Tensor, args: &ScanArgs) -> Result<Tensor> {
 /// `delta_bias` and `d_skip` (groups, d); the batch splits into `groups` equal runs, run g
 /// scanned with set g (the streams of a Block_Head in one launch).
 pub fn selective_scan_grouped(u: &Tensor, args: &ScanArgs, groups: usize) -> Result<Tensor> {
+    selective_scan_with(u, args, groups, ScanKernel::Auto)
+}
+
+/// [`selective_scan_grouped`] with the scan kernel chosen by `kernel` (for tests and
+/// measurements; [`ScanKernel::Paired`] fails above 128 states).
+pub fn selective_scan_with(
+    u: &Tensor,
+    args: &ScanArgs,
+    groups: usize,
+    kernel: ScanKernel,
+) -> Result<Tensor> {
     let (batch, len, d) = u.dims3()?;
     let gb = per_group(batch, groups)?;
     let dt = u.dtype();
@@ -485,5 +559,6 @@ pub fn selective_scan_grouped(u: &Tensor, args: &ScanArgs, groups: usize) -> Res
         bc_stride,
         z_stride,
         gb,
+        kernel,
     })
 }
