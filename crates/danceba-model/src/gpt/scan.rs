@@ -1,8 +1,9 @@
 //! Fused CPU kernels of the Mamba layer (reference §3.5) on plain f32 slices:
 //! the causal depthwise convolution with SiLU, and the selective scan with softplus(Δ), the D
-//! skip and the SiLU(z) gate. Parallel over channels (rayon); the per-channel loop over the
-//! states is written so that it vectorises, with a branch-free polynomial `exp`, and is compiled
-//! a second time for AVX2+FMA and picked at run time.
+//! skip and the SiLU(z) gate. Parallel over channels (rayon). On x86-64 the scan runs as
+//! explicit AVX-512 or AVX2+FMA kernels picked at run time (blocks of 16 or 8 channels, the
+//! states in registers); the portable per-channel loop, with a branch-free polynomial `exp`, is
+//! the fallback and the reference.
 
 use rayon::prelude::*;
 
@@ -102,6 +103,12 @@ pub fn causal_conv_silu(
             };
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if super::cpu_gemm::kernel() == Some(super::cpu_gemm::Kernel::Avx2) {
+            // SAFETY: AVX2 and FMA are there (`kernel`)
+            unsafe { super::vmath::avx2::silu_in_place(o) };
+            return;
+        }
         for oc in o.iter_mut() {
             *oc = silu(*oc);
         }
@@ -195,91 +202,221 @@ fn scan_channel(
     }
 }
 
-/// AVX2+FMA version of [`scan_channel`] with explicit intrinsics (8 states per vector), so
-/// that it is fast at any optimisation level.
+/// The kernels of [`selective_scan_avx2`]: the design of [`avx512`]'s with 8 lanes (ymm
+/// registers) and lane masks in integer vectors, AVX2 having no mask registers.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{silu, softplus, ScanInputs};
+    use super::super::vmath::avx2::{silu8, softplus8};
+    use super::ScanInputs;
     use std::arch::x86_64::*;
 
-    /// 8-lane version of [`super::fast_exp2`] (same polynomial, range and clamp).
+    /// The `cw` ≤ 8 values at `at` as 8 lanes (zeros after them). A full block loads
+    /// plainly: a masked load (`vmaskmovps`) is much slower on some CPUs (AMD).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn exp2_8(t: __m256) -> __m256 {
-        let t = _mm256_min_ps(
-            _mm256_max_ps(t, _mm256_set1_ps(-126.0)),
-            _mm256_set1_ps(127.0),
-        );
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
-        let f = _mm256_sub_ps(t, n);
-        let c = super::EXP2_POLY;
-        let mut p = _mm256_set1_ps(c[6]);
-        for &ck in c[..6].iter().rev() {
-            p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(ck));
+    unsafe fn load_lanes(at: *const f32, cw: usize, mask: __m256i) -> __m256 {
+        if cw == 8 {
+            _mm256_loadu_ps(at)
+        } else {
+            _mm256_maskload_ps(at, mask)
         }
-        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(n),
-            _mm256_set1_epi32(127),
-        ));
-        _mm256_mul_ps(p, _mm256_castsi256_ps(e))
     }
 
-    /// Requires `p.n % 8 == 0`, `h.len() == p.n` and `a` = the channel's A scaled by
-    /// [`super::scaled_a`].
+    /// softplus(Δ + bias) and SiLU(z) of a block of `cw` ≤ 8 channels for `len` positions, as
+    /// [`softplus8`] and [`silu8`] compute them: position `l` reads `cw` values at
+    /// `delta_pre + l·d_stride`, at `bias` and at `z + l·z_stride` (nothing beyond them) and
+    /// stores 8 lanes at `delta + 8·l` and `gate + 8·l`. One call per block (not per position)
+    /// so that the positions' independent evaluations overlap.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn softplus_silu_rows(
+        cw: usize,
+        len: usize,
+        delta_pre: *const f32,
+        d_stride: usize,
+        bias: *const f32,
+        z: *const f32,
+        z_stride: usize,
+        delta: *mut f32,
+        gate: *mut f32,
+    ) {
+        let mask = super::super::vmath::avx2::tail_mask(cw);
+        let bv = load_lanes(bias, cw, mask);
+        for l in 0..len {
+            let v = _mm256_add_ps(load_lanes(delta_pre.add(l * d_stride), cw, mask), bv);
+            _mm256_storeu_ps(delta.add(8 * l), softplus8(v));
+            let zv = load_lanes(z.add(l * z_stride), cw, mask);
+            _mm256_storeu_ps(gate.add(8 * l), silu8(zv));
+        }
+    }
+
+    /// The first `cw` ≤ 8 lanes of the `len` rows of `y` (8 lanes each) to `out + l·stride`,
+    /// plainly for a full block and through a lane mask otherwise (as [`load_lanes`]).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn store_rows(
+        cw: usize,
+        len: usize,
+        y: *const f32,
+        out: *mut f32,
+        stride: usize,
+    ) {
+        let mask = super::super::vmath::avx2::tail_mask(cw);
+        for l in 0..len {
+            let v = _mm256_loadu_ps(y.add(8 * l));
+            let at = out.add(l * stride);
+            if cw == 8 {
+                _mm256_storeu_ps(at, v);
+            } else {
+                _mm256_maskstore_ps(at, mask, v);
+            }
+        }
+    }
+
+    /// 8-lane `2^t` (≈1 ulp) for the scan's decay, `t ≤ 0` (Δ ≥ 0, A < 0; correct up to
+    /// `t = 127`, no upper clamp). Arguments below −126 give 2^−126 ≈ 1.2e-38 rather than a
+    /// denormal, which would cost a microcode assist per use and is harmless as a decay factor.
+    ///
+    /// `s = t + 1.5·2²³` rounds `t` to the nearest integer `n` in the low mantissa bits
+    /// (`bits(s) = 0x4b40_0000 + n`), `f = t − (s − 1.5·2²³)` is exact, `2^f` by
+    /// [`super::EXP2_POLY`] on [−½, ½], and `bits(s) << 23` is `n << 23` (the low 9 bits of
+    /// 0x4b40_0000 are zero), which added to the bits of `2^f` adds `n` to its exponent field
+    /// (126 or 127), exactly. The field stays ≥ 1 (a normal result): `n = −126` only for `t`
+    /// in [−126, −125.5], where `f ≥ 0` and `2^f ≥ 1` has field 127. No rounding instruction
+    /// and no float↔int conversion per lane.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp2_8(t: __m256) -> __m256 {
+        const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
+        let t = _mm256_max_ps(t, _mm256_set1_ps(-126.0));
+        let s = _mm256_add_ps(t, _mm256_set1_ps(ROUND));
+        let f = _mm256_sub_ps(t, _mm256_sub_ps(s, _mm256_set1_ps(ROUND)));
+        let c = super::EXP2_POLY;
+        let mut q = _mm256_set1_ps(c[6]);
+        for &ck in c[..6].iter().rev() {
+            q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(ck));
+        }
+        _mm256_castsi256_ps(_mm256_add_epi32(
+            _mm256_slli_epi32::<23>(_mm256_castps_si256(s)),
+            _mm256_castps_si256(q),
+        ))
+    }
+
+    /// Stores the 8 lanes `v` at `at` (the first chunk of states) or adds them to those there.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn add_lanes(at: *mut f32, v: __m256, first: bool) {
+        let v = if first {
+            v
+        } else {
+            _mm256_add_ps(_mm256_loadu_ps(at), v)
+        };
+        _mm256_storeu_ps(at, v);
+    }
+
+    /// The sum of the 8 lanes of `v`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sum_lanes(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// States `s .. s + 8·K` of one channel's scan: their `h` and `A·log2(e)` stay in
+    /// registers for the whole sequence (2·K of the 16 ymm registers); per position the lanes
+    /// of Σ h·C over these states (one product and K − 1 fused multiply-adds) are stored to
+    /// `acc` (`first`) or added to it.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn states<const K: usize>(
+        p: &ScanInputs,
+        bi: usize,
+        c: usize,
+        s: usize,
+        delta: &[f32],
+        lane: usize,
+        acc: *mut f32,
+        first: bool,
+    ) {
+        let log2e = _mm256_set1_ps(std::f32::consts::LOG2_E);
+        let a = p.a.as_ptr().add(c * p.n + s);
+        let mut a2 = [_mm256_setzero_ps(); K];
+        for (k, v) in a2.iter_mut().enumerate() {
+            *v = _mm256_mul_ps(_mm256_loadu_ps(a.add(8 * k)), log2e);
+        }
+        let mut h = [_mm256_setzero_ps(); K];
+        for l in 0..p.len {
+            let dl = *delta.get_unchecked(8 * l + lane);
+            let dv = _mm256_set1_ps(dl);
+            let duv = _mm256_set1_ps(dl * *p.u.get_unchecked((bi * p.len + l) * p.d + c));
+            let row = p.bc.as_ptr().add((bi * p.len + l) * p.bc_stride);
+            let (bm, cm) = (row.add(p.b_offset + s), row.add(p.c_offset + s));
+            let mut sum = _mm256_setzero_ps();
+            for k in 0..K {
+                h[k] = _mm256_fmadd_ps(
+                    exp2_8(_mm256_mul_ps(dv, a2[k])),
+                    h[k],
+                    _mm256_mul_ps(_mm256_loadu_ps(bm.add(8 * k)), duv),
+                );
+                let ck = _mm256_loadu_ps(cm.add(8 * k));
+                sum = if k == 0 {
+                    _mm256_mul_ps(h[k], ck)
+                } else {
+                    _mm256_fmadd_ps(h[k], ck, sum)
+                };
+            }
+            add_lanes(acc.add(8 * l), sum, first);
+        }
+    }
+
+    /// One channel's scan with Δ and the gate (SiLU(z)) already computed, lane `lane` of the
+    /// 8-lane rows of `delta` and `gate` (position-major, `[l · 8 + lane]`); writes lane `lane`
+    /// of the rows of `y`. The states are processed 64 at a time (then 32, then 8) by
+    /// [`states`]: with 16 ymm registers 64 states spill some of their h, which measured ≈2 %
+    /// faster on Zen 2 than 32 without spills and twice the passes over the positions. `acc`
+    /// (len × 8 lanes) collects the lanes of Σ h·C over the chunks, summed once per position
+    /// at the end. Requires `p.n % 8 == 0` and every slice ≥ 8 · `p.len` long.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn scan_channel(
         p: &ScanInputs,
         bi: usize,
         c: usize,
-        a: &[f32],
-        h: &mut [f32],
+        delta: &[f32],
+        gate: &[f32],
+        lane: usize,
+        acc: &mut [f32],
         y: &mut [f32],
     ) {
-        let n = p.n;
-        assert!(h.len() == n && a.len() == n && n.is_multiple_of(8));
-        h.iter_mut().for_each(|v| *v = 0.0);
-        for (l, yl) in y.iter_mut().enumerate() {
-            let pos = bi * p.len + l;
-            let delta = softplus(p.delta_pre[pos * p.d + c] + p.delta_bias[c]);
-            let uu = p.u[pos * p.d + c];
-            let row = &p.bc[pos * p.bc_stride..(pos + 1) * p.bc_stride];
-            let bm = &row[p.b_offset..p.b_offset + n];
-            let cm = &row[p.c_offset..p.c_offset + n];
-            let dv = _mm256_set1_ps(delta);
-            let duv = _mm256_set1_ps(delta * uu);
-            let mut acc0 = _mm256_setzero_ps();
-            let mut acc1 = _mm256_setzero_ps();
-            let mut i = 0;
-            while i + 16 <= n {
-                // SAFETY: i + 16 <= n and every slice here has n elements.
-                let e0 = exp2_8(_mm256_mul_ps(dv, _mm256_loadu_ps(a.as_ptr().add(i))));
-                let e1 = exp2_8(_mm256_mul_ps(dv, _mm256_loadu_ps(a.as_ptr().add(i + 8))));
-                let b0 = _mm256_mul_ps(_mm256_loadu_ps(bm.as_ptr().add(i)), duv);
-                let b1 = _mm256_mul_ps(_mm256_loadu_ps(bm.as_ptr().add(i + 8)), duv);
-                let h0 = _mm256_fmadd_ps(e0, _mm256_loadu_ps(h.as_ptr().add(i)), b0);
-                let h1 = _mm256_fmadd_ps(e1, _mm256_loadu_ps(h.as_ptr().add(i + 8)), b1);
-                _mm256_storeu_ps(h.as_mut_ptr().add(i), h0);
-                _mm256_storeu_ps(h.as_mut_ptr().add(i + 8), h1);
-                acc0 = _mm256_fmadd_ps(h0, _mm256_loadu_ps(cm.as_ptr().add(i)), acc0);
-                acc1 = _mm256_fmadd_ps(h1, _mm256_loadu_ps(cm.as_ptr().add(i + 8)), acc1);
-                i += 16;
-            }
-            while i + 8 <= n {
-                let e0 = exp2_8(_mm256_mul_ps(dv, _mm256_loadu_ps(a.as_ptr().add(i))));
-                let b0 = _mm256_mul_ps(_mm256_loadu_ps(bm.as_ptr().add(i)), duv);
-                let h0 = _mm256_fmadd_ps(e0, _mm256_loadu_ps(h.as_ptr().add(i)), b0);
-                _mm256_storeu_ps(h.as_mut_ptr().add(i), h0);
-                acc0 = _mm256_fmadd_ps(h0, _mm256_loadu_ps(cm.as_ptr().add(i)), acc0);
-                i += 8;
-            }
-            let acc = _mm256_add_ps(acc0, acc1);
-            let mut lanes = [0f32; 8];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-            let s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-                + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-            let out = s + p.d_skip[c] * uu;
-            let zv = p.z[pos * p.z_stride + p.z_offset + c];
-            *yl = out * silu(zv);
+        let (n, len) = (p.n, p.len);
+        assert!(lane < 8);
+        for v in [delta.len(), gate.len(), acc.len(), y.len()] {
+            assert!(v >= 8 * len);
+        }
+        let accp = acc.as_mut_ptr();
+        // the first chunk stores its lanes, later ones add to them
+        let mut s = 0;
+        while s + 64 <= n {
+            states::<8>(p, bi, c, s, delta, lane, accp, s == 0);
+            s += 64;
+        }
+        while s + 32 <= n {
+            states::<4>(p, bi, c, s, delta, lane, accp, s == 0);
+            s += 32;
+        }
+        while s + 8 <= n {
+            states::<1>(p, bi, c, s, delta, lane, accp, s == 0);
+            s += 8;
+        }
+        let uu = |l: usize| *p.u.get_unchecked((bi * len + l) * p.d + c);
+        for l in 0..len {
+            let sum = if n == 0 {
+                0.0
+            } else {
+                sum_lanes(_mm256_loadu_ps(accp.add(8 * l)))
+            };
+            y[8 * l + lane] = (sum + p.d_skip[c] * uu(l)) * gate[8 * l + lane];
         }
     }
 }
@@ -474,6 +611,7 @@ fn use_avx512() -> bool {
     }
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn use_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -490,7 +628,7 @@ fn use_avx2() -> bool {
 }
 
 /// A raw pointer to the (batch, len, d) output, shared by the tasks of
-/// [`selective_scan_avx512`]; each writes its own channels.
+/// [`selective_scan_avx512`] and [`selective_scan_avx2`]; each writes its own channels.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
@@ -568,6 +706,56 @@ fn selective_scan_avx512(p: &ScanInputs) -> Vec<f32> {
     out
 }
 
+/// The AVX2+FMA scan, [`selective_scan_avx512`]'s design with 8 lanes: one parallel loop over
+/// blocks of 8 channels of one batch item; each task computes softplus(Δ + bias) and SiLU(z)
+/// of its channels for every position (8 lanes = 8 channels), runs [`avx2::scan_channel`] per
+/// channel on those lanes and writes its channels of y (batch, len, d) a position (8 lanes) at
+/// a time. A last block of fewer than 8 channels reads and writes through lane masks.
+#[cfg(target_arch = "x86_64")]
+fn selective_scan_avx2(p: &ScanInputs) -> Vec<f32> {
+    const W: usize = 8;
+    let (bsz, len, d) = (p.batch, p.len, p.d);
+    let mut out = vec![0f32; bsz * len * d];
+    let blocks = d.div_ceil(W);
+    let ptr = OutPtr(out.as_mut_ptr());
+    (0..bsz * blocks).into_par_iter().for_each_init(
+        || {
+            (
+                vec![0f32; len * W],
+                vec![0f32; len * W],
+                vec![0f32; len * W],
+                vec![0f32; len * 8],
+            )
+        },
+        |(delta, gate, y, acc), task| {
+            let (bi, c0) = (task / blocks, task % blocks * W);
+            let cw = (d - c0).min(W);
+            // SAFETY: AVX2 and FMA were detected and p.n % 8 == 0 (checked by the caller); the
+            // (masked) loads stay within channels c0..c0+cw of rows of the sizes of `p`; this
+            // task writes only channels c0..c0+cw of `out`; the scratch rows hold len × 8 values.
+            unsafe {
+                let pos = bi * len;
+                avx2::softplus_silu_rows(
+                    cw,
+                    len,
+                    p.delta_pre.as_ptr().add(pos * d + c0),
+                    d,
+                    p.delta_bias.as_ptr().add(c0),
+                    p.z.as_ptr().add(pos * p.z_stride + p.z_offset + c0),
+                    p.z_stride,
+                    delta.as_mut_ptr(),
+                    gate.as_mut_ptr(),
+                );
+                for j in 0..cw {
+                    avx2::scan_channel(p, bi, c0 + j, delta, gate, j, acc, y);
+                }
+                avx2::store_rows(cw, len, y.as_ptr(), ptr.at(pos * d + c0), d);
+            }
+        },
+    );
+    out
+}
+
 /// The selective scan from a zero state, with softplus(Δ + bias), the D skip and the SiLU(z)
 /// gate. Returns y (batch, len, d). The caller guarantees the slice sizes (checked in debug).
 pub fn selective_scan(p: &ScanInputs) -> Vec<f32> {
@@ -577,9 +765,10 @@ pub fn selective_scan(p: &ScanInputs) -> Vec<f32> {
 /// Which scan kernel [`selective_scan_with`] may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScanKernel {
-    /// The widest SIMD kernel this CPU supports (AVX-512F, else AVX2+FMA), else the loop.
+    /// The widest SIMD kernel this CPU supports (AVX-512F+DQ where `n % 16 == 0`, else
+    /// AVX2+FMA where `n % 8 == 0`), else the loop.
     Best,
-    /// AVX2+FMA if supported, else the loop.
+    /// AVX2+FMA if supported and `n % 8 == 0`, else the loop.
     Avx2,
     /// The portable Rust loop.
     Loop,
@@ -594,12 +783,16 @@ pub fn selective_scan_with(p: &ScanInputs, kernel: ScanKernel) -> Vec<f32> {
     debug_assert!(p.bc.len() >= bsz * len * p.bc_stride);
     debug_assert!(p.z.len() >= bsz * len * p.z_stride);
     #[cfg(target_arch = "x86_64")]
-    if kernel == ScanKernel::Best && use_avx512() && n.is_multiple_of(16) {
-        return selective_scan_avx512(p);
+    {
+        if kernel == ScanKernel::Best && use_avx512() && n.is_multiple_of(16) {
+            return selective_scan_avx512(p);
+        }
+        if kernel != ScanKernel::Loop && use_avx2() && n.is_multiple_of(8) {
+            return selective_scan_avx2(p);
+        }
     }
-    // channel-major scratch output: (batch, d, len)
+    // the portable loop: channel-major scratch output (batch, d, len), then a transpose
     let mut ycm = vec![0f32; bsz * d * len];
-    let avx2 = kernel != ScanKernel::Loop && use_avx2() && n.is_multiple_of(8);
     const GROUP: usize = 16;
     ycm.par_chunks_mut(len * GROUP)
         .enumerate()
@@ -611,14 +804,6 @@ pub fn selective_scan_with(p: &ScanInputs, kernel: ScanKernel) -> Vec<f32> {
                 let row = gi * GROUP + j;
                 let (bi, c) = (row / d, row % d);
                 scaled_a(p, c, &mut a2);
-                #[cfg(target_arch = "x86_64")]
-                if avx2 {
-                    // SAFETY: AVX2 and FMA support was detected at run time, n % 8 == 0 was
-                    // checked, and h has n elements.
-                    unsafe { avx2::scan_channel(p, bi, c, &a2, &mut h, y) };
-                    continue;
-                }
-                let _ = avx2;
                 scan_channel(p, bi, c, &a2, &mut h, &mut da, y);
             }
         });
@@ -682,16 +867,62 @@ mod tests {
         assert!(worst < 2.5e-7, "worst relative error {worst}");
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_exp2_is_accurate() {
+        use std::arch::x86_64::*;
+        if !use_avx2() {
+            eprintln!("no AVX2+FMA here: the AVX2 scan is not used");
+            return;
+        }
+        let mut ts: Vec<f32> = (0..200_000).map(|i| -130.0 + i as f32 * 0.000_65).collect();
+        // the rounding boundaries next to the clamp, and exact powers of two
+        ts.extend([
+            -126.0,
+            -125.5,
+            -125.499_99,
+            -125.500_01,
+            -125.0,
+            -0.5,
+            -3.0,
+            -1.0,
+            0.0,
+        ]);
+        ts.resize(ts.len().next_multiple_of(8), -1.0);
+        let mut worst = 0f64;
+        for ch in ts.chunks_exact(8) {
+            let mut out = [0f32; 8];
+            // SAFETY: AVX2 and FMA were detected; `ch` and `out` hold 8 values.
+            unsafe {
+                _mm256_storeu_ps(out.as_mut_ptr(), avx2::exp2_8(_mm256_loadu_ps(ch.as_ptr())))
+            };
+            for (&t, &e) in ch.iter().zip(&out) {
+                let r = (t.max(-126.0) as f64).exp2();
+                assert!(e >= f32::MIN_POSITIVE, "2^{t} = {e} is not normal");
+                worst = worst.max(((e as f64 - r) / r).abs());
+                if t == t.round() {
+                    assert_eq!(e as f64, r, "2^{t}");
+                }
+            }
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst}");
+    }
+
     #[test]
     fn simd_scan_matches_portable_loop() {
-        // 80 states: a chunk of 64 and one of 16; 208: one of each size (128, 64, 16)
-        for n in [80, 208] {
-            simd_scan_matches_portable_loop_with(n);
+        // AVX-512: 80 states = a chunk of 64 and one of 16; 208 = one of each size (128, 64,
+        // 16). AVX2: 8 and 16 = 8-state chunks only, 40 = 32 + 8, 104 = 64 + 32 + 8, 128 =
+        // 2 × 64, 208 = 3 × 64 + 2 × 8.
+        for n in [8, 16, 40, 80, 104, 128, 208] {
+            // channel counts with and without a partial block (of 8 and of 16), one position
+            // and sequences longer than the model's 28
+            for (batch, len, d) in [(2, 13, 24), (2, 28, 21), (1, 1, 13), (3, 70, 11)] {
+                simd_scan_matches_portable_loop_with(batch, len, d, n);
+            }
         }
     }
 
-    fn simd_scan_matches_portable_loop_with(n: usize) {
-        let (batch, len, d) = (2, 13, 24);
+    fn simd_scan_matches_portable_loop_with(batch: usize, len: usize, d: usize, n: usize) {
         let mut s = 12345u64;
         let mut rnd = |k: usize, lo: f32, hi: f32| -> Vec<f32> {
             (0..k)
@@ -736,7 +967,10 @@ mod tests {
                 .iter()
                 .zip(&y)
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(err <= 1e-5 * scale, "{k:?}: err {err} scale {scale}");
+            assert!(
+                err <= 1e-5 * scale,
+                "{k:?} ({batch}, {len}, {d}, {n}): err {err} scale {scale}"
+            );
         }
     }
 

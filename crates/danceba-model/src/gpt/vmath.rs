@@ -1,6 +1,6 @@
 //! Vectorised f32 math shared by the CPU kernels: `exp`, `ln`, softplus and SiLU over 16
-//! AVX-512 lanes (≈1 ulp), and the SiLU gate over slices. Each has a scalar counterpart whose
-//! result it matches to a few ulp (tested), not bit for bit.
+//! AVX-512 lanes or 8 AVX2+FMA lanes (≈1 ulp), and the SiLU gate over slices (AVX-512). Each
+//! has a scalar counterpart whose result it matches to a few ulp (tested), not bit for bit.
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
@@ -167,41 +167,263 @@ pub(crate) mod avx512 {
     }
 }
 
+/// The 8-lane AVX2+FMA versions of [`avx512`]'s `exp16`, `ln16`, `softplus16` and `silu16`:
+/// the same polynomials and formulas, with the power of two and the exponent/mantissa split
+/// done with integer operations on the bit patterns (AVX2 has no `scalef`/`getexp`/`getmant`)
+/// and blends on comparison masks instead of mask registers.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// `eˣ`, 8 lanes (Cephes `expf` polynomial with Cody–Waite reduction, ≈1 ulp). Arguments
+    /// are clamped to [−87.3, 88.0]: at the top `n = round(x·log2 e)` stays ≤ 127, so that
+    /// `2ⁿ`, built in the exponent bits, is finite (e⁸⁸ ≈ 1.65e38); at the bottom `n ≥ −126`
+    /// keeps it normal.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp8(x: __m256) -> __m256 {
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.336_54)),
+            _mm256_set1_ps(88.0),
+        );
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_2e-4);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
+        let r2 = _mm256_mul_ps(r, r);
+        let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
+        // 2ⁿ for n in [−126, 127]: the biased exponent n + 127 in bits 23..31
+        let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        )));
+        _mm256_mul_ps(y, pow2n)
+    }
+
+    /// Natural logarithm of positive normal `x` (Cephes `logf` polynomial, ≈1 ulp).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn ln8(x: __m256) -> __m256 {
+        // x = m · 2^e with m in [1, 2) from the bits (x > 0: no sign bit); fold m into
+        // [√½, √2]
+        let bits = _mm256_castps_si256(x);
+        let e = _mm256_sub_epi32(_mm256_srli_epi32::<23>(bits), _mm256_set1_epi32(127));
+        let m = _mm256_castsi256_ps(_mm256_or_si256(
+            _mm256_and_si256(bits, _mm256_set1_epi32(0x007f_ffff)),
+            _mm256_set1_epi32(0x3f80_0000),
+        ));
+        let big = _mm256_cmp_ps::<_CMP_GT_OQ>(m, _mm256_set1_ps(std::f32::consts::SQRT_2));
+        let m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5)), big);
+        let e = _mm256_add_ps(
+            _mm256_cvtepi32_ps(e),
+            _mm256_and_ps(big, _mm256_set1_ps(1.0)),
+        );
+        let f = _mm256_sub_ps(m, _mm256_set1_ps(1.0));
+        let z = _mm256_mul_ps(f, f);
+        let mut y = _mm256_set1_ps(7.037_683_6e-2);
+        y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.151_461e-1));
+        y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.167_699_9e-1));
+        y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.242_014_1e-1));
+        y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.424_932_3e-1));
+        y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-1.666_805_8e-1));
+        y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.000_071_4e-1));
+        y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(-2.499_999_4e-1));
+        y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(3.333_333e-1));
+        y = _mm256_mul_ps(_mm256_mul_ps(y, f), z);
+        y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.121_944_4e-4), y);
+        y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5), y);
+        let r = _mm256_add_ps(f, y);
+        _mm256_fmadd_ps(e, _mm256_set1_ps(0.693_359_4), r)
+    }
+
+    /// Softplus with PyTorch's threshold (see [`crate::gpt::scan::softplus`]): `log1p(eᵛ)`
+    /// evaluated as `ln(u)·e/(u − 1)` with `u = 1 + e` (exact `e` where `u` rounds to 1), `v`
+    /// itself where `v > 20`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softplus8(v: __m256) -> __m256 {
+        let e = exp8(v);
+        let u = _mm256_add_ps(e, _mm256_set1_ps(1.0));
+        let um1 = _mm256_sub_ps(u, _mm256_set1_ps(1.0));
+        let l = _mm256_div_ps(_mm256_mul_ps(ln8(u), e), um1);
+        let tiny = _mm256_cmp_ps::<_CMP_EQ_OQ>(um1, _mm256_setzero_ps());
+        let r = _mm256_blendv_ps(l, e, tiny);
+        let over = _mm256_cmp_ps::<_CMP_GT_OQ>(v, _mm256_set1_ps(20.0));
+        _mm256_blendv_ps(r, v, over)
+    }
+
+    /// `v·σ(v)`; for `v` below −88 the clamped `e⁻ᵛ` ≈ 1.65e38 gives ≈ 0 (|v|·6e-39).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu8(v: __m256) -> __m256 {
+        let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), v));
+        _mm256_div_ps(v, _mm256_add_ps(e, _mm256_set1_ps(1.0)))
+    }
+
+    /// Lane mask (all bits set) of the lanes `0..rest.min(8)`, for `_mm256_maskload_ps` and
+    /// `_mm256_maskstore_ps`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn tail_mask(rest: usize) -> __m256i {
+        let rest = rest.min(8) as i32;
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(rest),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    /// `y[i] = SiLU(y[i])` in place, 8 lanes at a time with a masked tail.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu_in_place(y: &mut [f32]) {
+        let n = y.len();
+        let mut i = 0;
+        while i < n {
+            let m = tail_mask(n - i);
+            let at = y.as_mut_ptr().add(i);
+            _mm256_maskstore_ps(at, m, silu8(_mm256_maskload_ps(at, m)));
+            i += 8;
+        }
+    }
+
+    /// `out[i] = f(x[i])` over a slice, 8 lanes at a time with a masked tail.
+    #[cfg(test)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn map8(x: &[f32], out: &mut [f32], f: unsafe fn(__m256) -> __m256) {
+        assert_eq!(x.len(), out.len());
+        let n = x.len();
+        let mut i = 0;
+        while i < n {
+            let m = tail_mask(n - i);
+            let v = _mm256_maskload_ps(x.as_ptr().add(i), m);
+            _mm256_maskstore_ps(out.as_mut_ptr().add(i), m, f(v));
+            i += 8;
+        }
+    }
+}
+
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
-    use super::avx512;
+    use super::{avx2, avx512};
     use crate::gpt::scan::{silu, softplus};
 
     fn avx512_here() -> bool {
         std::arch::is_x86_feature_detected!("avx512f")
     }
 
-    #[test]
-    fn vector_softplus_and_silu_match_the_scalar_ones() {
-        if !avx512_here() {
-            eprintln!("no AVX-512F here: the vector functions are not used");
-            return;
-        }
-        let xs: Vec<f32> = (0..40_000).map(|i| -60.0 + i as f32 * 0.002_1).collect();
-        let mut sp = vec![0f32; xs.len()];
-        let mut si = vec![0f32; xs.len()];
-        // SAFETY: AVX-512F was detected.
-        unsafe {
-            avx512::map16(&xs, None, &mut sp, avx512::softplus16);
-            avx512::map16(&xs, None, &mut si, avx512::silu16);
-        }
+    fn avx2_here() -> bool {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+
+    /// Checks vector softplus (`sp`) and SiLU (`si`) values of `xs` against the scalar ones
+    /// (4 ulp relative).
+    fn check_softplus_silu(what: &str, xs: &[f32], sp: &[f32], si: &[f32]) {
         for (i, &x) in xs.iter().enumerate() {
             let (rs, ri) = (softplus(x), silu(x));
             assert!(
                 (sp[i] - rs).abs() <= 4.0 * f32::EPSILON * rs.abs(),
-                "softplus({x}) = {} vs {rs}",
+                "{what}: softplus({x}) = {} vs {rs}",
                 sp[i]
             );
             assert!(
                 (si[i] - ri).abs() <= 4.0 * f32::EPSILON * ri.abs().max(1e-30),
-                "silu({x}) = {} vs {ri}",
+                "{what}: silu({x}) = {} vs {ri}",
                 si[i]
             );
+        }
+    }
+
+    #[test]
+    fn vector_softplus_and_silu_match_the_scalar_ones() {
+        let xs: Vec<f32> = (0..40_000).map(|i| -60.0 + i as f32 * 0.002_1).collect();
+        let mut sp = vec![0f32; xs.len()];
+        let mut si = vec![0f32; xs.len()];
+        if avx512_here() {
+            // SAFETY: AVX-512F was detected.
+            unsafe {
+                avx512::map16(&xs, None, &mut sp, avx512::softplus16);
+                avx512::map16(&xs, None, &mut si, avx512::silu16);
+            }
+            check_softplus_silu("avx512", &xs, &sp, &si);
+        } else {
+            eprintln!("no AVX-512F here: the 16-lane functions are not used");
+        }
+        if avx2_here() {
+            // 39 997 values: the last 5 through the masked tail
+            let xs = &xs[..39_997];
+            let (sp, si) = (&mut sp[..39_997], &mut si[..39_997]);
+            // SAFETY: AVX2 and FMA were detected; the slices have the same length.
+            unsafe {
+                avx2::map8(xs, sp, avx2::softplus8);
+                avx2::map8(xs, si, avx2::silu8);
+            }
+            check_softplus_silu("avx2", xs, sp, si);
+            let mut si2 = xs.to_vec();
+            // SAFETY: AVX2 and FMA were detected.
+            unsafe { avx2::silu_in_place(&mut si2) };
+            assert_eq!(&si2[..], &si[..], "silu_in_place");
+        } else {
+            eprintln!("no AVX2+FMA here: the 8-lane functions are not used");
+        }
+    }
+
+    #[test]
+    fn avx2_exp_is_accurate_and_large_arguments_are_safe() {
+        if !avx2_here() {
+            eprintln!("no AVX2+FMA here: the 8-lane functions are not used");
+            return;
+        }
+        let map =
+            |xs: &[f32], f: unsafe fn(std::arch::x86_64::__m256) -> std::arch::x86_64::__m256| {
+                let mut out = vec![0f32; xs.len()];
+                // SAFETY: AVX2 and FMA were detected; `out` has the length of `xs`.
+                unsafe { avx2::map8(xs, &mut out, f) };
+                out
+            };
+        // eˣ over the unclamped range, vs f64
+        let xs: Vec<f32> = (0..100_000).map(|i| -87.0 + i as f32 * 0.001_75).collect();
+        let mut worst = 0f64;
+        for (&x, &e) in xs.iter().zip(&map(&xs, avx2::exp8)) {
+            let r = (x as f64).exp();
+            worst = worst.max(((e as f64 - r) / r).abs());
+        }
+        assert!(worst < 2.5e-7, "exp8: worst relative error {worst}");
+        // clamped arguments: finite, and normal at the bottom
+        let big = [88.0f32, 88.5, 100.0, 1e4, f32::MAX, -88.0, -100.0, -1e4];
+        for (&x, &e) in big.iter().zip(&map(&big, avx2::exp8)) {
+            assert!(e.is_finite() && e > 0.0, "exp8({x}) = {e}");
+        }
+        // softplus: v itself above 20, e where 1 + e rounds to 1
+        let xs = [
+            20.001f32, 25.0, 88.5, 100.0, 1e4, -17.0, -30.0, -60.0, -87.0,
+        ];
+        let sp = map(&xs, avx2::softplus8);
+        let e = map(&xs, avx2::exp8);
+        for i in 0..xs.len() {
+            if xs[i] > 20.0 {
+                assert_eq!(sp[i], xs[i], "softplus({})", xs[i]);
+            } else {
+                assert_eq!(sp[i], e[i], "softplus({})", xs[i]);
+            }
+        }
+        // SiLU: ≈ 0 for large negative v, v for large positive v
+        let xs = [-88.5f32, -100.0, -1e4, 90.0, 1e4];
+        for (&x, &y) in xs.iter().zip(&map(&xs, avx2::silu8)) {
+            if x < 0.0 {
+                assert!(y <= 0.0 && y > -1e-30, "silu({x}) = {y}");
+            } else {
+                assert_eq!(y, x, "silu({x})");
+            }
         }
     }
 
