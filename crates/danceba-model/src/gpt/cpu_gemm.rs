@@ -20,25 +20,17 @@
 
 use rayon::prelude::*;
 
-/// The most rows of `x` for which the linear layers use the AVX2 kernel: one song's window
-/// (28 rows per stream, 84 in the attention blocks). Above it (batches of songs) candle's
-/// packing GEMM takes over: forced on this AVX-512 machine at batch 8 the AVX2 kernel took
-/// 1.46 s per step against 1.37 s for candle's AVX-512 GEMM (not measured on an AVX2-only CPU).
-/// The AVX-512 kernel takes any number of rows, in panels of [`PANEL`] (batch 8: 1.18–1.32 s
-/// against 1.39 s for candle's GEMM in f32, 1.20 s against 2.08 s with f16 weights).
-pub const MAX_ROWS: usize = 96;
-
-/// The most rows the linear layers give [`linear`] (more go to candle's matmul): unlimited
-/// with the AVX-512 kernel, [`MAX_ROWS`] with the AVX2 one; `DANCEBA_CPU_GEMM_MAX_ROWS`
-/// overrides it (for comparisons).
+/// The most rows the linear layers give [`linear`] (more go to candle's matmul): unlimited, for
+/// both kernels (in panels of [`PANEL`] rows); `DANCEBA_CPU_GEMM_MAX_ROWS` sets a limit (for
+/// comparisons). Batches of songs measured against candle's packing GEMM: the AVX-512 kernel
+/// 1.18–1.32 s per batch-8 step against 1.39 s in f32 and 1.20 s against 2.08 s with f16
+/// weights (Xeon); the AVX2 kernel on an AVX2-only AMD EPYC 1.64 s against 1.74 s in f32 and
+/// 1.70 s against 2.08 s with bf16 weights. Candle's matmul with f16/bf16 weights also rounds
+/// the activations to the weights' type, so the kernel for every row count keeps a batch's
+/// results equal to each song's alone (the CPU's activations stay f32).
 pub fn max_rows() -> usize {
     static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        super::env_usize("DANCEBA_CPU_GEMM_MAX_ROWS").unwrap_or(match kernel() {
-            Some(Kernel::Avx512) => usize::MAX,
-            _ => MAX_ROWS,
-        })
-    })
+    *V.get_or_init(|| super::env_usize("DANCEBA_CPU_GEMM_MAX_ROWS").unwrap_or(usize::MAX))
 }
 
 /// Rows of `x` per register block.
