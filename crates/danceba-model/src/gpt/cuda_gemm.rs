@@ -450,7 +450,7 @@ fn plan(
 }
 
 /// The number of SMs of the device (132 on an H100 SXM when the driver does not say).
-pub(crate) fn sm_count(dev: &candle_core::CudaDevice) -> usize {
+fn sm_count(dev: &candle_core::CudaDevice) -> usize {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
     dev.cuda_stream()
         .context()
