@@ -791,6 +791,9 @@ pub fn selective_scan_with(p: &ScanInputs, kernel: ScanKernel) -> Vec<f32> {
             return selective_scan_avx2(p);
         }
     }
+    // off x86-64 every kernel choice is the loop
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = kernel;
     // the portable loop: channel-major scratch output (batch, d, len), then a transpose
     let mut ycm = vec![0f32; bsz * d * len];
     const GROUP: usize = 16;
