@@ -150,11 +150,13 @@ fn graph_path_reproduces_golden_step_logits() {
     );
 }
 
-/// The next window's LPE phase computed during a replay (`Gpt::last_logits_ahead`): a run of
-/// steady windows, each call told the next window's condition, except one hint with a single
-/// value changed and one with another window count. Every call gives the direct forward's
-/// logits, and exactly the matching hints are used (calls 0 and 1 warm up and capture; the
-/// replays 2–6 compute hints for calls 3–7: 3 and 5 hit, 4 and 6 miss).
+/// The next window staged during a call (`Gpt::last_logits_ahead`: its phase computed and its
+/// condition copied to the graph's inputs while the GPU runs): a run of steady windows, each
+/// call told the next window's condition, except one hint with a single value changed and one
+/// with another window count. Every call gives the direct forward's logits, and exactly the
+/// matching hints are used (call 0 warms up, call 1 captures and stages call 2's window; the
+/// replays 2–6: 2, 3 and 5 launch on their staged window, 4 launches on the changed one, finds
+/// the mismatch and replays again on its own, 6 has nothing staged).
 #[test]
 fn phase_computed_ahead_is_used_only_for_its_window() {
     let dev = cuda();
@@ -194,5 +196,73 @@ fn phase_computed_ahead_is_used_only_for_its_window() {
     }
     let after = gpt.cuda_graph_timing();
     assert_eq!(after.replays - before.replays, 5);
-    assert_eq!(after.ahead_hits - before.ahead_hits, 2);
+    assert_eq!(after.ahead_hits - before.ahead_hits, 3);
+}
+
+/// A staged window is only a guess: a hint with a non-finite value is not staged and its call
+/// reports the value; a staged window followed by a call of another shape is dropped, and the
+/// staged shape's next call uploads its own window (every result equals the direct forward's).
+#[test]
+fn staged_windows_never_replace_a_calls_own_inputs() {
+    let dev = cuda();
+    let gpt = tiny_gpt_on(&dev, DType::F32);
+    let mut direct = gpt.clone();
+    direct.set_cuda_graphs(false);
+    let a = gpt.arch().clone();
+    let (b, t) = (2, a.block_size - 1);
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut random =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect() };
+    let conds: Vec<Vec<f32>> = (0..6).map(|_| random(b * t * a.n_music)).collect();
+    let other = random(t * a.n_music);
+    let ids = |n: usize, v: u32| {
+        (0..n)
+            .map(|j| (j as u32 * 5 + v) % 40)
+            .collect::<Vec<u32>>()
+    };
+    let check = |up: &[u32], down: &[u32], cond: &[f32], bb: usize, got: (Vec<f32>, Vec<f32>)| {
+        let (wu, wd) = direct.last_logits(up, down, cond, bb, t).unwrap();
+        let (eu, ed) = (rel(&got.0, &wu), rel(&got.1, &wd));
+        assert!(eu <= 1e-6 && ed <= 1e-6, "{eu} {ed}");
+    };
+    // warm up and capture, the capture staging conds[2]
+    for i in 0..2 {
+        let (up, down) = (ids(b * t, i), ids(b * t, i + 3));
+        let got = gpt
+            .last_logits_ahead(&up, &down, &conds[i as usize], b, t, Some((&conds[2], b)))
+            .unwrap();
+        check(&up, &down, &conds[i as usize], b, got);
+    }
+    // a NaN in the next window's hint: nothing staged, and that window is refused
+    let mut bad = conds[3].clone();
+    bad[b * t * a.n_music - 5] = f32::NAN;
+    let (up, down) = (ids(b * t, 7), ids(b * t, 8));
+    let got = gpt
+        .last_logits_ahead(&up, &down, &conds[2], b, t, Some((&bad, b)))
+        .unwrap();
+    check(&up, &down, &conds[2], b, got);
+    let err = gpt
+        .last_logits_ahead(&up, &down, &bad, b, t, Some((&conds[4], b)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("non-finite"), "{err}");
+    // stage conds[4], then a call of another shape, then the staged shape with conds[5]
+    let got = gpt
+        .last_logits_ahead(&up, &down, &conds[3], b, t, Some((&conds[4], b)))
+        .unwrap();
+    check(&up, &down, &conds[3], b, got);
+    let (u1, d1) = (ids(t, 1), ids(t, 2));
+    let got = gpt.last_logits(&u1, &d1, &other, 1, t).unwrap();
+    check(&u1, &d1, &other, 1, got);
+    let got = gpt.last_logits(&up, &down, &conds[5], b, t).unwrap();
+    check(&up, &down, &conds[5], b, got);
+    // and a staged window that is used
+    let got = gpt
+        .last_logits_ahead(&up, &down, &conds[0], b, t, Some((&conds[1], b)))
+        .unwrap();
+    check(&up, &down, &conds[0], b, got);
+    let before = gpt.cuda_graph_timing();
+    let got = gpt.last_logits(&up, &down, &conds[1], b, t).unwrap();
+    check(&up, &down, &conds[1], b, got);
+    assert_eq!(gpt.cuda_graph_timing().ahead_hits - before.ahead_hits, 1);
 }

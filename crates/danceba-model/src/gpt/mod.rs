@@ -275,9 +275,11 @@ impl Gpt {
     }
 
     /// [`Gpt::last_logits`], told the condition of the next call's windows (`next`: its values
-    /// and its number of windows). A replayed CUDA graph computes that window's LPE phase on the
-    /// host while the GPU runs, and the next call uses it if its condition is the same bit for
-    /// bit; elsewhere `next` is ignored. The results are those of [`Gpt::last_logits`].
+    /// and its number of windows). With CUDA graphs, while the GPU runs this call the host
+    /// computes that window's LPE phase and stages it and the condition in the inputs of its
+    /// shape's graph; the next call launches on them at once and uses the result only if its
+    /// condition is the same bit for bit (otherwise it runs again on its own). Elsewhere `next`
+    /// is ignored. The results are those of [`Gpt::last_logits`].
     pub fn last_logits_ahead(
         &self,
         up: &[u32],
@@ -316,7 +318,7 @@ impl Gpt {
                 "lower-body",
                 self.arch.vocab_down,
             )?;
-            check_finite_condition(cond, t, nm)?;
+            // the condition is checked there (a staged window was checked a step ahead)
             return cuda_graph::last_logits(self, &self.graphs, up, down, cond, b, t, next);
         }
         let dev = &self.device;
