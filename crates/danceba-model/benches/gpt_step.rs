@@ -103,6 +103,15 @@ fn matmul(c: &mut Criterion) {
             g.bench_function(format!("{m}x{k}x{n}/cpu_gemm_{kern:?}"), |b| {
                 b.iter(|| cpu_gemm::linear(&xs, &ws, None, m, k, n).unwrap())
             });
+            // with f16 and bf16 weights (`--dtype f16|bf16`)
+            let wh: Vec<half::f16> = ws.iter().map(|&v| half::f16::from_f32(v)).collect();
+            g.bench_function(format!("{m}x{k}x{n}/cpu_gemm_{kern:?}_f16"), |b| {
+                b.iter(|| cpu_gemm::linear(&xs, &wh, None, m, k, n).unwrap())
+            });
+            let wb: Vec<half::bf16> = ws.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            g.bench_function(format!("{m}x{k}x{n}/cpu_gemm_{kern:?}_bf16"), |b| {
+                b.iter(|| cpu_gemm::linear(&xs, &wb, None, m, k, n).unwrap())
+            });
         }
     }
     g.finish();
