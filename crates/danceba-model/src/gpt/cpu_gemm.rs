@@ -913,7 +913,9 @@ mod tests {
                     // for bit (whether the kernel widens a block first or each load)
                     let exact = linear_with(kern, &x, wref, m, k, n, &Epilogue::bias(bias));
                     assert!(
-                        y.iter().zip(&exact).all(|(a, e)| a.to_bits() == e.to_bits()),
+                        y.iter()
+                            .zip(&exact)
+                            .all(|(a, e)| a.to_bits() == e.to_bits()),
                         "{kern:?} {kind} m {m} k {k} n {n}: not the f32 product's bits"
                     );
                     let r = reference(&x, wref, bias, m, k, n);

@@ -113,18 +113,19 @@ struct Ahead {
 }
 
 impl Ahead {
-    /// Whether this was computed from exactly `cond` split into `b` windows.
-    fn is_for(&self, cond: &[f32], b: usize) -> bool {
+    /// Whether this was computed from exactly the windows `cond`.
+    fn is_for(&self, cond: &[&[f32]]) -> bool {
+        let per = self.cond.len() / self.b.max(1);
         self.valid
-            && self.b == b
-            && self.cond.len() == cond.len()
-            // bit for bit, without an early exit (so that it vectorises)
-            && self
-                .cond
-                .iter()
-                .zip(cond)
-                .fold(0u32, |d, (x, y)| d | (x.to_bits() ^ y.to_bits()))
-                == 0
+            && self.b == cond.len()
+            && cond.iter().all(|w| w.len() == per)
+            && self.cond.chunks_exact(per.max(1)).zip(cond).all(|(a, w)| {
+                // bit for bit, without an early exit within a window (so that it vectorises)
+                a.iter()
+                    .zip(w.iter())
+                    .fold(0u32, |d, (x, y)| d | (x.to_bits() ^ y.to_bits()))
+                    == 0
+            })
     }
 }
 
@@ -379,11 +380,11 @@ pub(crate) fn last_logits(
     cache: &GraphCache,
     up: &[u32],
     down: &[u32],
-    cond: &[f32],
-    b: usize,
+    cond: &[&[f32]],
     t: usize,
-    next: Option<(&[f32], usize)>,
+    next: Option<&[&[f32]]>,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
+    let b = cond.len();
     let Device::Cuda(dev) = gpt.device() else {
         return Err(cuda_err("CUDA graphs need a CUDA device".into()));
     };
@@ -413,7 +414,7 @@ pub(crate) fn last_logits(
         e.replay(up, down, &stream)?;
         let t2 = std::time::Instant::now();
         timing.launch_s = (t2 - t1).as_secs_f64();
-        hit = ahead.is_for(cond, b);
+        hit = ahead.is_for(cond);
         if hit {
             replayed = true;
         } else if let Some(io) = &e.io {
@@ -423,10 +424,13 @@ pub(crate) fn last_logits(
         timing.ahead_s = t2.elapsed().as_secs_f64();
     }
     if !replayed {
+        let cond_is_ahead = ahead.is_for(cond);
+        let cond = cond.concat();
+        let cond = cond.as_slice();
         check_finite_condition(cond, t, nm)?;
         let t0 = std::time::Instant::now();
         let computed;
-        let (phase, fc) = if ahead.is_for(cond, b) {
+        let (phase, fc) = if cond_is_ahead {
             (ahead.phase.as_slice(), ahead.fc)
         } else {
             computed = Lpe::cropped_phase_host(cond, b)?;
@@ -463,15 +467,24 @@ pub(crate) fn last_logits(
     // the next window: its phase on the host while the GPU runs, and its inputs staged
     let t3 = std::time::Instant::now();
     ahead.valid = false;
-    if let Some((nc, nb)) = next {
+    if let Some(next) = next.filter(|w| !w.is_empty()) {
         let a = &mut *ahead;
-        if let Ok(fc) = Lpe::cropped_phase_host_into(nc, nb, &mut a.phase) {
-            a.cond.clear();
-            a.cond.extend_from_slice(nc);
-            (a.b, a.fc, a.valid) = (nb, fc, true);
-            let nt = if nb > 0 { nc.len() / (nb * nm) } else { 0 };
+        let nb = next.len();
+        a.cond.clear();
+        for w in next {
+            a.cond.extend_from_slice(w);
+        }
+        let nc = a.cond.as_slice();
+        let per = next[0].len();
+        if next.iter().all(|w| w.len() == per) {
+            if let Ok(fc) = Lpe::cropped_phase_host_into(nc, nb, &mut a.phase) {
+                (a.b, a.fc, a.valid) = (nb, fc, true);
+            }
+        }
+        if a.valid {
+            let nt = per / nm;
             let nkey = (nb, nt, key.2);
-            if nt > 0 && nb * nt * nm == nc.len() && check_finite_condition(nc, nt, nm).is_ok() {
+            if nt > 0 && nt * nm == per && check_finite_condition(nc, nt, nm).is_ok() {
                 if let Some(ne) = map.get_mut(&nkey) {
                     if stage(ne, &a.cond, &a.phase, &stream)? {
                         a.staged = Some(nkey);

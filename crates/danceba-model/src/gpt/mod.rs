@@ -289,20 +289,57 @@ impl Gpt {
         t: usize,
         next: Option<(&[f32], usize)>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        #[cfg(not(feature = "cuda"))]
-        let _ = next;
         let nm = self.arch.n_music;
         if b == 0 || t == 0 {
             return input_err(format!("empty window (batch {b}, t {t})"));
         }
-        if up.len() != b * t || down.len() != b * t || cond.len() != b * t * nm {
+        if cond.len() != b * t * nm {
             return input_err(format!(
-                "window (batch {b}, t {t}) needs {} token ids per stream and {} condition values, got {} / {} / {}",
-                b * t,
+                "window (batch {b}, t {t}) needs {} condition values, got {}",
                 b * t * nm,
-                up.len(),
-                down.len(),
                 cond.len()
+            ));
+        }
+        let rows: Vec<&[f32]> = cond.chunks_exact(t * nm).collect();
+        // the next call's `nb` windows (a hint that does not split evenly is dropped)
+        let next_rows: Option<Vec<&[f32]>> = next.and_then(|(nc, nb)| {
+            (nb > 0 && !nc.is_empty() && nc.len() % nb == 0)
+                .then(|| nc.chunks_exact(nc.len() / nb).collect())
+        });
+        self.last_logits_windows(up, down, &rows, t, next_rows.as_deref())
+    }
+
+    /// [`Gpt::last_logits_ahead`] with the condition as one slice per window (`t · n_music`
+    /// values each), the windows of the next call likewise: the sampler passes slices of the
+    /// songs' conditions, with no copy on the step's path.
+    pub fn last_logits_windows(
+        &self,
+        up: &[u32],
+        down: &[u32],
+        cond: &[&[f32]],
+        t: usize,
+        next: Option<&[&[f32]]>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        #[cfg(not(feature = "cuda"))]
+        let _ = next;
+        let nm = self.arch.n_music;
+        let b = cond.len();
+        if b == 0 || t == 0 {
+            return input_err(format!("empty window (batch {b}, t {t})"));
+        }
+        if up.len() != b * t || down.len() != b * t {
+            return input_err(format!(
+                "window (batch {b}, t {t}) needs {} token ids per stream, got {} / {}",
+                b * t,
+                up.len(),
+                down.len()
+            ));
+        }
+        if let Some((i, w)) = cond.iter().enumerate().find(|(_, w)| w.len() != t * nm) {
+            return input_err(format!(
+                "window {i} (t {t}) needs {} condition values, got {}",
+                t * nm,
+                w.len()
             ));
         }
         #[cfg(feature = "cuda")]
@@ -319,12 +356,13 @@ impl Gpt {
                 self.arch.vocab_down,
             )?;
             // the condition is checked there (a staged window was checked a step ahead)
-            return cuda_graph::last_logits(self, &self.graphs, up, down, cond, b, t, next);
+            return cuda_graph::last_logits(self, &self.graphs, up, down, cond, t, next);
         }
+        let cond = cond.concat();
         let dev = &self.device;
         let iu = Tensor::from_slice(up, (b, t), dev)?;
         let id = Tensor::from_slice(down, (b, t), dev)?;
-        let c = Tensor::from_slice(cond, (b, t, nm), dev)?;
+        let c = Tensor::from_slice(&cond, (b, t, nm), dev)?;
         let forward = || self.forward_impl(&iu, &id, &c, false, self.sampler_logits());
         let tr = if dev.is_cpu() {
             // The whole forward on a thread of rayon's pool: its parallel loops then start from

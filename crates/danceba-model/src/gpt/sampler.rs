@@ -231,47 +231,44 @@ impl Gpt {
             })
             .collect();
         let nm = arch.n_music;
-        // step k's windows into (active, cc): the songs still going and their condition rows
-        // (known in advance, unlike the tokens); the buffers are reused from step to step
-        let fill = |k: usize, active: &mut Vec<usize>, cc: &mut Vec<f32>| {
+        // step k's windows: the songs still going and their condition rows (known in advance,
+        // unlike the tokens), as slices of the songs' conditions; the next step's are handed
+        // to the GPT with this step's (CUDA graphs stage them while the GPU runs this step;
+        // elsewhere they are ignored)
+        let windows = |k: usize| -> Vec<(usize, &[f32])> {
             let (start, t) = window(k, arch.block_size);
-            active.clear();
-            active.extend((0..conds.len()).filter(|&i| steps[i] > k));
-            cc.clear();
-            for &i in active.iter() {
-                cc.extend_from_slice(&hosts[i][start * nm..(start + t) * nm]);
-            }
+            (0..conds.len())
+                .filter(|&i| steps[i] > k)
+                .map(|i| (i, &hosts[i][start * nm..(start + t) * nm]))
+                .collect()
         };
-        // step k's condition is built during step k − 1 and handed to the GPT as the next one
-        // (CUDA graphs compute its phase while the GPU runs step k − 1; elsewhere it is ignored)
-        let (mut active, mut cc) = (Vec::new(), Vec::new());
-        let (mut next_active, mut next_cc) = (Vec::new(), Vec::new());
         let (mut cu, mut cd) = (Vec::new(), Vec::new());
-        fill(0, &mut active, &mut cc);
+        let mut this = windows(0);
         for k in 0..total {
             let (start, t) = window(k, arch.block_size);
-            let has_next = k + 1 < total;
-            if has_next {
-                fill(k + 1, &mut next_active, &mut next_cc);
-            }
-            let a = active.len();
+            let next = if k + 1 < total {
+                windows(k + 1)
+            } else {
+                Vec::new()
+            };
             cu.clear();
             cd.clear();
-            for &i in &active {
+            for &(i, _) in &this {
                 cu.extend_from_slice(&toks[i].up[start..start + t]);
                 cd.extend_from_slice(&toks[i].down[start..start + t]);
             }
-            let hint = has_next.then_some((next_cc.as_slice(), next_active.len()));
-            let (lu, ld) = self.last_logits_ahead(&cu, &cd, &cc, a, t, hint)?;
+            let cc: Vec<&[f32]> = this.iter().map(|&(_, w)| w).collect();
+            let nc: Vec<&[f32]> = next.iter().map(|&(_, w)| w).collect();
+            let hint = (!nc.is_empty()).then_some(nc.as_slice());
+            let (lu, ld) = self.last_logits_windows(&cu, &cd, &cc, t, hint)?;
             let (vu, vd) = (arch.vocab_up, arch.vocab_down);
-            for (j, &i) in active.iter().enumerate() {
+            for (j, &(i, _)) in this.iter().enumerate() {
                 let nu = choose(&lu[j * vu..(j + 1) * vu], &opts.policy, &mut rngs[i]);
                 let nd = choose(&ld[j * vd..(j + 1) * vd], &opts.policy, &mut rngs[i]);
                 toks[i].up.push(nu as u32);
                 toks[i].down.push(nd as u32);
             }
-            std::mem::swap(&mut active, &mut next_active);
-            std::mem::swap(&mut cc, &mut next_cc);
+            this = next;
             progress(k + 1, total);
         }
         Ok(toks)
