@@ -116,3 +116,42 @@ fn generate_rejects_bad_inputs() {
         .unwrap()
         .is_empty());
 }
+
+#[test]
+fn last_logits_rejects_bad_windows() {
+    let gpt = tiny_gpt();
+    let (t, nm) = (4, 438);
+    let w = vec![0.5f32; t * nm];
+    let short = vec![0.5f32; t * nm - 1];
+    let ids = vec![1u32; 2 * t];
+    let m = input_msg(gpt.last_logits_windows(&ids, &ids, &[&w, &short], t, None));
+    assert!(
+        m.contains("window 1") && m.contains(&format!("{}", t * nm)),
+        "{m}"
+    );
+    let m = input_msg(gpt.last_logits_windows(&ids[..t], &ids, &[&w, &w], t, None));
+    assert!(m.contains("token ids"), "{m}");
+    let m = input_msg(gpt.last_logits_windows(&[], &[], &[], t, None));
+    assert!(m.contains("empty"), "{m}");
+    let m = input_msg(gpt.last_logits(&ids, &ids, &w, 2, t));
+    assert!(m.contains("condition values"), "{m}");
+    let mut bad = w.clone();
+    bad[nm + 3] = f32::INFINITY;
+    let m = input_msg(gpt.last_logits_windows(&ids, &ids, &[&w, &bad], t, Some(&[&w, &w])));
+    assert!(m.contains("non-finite") || m.contains("inf"), "{m}");
+    // a hint that does not split into its window count is ignored, not an error
+    let (lu, ld) = gpt
+        .last_logits_ahead(
+            &ids,
+            &ids,
+            &[w.clone(), w.clone()].concat(),
+            2,
+            t,
+            Some((&w[..7], 2)),
+        )
+        .unwrap();
+    let (wu, wd) = gpt
+        .last_logits_windows(&ids, &ids, &[&w, &w], t, None)
+        .unwrap();
+    assert_eq!((lu, ld), (wu, wd));
+}
