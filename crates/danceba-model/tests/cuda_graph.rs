@@ -150,6 +150,22 @@ fn graph_path_reproduces_golden_step_logits() {
     );
 }
 
+/// The tiny model with CUDA graphs and a copy without, the window shape (2, block_size − 1),
+/// `count` random conditions of that shape and one of a single window.
+fn staged_setup(seed: u64, count: usize) -> (Gpt, Gpt, usize, usize, Vec<Vec<f32>>, Vec<f32>) {
+    let gpt = tiny_gpt_on(&cuda(), DType::F32);
+    let mut direct = gpt.clone();
+    direct.set_cuda_graphs(false);
+    let nm = gpt.arch().n_music;
+    let (b, t) = (2, gpt.arch().block_size - 1);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut random =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect() };
+    let conds = (0..count).map(|_| random(b * t * nm)).collect();
+    let other = random(t * nm);
+    (gpt, direct, b, t, conds, other)
+}
+
 /// The next window staged during a call (`Gpt::last_logits_ahead`: its phase computed and its
 /// condition copied to the graph's inputs while the GPU runs): a run of steady windows, each
 /// call told the next window's condition, except one hint with a single value changed and one
@@ -159,16 +175,7 @@ fn graph_path_reproduces_golden_step_logits() {
 /// the mismatch and replays again on its own, 6 has nothing staged).
 #[test]
 fn phase_computed_ahead_is_used_only_for_its_window() {
-    let dev = cuda();
-    let gpt = tiny_gpt_on(&dev, DType::F32);
-    let mut direct = gpt.clone();
-    direct.set_cuda_graphs(false);
-    let a = gpt.arch().clone();
-    let (b, t) = (2, a.block_size - 1);
-    let mut rng = StdRng::seed_from_u64(9);
-    let mut random =
-        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect() };
-    let conds: Vec<Vec<f32>> = (0..8).map(|_| random(b * t * a.n_music)).collect();
+    let (gpt, direct, b, t, conds, _) = staged_setup(9, 8);
     let before = gpt.cuda_graph_timing();
     for i in 0..7 {
         let ids = |v: u32| {
@@ -204,17 +211,8 @@ fn phase_computed_ahead_is_used_only_for_its_window() {
 /// staged shape's next call uploads its own window (every result equals the direct forward's).
 #[test]
 fn staged_windows_never_replace_a_calls_own_inputs() {
-    let dev = cuda();
-    let gpt = tiny_gpt_on(&dev, DType::F32);
-    let mut direct = gpt.clone();
-    direct.set_cuda_graphs(false);
+    let (gpt, direct, b, t, conds, other) = staged_setup(11, 6);
     let a = gpt.arch().clone();
-    let (b, t) = (2, a.block_size - 1);
-    let mut rng = StdRng::seed_from_u64(11);
-    let mut random =
-        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect() };
-    let conds: Vec<Vec<f32>> = (0..6).map(|_| random(b * t * a.n_music)).collect();
-    let other = random(t * a.n_music);
     let ids = |n: usize, v: u32| {
         (0..n)
             .map(|j| (j as u32 * 5 + v) % 40)
