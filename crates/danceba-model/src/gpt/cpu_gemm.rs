@@ -295,6 +295,21 @@ unsafe fn epilogue_columns(
         }
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if ep.act != Act::GeluErf && kern == Kernel::Avx2 {
+        // the same with 8 lanes; AVX2 and FMA are there (`kern`)
+        for i in 0..m {
+            let at = i * n + n0;
+            super::vmath::avx2::silu_gate_residual(
+                y.0.add(at),
+                n1 - n0,
+                ep.act == Act::Silu,
+                ep.gate.map(|g| g[at..].as_ptr()),
+                ep.residual.map(|r| r[at..].as_ptr()),
+            );
+        }
+        return;
+    }
     for i in 0..m {
         for j in n0..n1 {
             let p = y.0.add(i * n + j);
@@ -975,8 +990,8 @@ mod tests {
                         if let Some(r) = residual {
                             e += r[i];
                         }
-                        if act == Act::Silu && kern == Kernel::Avx512 {
-                            // the vector exp: a few ulp of the scaled terms
+                        if act == Act::Silu {
+                            // the vector exp (both kernels): a few ulp of the scaled terms
                             let scale = f(p).abs() * gate.map_or(1.0, |g| g[i].abs())
                                 + residual.map_or(0.0, |r| r[i].abs());
                             assert!(

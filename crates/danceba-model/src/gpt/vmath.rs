@@ -295,6 +295,51 @@ pub(crate) mod avx2 {
         }
     }
 
+    /// `y = T(act(y)) · gate + residual` over `n` values (act: SiLU when `silu`, else none),
+    /// gate and residual optional, 8 lanes at a time; full vectors load and store plainly,
+    /// the tail through a lane mask (`vmaskmovps` is slow on AMD).
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; `y` points to `n` writable f32, and `gate`/`residual`
+    /// to `n` readable ones where given.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu_gate_residual(
+        y: *mut f32,
+        n: usize,
+        silu: bool,
+        gate: Option<*const f32>,
+        residual: Option<*const f32>,
+    ) {
+        let mut i = 0;
+        while i < n {
+            let full = n - i >= 8;
+            let m = tail_mask(n - i);
+            let load = |p: *const f32| {
+                if full {
+                    _mm256_loadu_ps(p)
+                } else {
+                    _mm256_maskload_ps(p, m)
+                }
+            };
+            let mut v = load(y.add(i));
+            if silu {
+                v = silu8(v);
+            }
+            if let Some(g) = gate {
+                v = _mm256_mul_ps(v, load(g.add(i)));
+            }
+            if let Some(r) = residual {
+                v = _mm256_add_ps(load(r.add(i)), v);
+            }
+            if full {
+                _mm256_storeu_ps(y.add(i), v);
+            } else {
+                _mm256_maskstore_ps(y.add(i), m, v);
+            }
+            i += 8;
+        }
+    }
+
     /// `out[i] = f(x[i])` over a slice, 8 lanes at a time with a masked tail.
     #[cfg(test)]
     #[inline]
@@ -447,12 +492,45 @@ mod tests {
         for i in 0..n {
             assert!(close(out[i], v[i] * silu(g[i])), "gate at {i}");
         }
+        check_silu_gate_residual(&v, &g, &r, |y, act, gate, res| {
+            // SAFETY: AVX-512F was detected; all slices have n elements.
+            unsafe { avx512::silu_gate_residual(y.as_mut_ptr(), y.len(), act, gate, res) }
+        });
+    }
+
+    #[test]
+    fn avx2_silu_gate_residual_matches_the_scalar_ones() {
+        if !avx2_here() {
+            eprintln!("no AVX2+FMA here: the vector functions are not used");
+            return;
+        }
+        // 37 values: four full vectors and a masked tail; 8: no tail
+        for n in [37, 8, 5] {
+            let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+            let g: Vec<f32> = (0..n)
+                .map(|i| (i as f32 * 0.91).cos() * 9.0 - 2.0)
+                .collect();
+            let r: Vec<f32> = (0..n).map(|i| i as f32 * 0.25 - 4.0).collect();
+            check_silu_gate_residual(&v, &g, &r, |y, act, gate, res| {
+                // SAFETY: AVX2 and FMA were detected; all slices have n elements.
+                unsafe { avx2::silu_gate_residual(y.as_mut_ptr(), y.len(), act, gate, res) }
+            });
+        }
+    }
+
+    /// `f(y, silu, gate, residual)` against the scalar SiLU, product and sum (8 ulp).
+    fn check_silu_gate_residual(
+        v: &[f32],
+        g: &[f32],
+        r: &[f32],
+        f: impl Fn(&mut [f32], bool, Option<*const f32>, Option<*const f32>),
+    ) {
+        let n = v.len();
         for act in [false, true] {
             for gate in [None, Some(g.as_ptr())] {
                 for res in [None, Some(r.as_ptr())] {
-                    let mut y = v.clone();
-                    // SAFETY: as above.
-                    unsafe { avx512::silu_gate_residual(y.as_mut_ptr(), n, act, gate, res) };
+                    let mut y = v.to_vec();
+                    f(&mut y, act, gate, res);
                     for i in 0..n {
                         let mut e = if act { silu(v[i]) } else { v[i] };
                         if gate.is_some() {
