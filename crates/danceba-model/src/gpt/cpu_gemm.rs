@@ -737,11 +737,8 @@ mod avx2 {
             WeightKind::F16 => true,
             WeightKind::Bf16 => k <= 1024,
         };
-        let mut wide = if widened {
-            vec![0f32; NR2 * k]
-        } else {
-            Vec::new()
-        };
+        // written by `widen` before the blocks read it: no zeroing (only its capacity is used)
+        let mut wide: Vec<f32> = Vec::with_capacity(if widened { NR2 * k } else { 0 });
         for p0 in (0..m).step_by(PANEL) {
             let p1 = (p0 + PANEL).min(m);
             let mut j0 = n0;
