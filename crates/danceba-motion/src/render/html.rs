@@ -8,7 +8,9 @@
 
 use std::path::Path;
 
-use super::{base64, write_atomic, RenderError};
+use std::io::Write;
+
+use super::{base64, RenderError};
 use crate::Motion;
 
 const TEMPLATE: &str = include_str!("viewer.html");
@@ -64,6 +66,108 @@ fn escape_html(s: &str) -> String {
     o
 }
 
+/// The audio file to embed, opened, with its MIME type.
+struct Audio {
+    file: std::fs::File,
+    mime: &'static str,
+}
+
+fn open_audio(path: &Path) -> Result<Audio, RenderError> {
+    use std::io::{Read, Seek};
+    let read_err = |source| RenderError::ReadAudio {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    // the magic bytes (12 are enough for every format `audio_mime` knows)
+    let mut head = Vec::with_capacity(16);
+    (&mut file)
+        .take(16)
+        .read_to_end(&mut head)
+        .map_err(read_err)?;
+    file.rewind().map_err(read_err)?;
+    let mime = audio_mime(path, &head).ok_or_else(|| RenderError::UnsupportedAudio {
+        path: path.to_path_buf(),
+    })?;
+    Ok(Audio { file, mime })
+}
+
+/// Writes the base64 of everything `r` yields, in chunks (no copy of the whole input or its
+/// encoding in memory: a song's WAV is tens of MB).
+fn write_base64(r: &mut dyn std::io::Read, w: &mut dyn Write) -> std::io::Result<()> {
+    // a multiple of 3 bytes, so that only the last chunk can need padding
+    let mut buf = vec![0u8; 3 * 21_846];
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            match r.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        w.write_all(base64(&buf[..n]).as_bytes())?;
+        if n < buf.len() {
+            return Ok(());
+        }
+    }
+}
+
+/// Writes the page: the template with its markers replaced in one pass (no inserted text
+/// contains a marker: base64 and numbers have no braces, the title is escaped), the audio and
+/// the motion streamed as base64.
+fn write_page(
+    motion: &Motion,
+    audio: Option<&mut Audio>,
+    title: &str,
+    w: &mut dyn Write,
+) -> std::io::Result<()> {
+    let mut audio = audio;
+    let mut rest = TEMPLATE;
+    while let Some(at) = rest.find("{{") {
+        w.write_all(&rest.as_bytes()[..at])?;
+        let after = &rest[at..];
+        let marker = after.find("}}").map(|e| &after[..e + 2]);
+        match marker {
+            Some("{{FPS}}") => write!(w, "{}", motion.fps)?,
+            Some("{{FRAMES}}") => write!(w, "{}", motion.frames())?,
+            Some("{{TITLE}}") => w.write_all(escape_html(title).as_bytes())?,
+            Some("{{AUDIO}}") => {
+                if let Some(a) = audio.as_deref_mut() {
+                    use std::io::Seek;
+                    a.file.rewind()?;
+                    write!(
+                        w,
+                        "<audio id=\"audio\" preload=\"auto\" src=\"data:{};base64,",
+                        a.mime
+                    )?;
+                    write_base64(&mut a.file, w)?;
+                    w.write_all(b"\"></audio>")?;
+                }
+            }
+            Some("{{MOTION}}") => {
+                let mut raw = Vec::with_capacity(motion.positions.len() * 4);
+                for v in &motion.positions {
+                    raw.extend_from_slice(&v.to_le_bytes());
+                }
+                write_base64(&mut raw.as_slice(), w)?;
+            }
+            // not a marker: the braces are text
+            _ => {
+                w.write_all(b"{{")?;
+                rest = &after[2..];
+                continue;
+            }
+        }
+        rest = &after[marker.map_or(2, str::len)..];
+    }
+    w.write_all(rest.as_bytes())
+}
+
 /// Builds the html page as a string.
 pub fn html_string(
     motion: &Motion,
@@ -73,39 +177,21 @@ pub fn html_string(
     if motion.frames() == 0 {
         return Err(RenderError::EmptyMotion);
     }
-    let audio_tag = match audio {
-        None => String::new(),
-        Some(path) => {
-            let bytes = std::fs::read(path).map_err(|source| RenderError::ReadAudio {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            let mime = audio_mime(path, &bytes).ok_or_else(|| RenderError::UnsupportedAudio {
-                path: path.to_path_buf(),
-            })?;
-            format!(
-                "<audio id=\"audio\" preload=\"auto\" src=\"data:{mime};base64,{}\"></audio>",
-                base64(&bytes)
-            )
+    let mut opened = audio.map(open_audio).transpose()?;
+    let mut page = Vec::new();
+    // writing into memory fails only where reading the audio does
+    write_page(motion, opened.as_mut(), title, &mut page).map_err(|source| {
+        RenderError::ReadAudio {
+            path: audio.map(Path::to_path_buf).unwrap_or_default(),
+            source,
         }
-    };
-    let mut raw = Vec::with_capacity(motion.positions.len() * 4);
-    for v in &motion.positions {
-        raw.extend_from_slice(&v.to_le_bytes());
-    }
-    // Markers are replaced in an order where no inserted text can contain a later marker
-    // (base64 and numbers have no braces; the title is escaped).
-    let page = TEMPLATE
-        .replace("{{FPS}}", &format!("{}", motion.fps))
-        .replace("{{FRAMES}}", &motion.frames().to_string())
-        .replace("{{TITLE}}", &escape_html(title))
-        .replace("{{AUDIO}}", &audio_tag)
-        .replace("{{MOTION}}", &base64(&raw));
-    Ok(page)
+    })?;
+    Ok(String::from_utf8(page).expect("the page is UTF-8"))
 }
 
 /// Writes the self-contained viewer for `motion` (with `audio` embedded if given) to `out`,
-/// atomically; refuses to overwrite an existing file unless `force`.
+/// atomically; refuses to overwrite an existing file unless `force`. The page is streamed to
+/// a temporary file beside `out` (the audio's base64 is never whole in memory).
 pub fn write_html(
     motion: &Motion,
     audio: Option<&Path>,
@@ -114,8 +200,34 @@ pub fn write_html(
     force: bool,
 ) -> Result<(), RenderError> {
     super::check_overwrite(out, force)?;
-    let page = html_string(motion, audio, title)?;
-    write_atomic(out, page.as_bytes(), force)
+    if motion.frames() == 0 {
+        return Err(RenderError::EmptyMotion);
+    }
+    let mut audio_file = audio.map(open_audio).transpose()?;
+    let mut tmp = super::temp_beside(out)?;
+    let write_err = |source| RenderError::Write {
+        path: out.to_path_buf(),
+        source,
+    };
+    {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
+        write_page(motion, audio_file.as_mut(), title, &mut w).map_err(|source| {
+            // reading the audio and writing the page fail alike here: name both paths
+            match audio {
+                Some(a) if source.kind() != std::io::ErrorKind::WriteZero => RenderError::Write {
+                    path: out.to_path_buf(),
+                    source: std::io::Error::new(
+                        source.kind(),
+                        format!("{source} (while embedding {})", a.display()),
+                    ),
+                },
+                _ => write_err(source),
+            }
+        })?;
+        w.flush().map_err(write_err)?;
+    }
+    tmp.as_file().sync_all().map_err(write_err)?;
+    super::persist(tmp, out, force)
 }
 
 #[cfg(test)]
@@ -137,6 +249,32 @@ mod tests {
         }
         // 0.5f32 = 0x3f000000 little-endian → "AAAAPw" prefix.
         assert!(page.contains(">AAAAPwAAAD8AAAA/"));
+    }
+
+    #[test]
+    fn long_audio_and_motion_stream_as_one_base64_each() {
+        // several read chunks (65,538 bytes each), not a multiple of 3: the streamed encoding
+        // is the whole input's
+        let dir = tempfile::tempdir().unwrap();
+        let wav = dir.path().join("a.wav");
+        let mut bytes = b"RIFF\0\0\0\0WAVE".to_vec();
+        bytes.extend((0..200_001u32).map(|i| (i * 7 % 251) as u8));
+        std::fs::write(&wav, &bytes).unwrap();
+        let m = Motion::new((0..72 * 50).map(|i| i as f32 * 0.01).collect(), 60.0).unwrap();
+        let out = dir.path().join("a.html");
+        write_html(&m, Some(&wav), "t", &out, false).unwrap();
+        let page = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(page, html_string(&m, Some(&wav), "t").unwrap());
+        let tag = format!("src=\"data:audio/wav;base64,{}\"></audio>", base64(&bytes));
+        assert!(page.contains(&tag));
+        let raw: Vec<u8> = m.positions.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert!(page.contains(&format!(">{}<", base64(&raw))));
+        assert!(!page.contains("{{"));
+        // a missing audio file: an error naming it, and no page
+        let gone = dir.path().join("gone.wav");
+        let err = write_html(&m, Some(&gone), "t", &dir.path().join("b.html"), false);
+        assert!(matches!(err, Err(RenderError::ReadAudio { .. })));
+        assert!(!dir.path().join("b.html").exists());
     }
 
     #[test]

@@ -20,7 +20,6 @@ pub mod raster;
 pub mod scene;
 pub mod video;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub use raster::RgbImage;
@@ -122,19 +121,6 @@ pub(crate) fn persist(
     })
 }
 
-/// Writes `bytes` to `out` atomically.
-pub(crate) fn write_atomic(out: &Path, bytes: &[u8], force: bool) -> Result<(), RenderError> {
-    check_overwrite(out, force)?;
-    let mut tmp = temp_beside(out)?;
-    tmp.write_all(bytes)
-        .and_then(|_| tmp.as_file().sync_all())
-        .map_err(|source| RenderError::Write {
-            path: out.to_path_buf(),
-            source,
-        })?;
-    persist(tmp, out, force)
-}
-
 /// Standard base64 (RFC 4648, with padding).
 pub(crate) fn base64(bytes: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -182,15 +168,21 @@ mod tests {
     #[test]
     fn atomic_write_refuses_overwrite_without_force() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("a.txt");
-        write_atomic(&p, b"one", false).unwrap();
+        let p = dir.path().join("a.html");
+        let one = crate::Motion::new(vec![0.5; 72], 60.0).unwrap();
+        let two = crate::Motion::new(vec![0.25; 72 * 2], 60.0).unwrap();
+        html::write_html(&one, None, "one", &p, false).unwrap();
+        let first = std::fs::read(&p).unwrap();
         assert!(matches!(
-            write_atomic(&p, b"two", false),
+            html::write_html(&two, None, "two", &p, false),
             Err(RenderError::Exists { .. })
         ));
-        assert_eq!(std::fs::read(&p).unwrap(), b"one");
-        write_atomic(&p, b"two", true).unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::read(&p).unwrap(), first);
+        html::write_html(&two, None, "two", &p, true).unwrap();
+        assert_eq!(
+            std::fs::read(&p).unwrap(),
+            html::html_string(&two, None, "two").unwrap().as_bytes()
+        );
         // No temporary files left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
@@ -201,7 +193,8 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let ours = dir.path().join("a.html");
-        write_atomic(&ours, b"x", false).unwrap();
+        let m = crate::Motion::new(vec![0.5; 72], 60.0).unwrap();
+        html::write_html(&m, None, "x", &ours, false).unwrap();
         let plain = dir.path().join("b.txt");
         std::fs::write(&plain, b"x").unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
