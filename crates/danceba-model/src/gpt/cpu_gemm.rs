@@ -281,26 +281,17 @@ unsafe fn epilogue_columns(
     #[cfg(not(target_arch = "x86_64"))]
     let _ = kern;
     #[cfg(target_arch = "x86_64")]
-    if ep.act != Act::GeluErf && kern == Kernel::Avx512 {
-        // SiLU through the vector `exp` (≈1 ulp from libm's); AVX-512F is there (`kern`)
+    if ep.act != Act::GeluErf {
+        // SiLU through the vector `exp` (≈1 ulp from libm's), 16 or 8 lanes; the kernel's CPU
+        // features are there (`kern`)
+        type Rows = unsafe fn(*mut f32, usize, bool, Option<*const f32>, Option<*const f32>);
+        let rows: Rows = match kern {
+            Kernel::Avx512 => super::vmath::avx512::silu_gate_residual,
+            Kernel::Avx2 => super::vmath::avx2::silu_gate_residual,
+        };
         for i in 0..m {
             let at = i * n + n0;
-            super::vmath::avx512::silu_gate_residual(
-                y.0.add(at),
-                n1 - n0,
-                ep.act == Act::Silu,
-                ep.gate.map(|g| g[at..].as_ptr()),
-                ep.residual.map(|r| r[at..].as_ptr()),
-            );
-        }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if ep.act != Act::GeluErf && kern == Kernel::Avx2 {
-        // the same with 8 lanes; AVX2 and FMA are there (`kern`)
-        for i in 0..m {
-            let at = i * n + n0;
-            super::vmath::avx2::silu_gate_residual(
+            rows(
                 y.0.add(at),
                 n1 - n0,
                 ep.act == Act::Silu,
