@@ -45,14 +45,19 @@ const EXP2_POLY: [f32; 7] = [
 pub fn fast_exp2(t: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23: adding it rounds to an integer
     let t = t.clamp(-126.0, 127.0);
-    let n = (t + ROUND) - ROUND;
+    let s = t + ROUND;
+    let n = s - ROUND;
     let f = t - n;
     let c = EXP2_POLY;
     let mut p = c[6];
     for &ck in c[..6].iter().rev() {
         p = p * f + ck;
     }
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // `bits(s)` is `bits(ROUND) + n`, whose low 9 bits are `n mod 512` (those of `bits(ROUND)`
+    // are 0): adding 127 and shifting by 23 leaves `(n + 127) << 23`, the exponent of `2^n`
+    // (1 ≤ n + 127 ≤ 254). Integer operations only, unlike `n as i32` (a saturating conversion
+    // that keeps the compiler from vectorising the callers' loops).
+    let bits = s.to_bits().wrapping_add(127) << 23;
     p * f32::from_bits(bits)
 }
 
@@ -179,18 +184,27 @@ fn scan_channel(
         for (d, &av) in da.iter_mut().zip(a2.iter()) {
             *d = fast_exp2(delta * av);
         }
+        // blocks of 8 states as fixed-size arrays, so that the compiler keeps `acc` in vector
+        // registers and drops the bounds checks (the same operations in the same order)
         let mut acc = [0f32; 8];
-        let chunks = n / 8;
-        for ch in 0..chunks {
-            let s = ch * 8;
+        let whole = n / 8 * 8;
+        for (((hc, dc), bc), cc) in h[..whole]
+            .chunks_exact_mut(8)
+            .zip(da[..whole].chunks_exact(8))
+            .zip(bm[..whole].chunks_exact(8))
+            .zip(cm[..whole].chunks_exact(8))
+        {
+            let mut hv = [0f32; 8];
             for i in 0..8 {
-                let hv = da[s + i] * h[s + i] + bm[s + i] * du;
-                h[s + i] = hv;
-                acc[i] += hv * cm[s + i];
+                hv[i] = dc[i] * hc[i] + bc[i] * du;
             }
+            for i in 0..8 {
+                acc[i] += hv[i] * cc[i];
+            }
+            hc.copy_from_slice(&hv);
         }
         let mut tail = 0f32;
-        for i in chunks * 8..n {
+        for i in whole..n {
             let hv = da[i] * h[i] + bm[i] * du;
             h[i] = hv;
             tail += hv * cm[i];
