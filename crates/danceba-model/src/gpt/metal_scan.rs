@@ -1115,8 +1115,19 @@ mod tests {
                     Ok(y.to_dtype(dtype)?)
                 })
                 .unwrap();
+                // On AArch64 CPUs candle's NEON bf16 add and multiply narrow their f32 results
+                // by truncation (`vshrn` of the high half; x86 and the scalar code round to
+                // nearest even), which drifts the CPU's portable bf16 layer up to 0.10 from the
+                // f32 one (measured under qemu-aarch64; 0.036 on x86). There the margin is 1×; on a
+                // Mac the self-check's portable layer runs on the Metal device, whose bf16
+                // arithmetic is the GPU's, not this CPU code.
+                let margin = if cfg!(target_arch = "aarch64") && dtype == DType::BF16 {
+                    1.0
+                } else {
+                    3.0
+                };
                 assert!(
-                    rel * 3.0 < tolerance(dtype),
+                    rel * margin < tolerance(dtype),
                     "{dtype:?} d_state {ds}: {rel:e}"
                 );
             }

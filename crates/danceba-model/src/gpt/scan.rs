@@ -2,8 +2,9 @@
 //! the causal depthwise convolution with SiLU, and the selective scan with softplus(Δ), the D
 //! skip and the SiLU(z) gate. Parallel over channels (rayon). On x86-64 the scan runs as
 //! explicit AVX-512 or AVX2+FMA kernels picked at run time (blocks of 16 or 8 channels, the
-//! states in registers); the portable per-channel loop, with a branch-free polynomial `exp`, is
-//! the fallback and the reference.
+//! states in registers), on AArch64 (Apple Silicon) as NEON kernels (blocks of 4); the portable
+//! per-channel loop, with a branch-free polynomial `exp` written so that compilers vectorise
+//! it, is the fallback and the reference.
 
 use rayon::prelude::*;
 
@@ -114,6 +115,11 @@ pub fn causal_conv_silu(
             unsafe { super::vmath::avx2::silu_in_place(o) };
             return;
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            super::vmath::neon::silu_in_place(o);
+        }
+        #[cfg(not(target_arch = "aarch64"))]
         for oc in o.iter_mut() {
             *oc = silu(*oc);
         }
@@ -216,7 +222,7 @@ fn scan_channel(
     }
 }
 
-/// The kernels of [`selective_scan_avx2`]: the design of [`avx512`]'s with 8 lanes (ymm
+/// The AVX2+FMA kernels of [`selective_scan_lanes`]: the design of [`avx512`]'s with 8 lanes (ymm
 /// registers) and lane masks in integer vectors, AVX2 having no mask registers.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
@@ -455,6 +461,182 @@ mod avx2 {
     }
 }
 
+/// The NEON kernels of [`selective_scan_lanes`] (AArch64: Apple Silicon, Arm servers):
+/// [`avx2`]'s design with 4 lanes, 32 vector registers (so 32 states per pass), and the
+/// portable path's `2^t` ([`EXP2_POLY`] on [−½, ½]) with fused multiply-adds. NEON is part of
+/// every AArch64 target: nothing is detected at run time.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::super::vmath::neon::{silu4, softplus4};
+    use super::ScanInputs;
+    use std::arch::aarch64::*;
+
+    /// The `cw` ≤ 4 values at `at` as 4 lanes (zeros after them); nothing beyond them is read.
+    #[inline(always)]
+    unsafe fn load_lanes(at: *const f32, cw: usize) -> float32x4_t {
+        if cw == 4 {
+            vld1q_f32(at)
+        } else {
+            let mut buf = [0f32; 4];
+            std::ptr::copy_nonoverlapping(at, buf.as_mut_ptr(), cw);
+            vld1q_f32(buf.as_ptr())
+        }
+    }
+
+    /// softplus(Δ + bias) and SiLU(z) of a block of `cw` ≤ 4 channels for `len` positions, as
+    /// [`avx2`](super::avx2)'s `softplus_silu_rows` with 4 lanes.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn softplus_silu_rows(
+        cw: usize,
+        len: usize,
+        delta_pre: *const f32,
+        d_stride: usize,
+        bias: *const f32,
+        z: *const f32,
+        z_stride: usize,
+        delta: *mut f32,
+        gate: *mut f32,
+    ) {
+        let bv = load_lanes(bias, cw);
+        for l in 0..len {
+            let v = vaddq_f32(load_lanes(delta_pre.add(l * d_stride), cw), bv);
+            vst1q_f32(delta.add(4 * l), softplus4(v));
+            vst1q_f32(gate.add(4 * l), silu4(load_lanes(z.add(l * z_stride), cw)));
+        }
+    }
+
+    /// The first `cw` ≤ 4 lanes of the `len` rows of `y` (4 lanes each) to `out + l·stride`.
+    pub(super) unsafe fn store_rows(
+        cw: usize,
+        len: usize,
+        y: *const f32,
+        out: *mut f32,
+        stride: usize,
+    ) {
+        for l in 0..len {
+            std::ptr::copy_nonoverlapping(y.add(4 * l), out.add(l * stride), cw);
+        }
+    }
+
+    /// 4-lane `2^t` for the scan's decay, `t ≤ 127` (Δ ≥ 0, A < 0 give t ≤ 0; no upper clamp),
+    /// as [`super::fast_exp2`]: arguments below −126 give 2^−126; `t` rounded to an integer
+    /// `n` by adding 1.5·2²³, `2^(t − n)` by [`super::EXP2_POLY`] (fused multiply-adds), `2^n`
+    /// from the low bits of the rounded sum shifted into the exponent.
+    #[inline(always)]
+    pub(super) fn exp2_4(t: float32x4_t) -> float32x4_t {
+        const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
+                                         // SAFETY: NEON is part of the AArch64 baseline; no memory is touched.
+        unsafe {
+            let t = vmaxq_f32(t, vdupq_n_f32(-126.0));
+            let s = vaddq_f32(t, vdupq_n_f32(ROUND));
+            let f = vsubq_f32(t, vsubq_f32(s, vdupq_n_f32(ROUND)));
+            let c = super::EXP2_POLY;
+            let mut q = vdupq_n_f32(c[6]);
+            for &ck in c[..6].iter().rev() {
+                q = vfmaq_f32(vdupq_n_f32(ck), q, f);
+            }
+            let bits = vshlq_n_u32::<23>(vaddq_u32(vreinterpretq_u32_f32(s), vdupq_n_u32(127)));
+            vmulq_f32(q, vreinterpretq_f32_u32(bits))
+        }
+    }
+
+    /// States `s .. s + 4·K` of one channel's scan, their `h` and `A·log2(e)` in registers for
+    /// the whole sequence; per position the lanes of Σ h·C over these states are stored to
+    /// `acc` (`first`) or added to it (as [`avx2`](super::avx2)'s `states`).
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn states<const K: usize>(
+        p: &ScanInputs,
+        bi: usize,
+        c: usize,
+        s: usize,
+        delta: &[f32],
+        lane: usize,
+        acc: *mut f32,
+        first: bool,
+    ) {
+        let a = p.a.as_ptr().add(c * p.n + s);
+        let mut a2 = [vdupq_n_f32(0.0); K];
+        for (k, v) in a2.iter_mut().enumerate() {
+            *v = vmulq_n_f32(vld1q_f32(a.add(4 * k)), std::f32::consts::LOG2_E);
+        }
+        let mut h = [vdupq_n_f32(0.0); K];
+        for l in 0..p.len {
+            let dl = *delta.get_unchecked(4 * l + lane);
+            let du = dl * *p.u.get_unchecked((bi * p.len + l) * p.d + c);
+            let row = p.bc.as_ptr().add((bi * p.len + l) * p.bc_stride);
+            let (bm, cm) = (row.add(p.b_offset + s), row.add(p.c_offset + s));
+            let mut sum = vdupq_n_f32(0.0);
+            for k in 0..K {
+                h[k] = vfmaq_f32(
+                    vmulq_n_f32(vld1q_f32(bm.add(4 * k)), du),
+                    exp2_4(vmulq_n_f32(a2[k], dl)),
+                    h[k],
+                );
+                let ck = vld1q_f32(cm.add(4 * k));
+                sum = if k == 0 {
+                    vmulq_f32(h[k], ck)
+                } else {
+                    vfmaq_f32(sum, h[k], ck)
+                };
+            }
+            let at = acc.add(4 * l);
+            vst1q_f32(
+                at,
+                if first {
+                    sum
+                } else {
+                    vaddq_f32(vld1q_f32(at), sum)
+                },
+            );
+        }
+    }
+
+    /// One channel's scan on lane `lane` of the 4-lane rows of `delta` and `gate`, writing
+    /// lane `lane` of the rows of `y` (as [`avx2`](super::avx2)'s `scan_channel`): the states
+    /// 32 at a time, then 16, then 4. Requires `p.n % 4 == 0` and every slice ≥ 4 · `p.len`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn scan_channel(
+        p: &ScanInputs,
+        bi: usize,
+        c: usize,
+        delta: &[f32],
+        gate: &[f32],
+        lane: usize,
+        acc: &mut [f32],
+        y: &mut [f32],
+    ) {
+        let (n, len) = (p.n, p.len);
+        assert!(lane < 4);
+        for v in [delta.len(), gate.len(), acc.len(), y.len()] {
+            assert!(v >= 4 * len);
+        }
+        let accp = acc.as_mut_ptr();
+        let mut s = 0;
+        while s + 32 <= n {
+            states::<8>(p, bi, c, s, delta, lane, accp, s == 0);
+            s += 32;
+        }
+        while s + 16 <= n {
+            states::<4>(p, bi, c, s, delta, lane, accp, s == 0);
+            s += 16;
+        }
+        while s + 4 <= n {
+            states::<1>(p, bi, c, s, delta, lane, accp, s == 0);
+            s += 4;
+        }
+        let uu = |l: usize| *p.u.get_unchecked((bi * len + l) * p.d + c);
+        for l in 0..len {
+            let sum = if n == 0 {
+                0.0
+            } else {
+                vaddvq_f32(vld1q_f32(accp.add(4 * l)))
+            };
+            y[4 * l + lane] = (sum + p.d_skip[c] * uu(l)) * gate[4 * l + lane];
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::super::vmath::avx512::{silu16, softplus16};
@@ -662,17 +844,17 @@ fn use_avx2() -> bool {
 }
 
 /// A raw pointer to the (batch, len, d) output, shared by the tasks of
-/// [`selective_scan_avx512`] and [`selective_scan_avx2`]; each writes its own channels.
-#[cfg(target_arch = "x86_64")]
+/// [`selective_scan_avx512`] and [`selective_scan_lanes`]; each writes its own channels.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
 // SAFETY: the tasks write disjoint elements (different channels) and the buffer outlives the
 // parallel loop.
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 unsafe impl Send for OutPtr {}
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 unsafe impl Sync for OutPtr {}
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 impl OutPtr {
     /// Element `i` (a method, so that closures capture the `Sync` wrapper, not the pointer).
     fn at(self, i: usize) -> *mut f32 {
@@ -740,14 +922,40 @@ fn selective_scan_avx512(p: &ScanInputs) -> Vec<f32> {
     out
 }
 
-/// The AVX2+FMA scan, [`selective_scan_avx512`]'s design with 8 lanes: one parallel loop over
-/// blocks of 8 channels of one batch item; each task computes softplus(Δ + bias) and SiLU(z)
-/// of its channels for every position (8 lanes = 8 channels), runs [`avx2::scan_channel`] per
-/// channel on those lanes and writes its channels of y (batch, len, d) a position (8 lanes) at
-/// a time. A last block of fewer than 8 channels reads and writes through lane masks.
-#[cfg(target_arch = "x86_64")]
-fn selective_scan_avx2(p: &ScanInputs) -> Vec<f32> {
-    const W: usize = 8;
+/// The three kernels of one vector width `W` that [`selective_scan_lanes`] runs: softplus(Δ +
+/// bias) and SiLU(z) of a block of channels for every position, one channel's scan on its lane
+/// of those rows, and the block's rows of y back into the output (see [`avx2`]'s functions of
+/// these names for the arguments).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[allow(clippy::type_complexity)]
+struct LaneKernels {
+    softplus_silu_rows: unsafe fn(
+        usize,
+        usize,
+        *const f32,
+        usize,
+        *const f32,
+        *const f32,
+        usize,
+        *mut f32,
+        *mut f32,
+    ),
+    scan_channel:
+        unsafe fn(&ScanInputs, usize, usize, &[f32], &[f32], usize, &mut [f32], &mut [f32]),
+    store_rows: unsafe fn(usize, usize, *const f32, *mut f32, usize),
+}
+
+/// The AVX2+FMA and NEON scans, [`selective_scan_avx512`]'s design with `W` = 8 or 4 lanes: one
+/// parallel loop over blocks of `W` channels of one batch item; each task computes
+/// softplus(Δ + bias) and SiLU(z) of its channels for every position (`W` lanes = `W`
+/// channels), runs the kernels' `scan_channel` per channel on those lanes and writes its
+/// channels of y (batch, len, d) a position (`W` lanes) at a time. A last block of fewer than
+/// `W` channels reads and writes only its lanes.
+///
+/// # Safety
+/// The CPU must support `kernels` (AVX2 and FMA for [`AVX2`]); `p.n` must be a multiple of `W`.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+unsafe fn selective_scan_lanes<const W: usize>(p: &ScanInputs, kernels: &LaneKernels) -> Vec<f32> {
     let (bsz, len, d) = (p.batch, p.len, p.d);
     let mut out = vec![0f32; bsz * len * d];
     let blocks = d.div_ceil(W);
@@ -758,18 +966,18 @@ fn selective_scan_avx2(p: &ScanInputs) -> Vec<f32> {
                 vec![0f32; len * W],
                 vec![0f32; len * W],
                 vec![0f32; len * W],
-                vec![0f32; len * 8],
+                vec![0f32; len * W],
             )
         },
         |(delta, gate, y, acc), task| {
             let (bi, c0) = (task / blocks, task % blocks * W);
             let cw = (d - c0).min(W);
-            // SAFETY: AVX2 and FMA were detected and p.n % 8 == 0 (checked by the caller); the
-            // (masked) loads stay within channels c0..c0+cw of rows of the sizes of `p`; this
-            // task writes only channels c0..c0+cw of `out`; the scratch rows hold len × 8 values.
+            // SAFETY: the kernels are supported and p.n % W == 0 (the caller's contract); the
+            // loads stay within channels c0..c0+cw of rows of the sizes of `p`; this task
+            // writes only channels c0..c0+cw of `out`; the scratch rows hold len × W values.
             unsafe {
                 let pos = bi * len;
-                avx2::softplus_silu_rows(
+                (kernels.softplus_silu_rows)(
                     cw,
                     len,
                     p.delta_pre.as_ptr().add(pos * d + c0),
@@ -781,28 +989,52 @@ fn selective_scan_avx2(p: &ScanInputs) -> Vec<f32> {
                     gate.as_mut_ptr(),
                 );
                 for j in 0..cw {
-                    avx2::scan_channel(p, bi, c0 + j, delta, gate, j, acc, y);
+                    (kernels.scan_channel)(p, bi, c0 + j, delta, gate, j, acc, y);
                 }
-                avx2::store_rows(cw, len, y.as_ptr(), ptr.at(pos * d + c0), d);
+                (kernels.store_rows)(cw, len, y.as_ptr(), ptr.at(pos * d + c0), d);
             }
         },
     );
     out
 }
 
+/// [`avx2`]'s kernels for [`selective_scan_lanes`] (8 lanes).
+#[cfg(target_arch = "x86_64")]
+const AVX2: LaneKernels = LaneKernels {
+    softplus_silu_rows: avx2::softplus_silu_rows,
+    scan_channel: avx2::scan_channel,
+    store_rows: avx2::store_rows,
+};
+
+/// [`neon`]'s kernels for [`selective_scan_lanes`] (4 lanes).
+#[cfg(target_arch = "aarch64")]
+const NEON: LaneKernels = LaneKernels {
+    softplus_silu_rows: neon::softplus_silu_rows,
+    scan_channel: neon::scan_channel,
+    store_rows: neon::store_rows,
+};
+
 /// The selective scan from a zero state, with softplus(Δ + bias), the D skip and the SiLU(z)
 /// gate. Returns y (batch, len, d). The caller guarantees the slice sizes (checked in debug).
+/// `DANCEBA_CPU_SCAN=loop` (or `avx2`) restricts it to the portable loop (or to the AVX2
+/// kernel on an AVX-512 CPU), for comparisons.
 pub fn selective_scan(p: &ScanInputs) -> Vec<f32> {
-    selective_scan_with(p, ScanKernel::Best)
+    static KERNEL: std::sync::OnceLock<ScanKernel> = std::sync::OnceLock::new();
+    let kernel = *KERNEL.get_or_init(|| match super::env_value("DANCEBA_CPU_SCAN").as_str() {
+        "loop" => ScanKernel::Loop,
+        "avx2" => ScanKernel::Avx2,
+        _ => ScanKernel::Best,
+    });
+    selective_scan_with(p, kernel)
 }
 
 /// Which scan kernel [`selective_scan_with`] may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ScanKernel {
-    /// The widest SIMD kernel this CPU supports (AVX-512F+DQ where `n % 16 == 0`, else
-    /// AVX2+FMA where `n % 8 == 0`), else the loop.
+    /// The widest SIMD kernel this CPU supports (x86-64: AVX-512F+DQ where `n % 16 == 0`,
+    /// else AVX2+FMA where `n % 8 == 0`; AArch64: NEON where `n % 4 == 0`), else the loop.
     Best,
-    /// AVX2+FMA if supported and `n % 8 == 0`, else the loop.
+    /// AVX2+FMA if supported and `n % 8 == 0`, else the loop (the loop on AArch64).
     Avx2,
     /// The portable Rust loop.
     Loop,
@@ -822,11 +1054,17 @@ pub fn selective_scan_with(p: &ScanInputs, kernel: ScanKernel) -> Vec<f32> {
             return selective_scan_avx512(p);
         }
         if kernel != ScanKernel::Loop && use_avx2() && n.is_multiple_of(8) {
-            return selective_scan_avx2(p);
+            // SAFETY: AVX2 and FMA were detected; n % 8 == 0
+            return unsafe { selective_scan_lanes::<8>(p, &AVX2) };
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    if kernel == ScanKernel::Best && n.is_multiple_of(4) {
+        // SAFETY: NEON is part of every AArch64 target; n % 4 == 0
+        return unsafe { selective_scan_lanes::<4>(p, &NEON) };
+    }
     // off x86-64 every kernel choice is the loop
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     let _ = kernel;
     // the portable loop: channel-major scratch output (batch, d, len), then a transpose
     let mut ycm = vec![0f32; bsz * d * len];
@@ -899,6 +1137,31 @@ mod tests {
             for (&t, &e) in ch.iter().zip(&out) {
                 let r = (t.max(-126.0) as f64).exp2();
                 worst = worst.max(((e as f64 - r) / r).abs());
+            }
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst}");
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn neon_exp2_is_accurate() {
+        use std::arch::aarch64::*;
+        let mut ts: Vec<f32> = (0..200_000).map(|i| -130.0 + i as f32 * 0.000_65).collect();
+        ts.extend([
+            -126.0, -125.5, -125.0, -0.5, -3.0, -1.0, 0.0, 0.499_99, 3.0, 126.9,
+        ]);
+        ts.resize(ts.len().next_multiple_of(4), -1.0);
+        let mut worst = 0f64;
+        for ch in ts.chunks_exact(4) {
+            let mut out = [0f32; 4];
+            // SAFETY: `ch` and `out` hold 4 values.
+            unsafe { vst1q_f32(out.as_mut_ptr(), neon::exp2_4(vld1q_f32(ch.as_ptr()))) };
+            for (&t, &e) in ch.iter().zip(&out) {
+                let r = (t.max(-126.0) as f64).exp2();
+                worst = worst.max(((e as f64 - r) / r).abs());
+                if t.fract() == 0.0 && t >= -126.0 {
+                    assert_eq!(e as f64, r, "2^{t}");
+                }
             }
         }
         assert!(worst < 2.5e-7, "worst relative error {worst}");

@@ -1,6 +1,6 @@
 //! Vectorised f32 math shared by the CPU kernels: `exp`, `ln`, softplus and SiLU over 16
-//! AVX-512 lanes or 8 AVX2+FMA lanes (≈1 ulp), and the SiLU gate over slices (AVX-512). Each
-//! has a scalar counterpart whose result it matches to a few ulp (tested), not bit for bit.
+//! AVX-512 lanes, 8 AVX2+FMA lanes or 4 NEON lanes (≈1 ulp), and the SiLU gate over slices
+//! (AVX-512, AVX2). Each has a scalar counterpart whose result it matches to a few ulp (tested), not bit for bit.
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
@@ -353,6 +353,193 @@ pub(crate) mod avx2 {
             let v = _mm256_maskload_ps(x.as_ptr().add(i), m);
             _mm256_maskstore_ps(out.as_mut_ptr().add(i), m, f(v));
             i += 8;
+        }
+    }
+}
+
+/// The 4-lane NEON (AArch64: Apple Silicon, Arm servers) counterparts of [`avx2`]'s `exp`,
+/// `ln`, softplus and SiLU: the same Cephes polynomials and the same clamps, with NEON's fused
+/// multiply-adds. NEON is part of every AArch64 target, so nothing is detected at run time.
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon {
+    use std::arch::aarch64::*;
+
+    /// `eˣ`, 4 lanes (as [`super::avx2::exp8`]: arguments clamped to [−87.3, 88.0], ≈1 ulp).
+    #[inline(always)]
+    pub fn exp4(x: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON is part of the AArch64 baseline; no memory is touched.
+        unsafe {
+            let x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.336_54)), vdupq_n_f32(88.0));
+            let n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(std::f32::consts::LOG2_E)));
+            let r = vfmsq_f32(x, n, vdupq_n_f32(0.693_359_4));
+            let r = vfmsq_f32(r, n, vdupq_n_f32(-2.121_944_4e-4));
+            let mut p = vdupq_n_f32(1.987_569_2e-4);
+            for c in [
+                1.398_199_9e-3,
+                8.333_452e-3,
+                4.166_579_6e-2,
+                1.666_666_5e-1,
+                0.5,
+            ] {
+                p = vfmaq_f32(vdupq_n_f32(c), p, r);
+            }
+            let y = vaddq_f32(vfmaq_f32(r, p, vmulq_f32(r, r)), vdupq_n_f32(1.0));
+            // 2ⁿ for n in [−126, 127]: the biased exponent n + 127 in bits 23..31
+            let pow2n = vreinterpretq_f32_s32(vshlq_n_s32::<23>(vaddq_s32(
+                vcvtq_s32_f32(n),
+                vdupq_n_s32(127),
+            )));
+            vmulq_f32(y, pow2n)
+        }
+    }
+
+    /// Natural logarithm of positive normal `x` (as [`super::avx2`]'s `ln8`, ≈1 ulp).
+    #[inline(always)]
+    fn ln4(x: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON is part of the AArch64 baseline; no memory is touched.
+        unsafe {
+            let bits = vreinterpretq_u32_f32(x);
+            let e = vsubq_s32(
+                vreinterpretq_s32_u32(vshrq_n_u32::<23>(bits)),
+                vdupq_n_s32(127),
+            );
+            let m = vreinterpretq_f32_u32(vorrq_u32(
+                vandq_u32(bits, vdupq_n_u32(0x007f_ffff)),
+                vdupq_n_u32(0x3f80_0000),
+            ));
+            let big = vcgtq_f32(m, vdupq_n_f32(std::f32::consts::SQRT_2));
+            let m = vbslq_f32(big, vmulq_f32(m, vdupq_n_f32(0.5)), m);
+            let e = vaddq_f32(
+                vcvtq_f32_s32(e),
+                vreinterpretq_f32_u32(vandq_u32(big, vreinterpretq_u32_f32(vdupq_n_f32(1.0)))),
+            );
+            let f = vsubq_f32(m, vdupq_n_f32(1.0));
+            let z = vmulq_f32(f, f);
+            let mut y = vdupq_n_f32(7.037_683_6e-2);
+            for c in [
+                -1.151_461e-1,
+                1.167_699_9e-1,
+                -1.242_014_1e-1,
+                1.424_932_3e-1,
+                -1.666_805_8e-1,
+                2.000_071_4e-1,
+                -2.499_999_4e-1,
+                3.333_333e-1,
+            ] {
+                y = vfmaq_f32(vdupq_n_f32(c), y, f);
+            }
+            let y = vmulq_f32(vmulq_f32(y, f), z);
+            let y = vfmaq_f32(y, e, vdupq_n_f32(-2.121_944_4e-4));
+            let y = vfmsq_f32(y, z, vdupq_n_f32(0.5));
+            let r = vaddq_f32(f, y);
+            vfmaq_f32(r, e, vdupq_n_f32(0.693_359_4))
+        }
+    }
+
+    /// Softplus with PyTorch's threshold, as [`super::avx2::softplus8`].
+    #[inline(always)]
+    pub fn softplus4(v: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON is part of the AArch64 baseline; no memory is touched.
+        unsafe {
+            let e = exp4(v);
+            let u = vaddq_f32(e, vdupq_n_f32(1.0));
+            let um1 = vsubq_f32(u, vdupq_n_f32(1.0));
+            let l = vdivq_f32(vmulq_f32(ln4(u), e), um1);
+            let r = vbslq_f32(vceqzq_f32(um1), e, l);
+            vbslq_f32(vcgtq_f32(v, vdupq_n_f32(20.0)), v, r)
+        }
+    }
+
+    /// `v·σ(v)`, as [`super::avx2::silu8`].
+    #[inline(always)]
+    pub fn silu4(v: float32x4_t) -> float32x4_t {
+        // SAFETY: NEON is part of the AArch64 baseline; no memory is touched.
+        unsafe { vdivq_f32(v, vaddq_f32(exp4(vnegq_f32(v)), vdupq_n_f32(1.0))) }
+    }
+
+    /// `y[i] = SiLU(y[i])` in place, 4 lanes at a time (the tail through a small buffer).
+    pub fn silu_in_place(y: &mut [f32]) {
+        map_in_place(y, silu4);
+    }
+
+    /// `y[i] = f(y[i])` in place, 4 lanes at a time (the tail through a small buffer).
+    pub(crate) fn map_in_place(y: &mut [f32], f: fn(float32x4_t) -> float32x4_t) {
+        let mut chunks = y.chunks_exact_mut(4);
+        for c in &mut chunks {
+            // SAFETY: `c` holds 4 values.
+            unsafe { vst1q_f32(c.as_mut_ptr(), f(vld1q_f32(c.as_ptr()))) };
+        }
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
+            let mut buf = [0f32; 4];
+            buf[..rest.len()].copy_from_slice(rest);
+            // SAFETY: `buf` holds 4 values.
+            unsafe { vst1q_f32(buf.as_mut_ptr(), f(vld1q_f32(buf.as_ptr()))) };
+            rest.copy_from_slice(&buf[..rest.len()]);
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::gpt::scan::{silu, softplus};
+
+        fn map(xs: &[f32], f: fn(float32x4_t) -> float32x4_t) -> Vec<f32> {
+            let mut out = xs.to_vec();
+            map_in_place(&mut out, f);
+            out
+        }
+
+        #[test]
+        fn neon_softplus_silu_and_exp_match_the_scalar_ones() {
+            // 39 997 values: the last one through the tail buffer
+            let xs: Vec<f32> = (0..39_997).map(|i| -60.0 + i as f32 * 0.002_1).collect();
+            let (sp, si) = (map(&xs, softplus4), map(&xs, silu4));
+            for (i, &x) in xs.iter().enumerate() {
+                let (rs, ri) = (softplus(x), silu(x));
+                assert!(
+                    (sp[i] - rs).abs() <= 4.0 * f32::EPSILON * rs.abs(),
+                    "softplus({x}) = {} vs {rs}",
+                    sp[i]
+                );
+                assert!(
+                    (si[i] - ri).abs() <= 4.0 * f32::EPSILON * ri.abs().max(1e-30),
+                    "silu({x}) = {} vs {ri}",
+                    si[i]
+                );
+            }
+            let mut si2 = xs.clone();
+            silu_in_place(&mut si2);
+            assert_eq!(si2, si, "silu_in_place");
+            let xs: Vec<f32> = (0..100_000).map(|i| -87.0 + i as f32 * 0.001_75).collect();
+            let mut worst = 0f64;
+            for (&x, &e) in xs.iter().zip(&map(&xs, exp4)) {
+                let r = (x as f64).exp();
+                worst = worst.max(((e as f64 - r) / r).abs());
+            }
+            assert!(worst < 2.5e-7, "exp4: worst relative error {worst}");
+            let big = [88.0f32, 88.5, 100.0, 1e4, f32::MAX, -88.0, -100.0, -1e4];
+            for (&x, &e) in big.iter().zip(&map(&big, exp4)) {
+                assert!(e.is_finite() && e > 0.0, "exp4({x}) = {e}");
+            }
+            let xs = [
+                20.001f32, 25.0, 88.5, 100.0, 1e4, -17.0, -30.0, -60.0, -87.0,
+            ];
+            let (sp, e) = (map(&xs, softplus4), map(&xs, exp4));
+            // v itself above 20, e where 1 + e rounds to 1
+            for i in 0..xs.len() {
+                let want = if xs[i] > 20.0 { xs[i] } else { e[i] };
+                assert_eq!(sp[i], want, "softplus({})", xs[i]);
+            }
+            // SiLU: ≈ 0 for large negative v, v for large positive v
+            let xs = [-88.5f32, -100.0, -1e4, 90.0, 1e4];
+            for (&x, &y) in xs.iter().zip(&map(&xs, silu4)) {
+                if x < 0.0 {
+                    assert!(y <= 0.0 && y > -1e-30, "silu({x}) = {y}");
+                } else {
+                    assert_eq!(y, x, "silu({x})");
+                }
+            }
         }
     }
 }
