@@ -204,6 +204,9 @@ impl Lin {
         if let Some(y) = self.forward_cpu_gemm(x, Act::Identity, None, None)? {
             return Ok(y);
         }
+        if let Some(y) = self.widened_product(x)? {
+            return Ok(y);
+        }
         if x.dtype() != self.w.dtype() {
             let y = self.forward(&x.to_dtype(self.w.dtype())?)?;
             return Ok(y.to_dtype(x.dtype())?);
@@ -219,6 +222,28 @@ impl Lin {
             y = y.broadcast_add(b)?;
         }
         Ok(y.reshape(out_dims)?)
+    }
+
+    /// f32 activations and f16/bf16 weights on a CPU without our GEMM kernels (AArch64, or
+    /// `DANCEBA_CPU_GEMM=candle`): `x·Wᵀ + b` with the weights widened (exactly) for an f32
+    /// product, as our kernels do, one matrix at a time. candle's own f16 product would round
+    /// the activations to f16 and, on AArch64 CPUs with FP16 arithmetic (every Apple M-series
+    /// chip), accumulate in f16 (gemm-f16's NEON kernel). `None` where this does not apply.
+    fn widened_product(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !matches!(x.device(), Device::Cpu)
+            || x.dtype() != DType::F32
+            || !matches!(self.w.dtype(), DType::F16 | DType::BF16)
+        {
+            return Ok(None);
+        }
+        let w = Lin::new(
+            self.w.to_dtype(DType::F32)?,
+            self.b
+                .as_ref()
+                .map(|b| b.to_dtype(DType::F32))
+                .transpose()?,
+        )?;
+        Ok(Some(w.unfused_product(x)?))
     }
 
     /// `x·Wᵀ` without the bias, as (rows, out) (`x`'s leading dimensions flattened): candle's
@@ -797,5 +822,60 @@ impl BlockBase {
             self.fc2.forward_fused(&h, Act::Identity, None, Some(&x))?,
             None,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// f16/bf16 weights with f32 activations on the CPU: the product is the f32 product of the
+    /// widened weights (our GEMM kernels on x86-64; elsewhere, e.g. AArch64, the weights are
+    /// widened for candle's f32 product), not one in half precision. Rows past the kernels'
+    /// row limit take the widening path on x86-64 too.
+    #[test]
+    fn half_weights_multiply_in_f32_on_the_cpu() {
+        let dev = Device::Cpu;
+        let (rows, k, out) = (37, 300, 45);
+        let mut s = 7u64;
+        let mut rnd = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+                })
+                .collect()
+        };
+        let x = Tensor::from_vec(rnd(rows * k), (rows, k), &dev).unwrap();
+        let w32 = Tensor::from_vec(rnd(out * k), (out, k), &dev).unwrap();
+        let b32 = Tensor::from_vec(rnd(out), out, &dev).unwrap();
+        for dt in [DType::F16, DType::BF16] {
+            let (w, b) = (w32.to_dtype(dt).unwrap(), b32.to_dtype(dt).unwrap());
+            let exact = Lin::new(
+                w.to_dtype(DType::F32).unwrap(),
+                Some(b.to_dtype(DType::F32).unwrap()),
+            )
+            .unwrap()
+            .forward_candle(&x)
+            .unwrap();
+            let lin = Lin::new(w, Some(b)).unwrap();
+            for (what, y) in [
+                ("forward", lin.forward(&x).unwrap()),
+                (
+                    "unfused",
+                    lin.unfused(&x, Act::Identity, None, None).unwrap(),
+                ),
+                ("widened", lin.widened_product(&x).unwrap().unwrap()),
+            ] {
+                assert_eq!(y.dtype(), DType::F32, "{dt:?} {what}");
+                let d = (y - &exact).unwrap().abs().unwrap().max_all().unwrap();
+                let d = d.to_scalar::<f32>().unwrap();
+                // f32 sums of 300 products of values ≤ 1 in magnitude: ~1e-5 at most; the
+                // same product in f16 with f16 accumulation is off by ~1e-2
+                assert!(d < 2e-5, "{dt:?} {what}: max difference {d}");
+            }
+        }
     }
 }

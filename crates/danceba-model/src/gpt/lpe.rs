@@ -148,10 +148,16 @@ impl PhaseEmbedding {
         })
     }
 
-    /// `phase`: (B·F', bins) → (B·F', C)
+    /// `phase`: (B·F', bins) → (B·F', C), in `phase`'s dtype (the parameters are converted
+    /// where they differ: f16/bf16 weights widened for an f32 phase on the CPU).
     fn forward(&self, phase: &Tensor) -> Result<Tensor> {
-        let z = phase.matmul(&self.w.t()?)?.broadcast_add(&self.bias)?;
-        let z = z.broadcast_mul(&self.scale)?.broadcast_add(&self.shift)?;
+        let dt = phase.dtype();
+        let z = phase
+            .matmul(&self.w.to_dtype(dt)?.t()?)?
+            .broadcast_add(&self.bias.to_dtype(dt)?)?;
+        let z = z
+            .broadcast_mul(&self.scale.to_dtype(dt)?)?
+            .broadcast_add(&self.shift.to_dtype(dt)?)?;
         Ok(z.relu()?)
     }
 }
@@ -250,9 +256,13 @@ impl Lpe {
     /// The LPE layers on a cropped phase (B, F', bins) of any float dtype: (B, 3F', C).
     pub(crate) fn forward_phase(&self, phase: &Tensor) -> Result<Tensor> {
         let (batch, fc, bins) = phase.dims3()?;
-        let phase = phase
-            .to_dtype(self.mods[0].w.dtype())?
-            .reshape((batch * fc, bins))?;
+        // f32 on the CPU (as the rest of a CPU forward), the weights' dtype elsewhere
+        let dt = if matches!(phase.device(), Device::Cpu) {
+            DType::F32
+        } else {
+            self.mods[0].w.dtype()
+        };
+        let phase = phase.to_dtype(dt)?.reshape((batch * fc, bins))?;
         #[cfg(feature = "cuda")]
         if let Some((w, p)) = &self.stacked {
             if super::cuda_ops::usable(&phase) {

@@ -556,7 +556,11 @@ impl Gpt {
     fn forward_core(&self, inp: &CoreInputs, keep: bool, logits: Logits) -> Result<ForwardTrace> {
         let (b, t) = inp.up.dims2()?;
         let c = self.arch.n_embd;
-        let ce = self.cond_emb.forward(&inp.cond.to_dtype(self.dtype)?)?;
+        // on the CPU the embedding stage runs in f32 (activation_dtype) like the rest: the
+        // f16/bf16 weights are widened in the products and the tables' rows exactly
+        let ce = self
+            .cond_emb
+            .forward(&inp.cond.to_dtype(self.activation_dtype())?)?;
         let lpe_out = self.lpe.forward_phase(inp.phase)?;
         if lpe_out.dim(1)? < 3 * t {
             return input_err(format!(
@@ -577,17 +581,20 @@ impl Gpt {
             )?;
             return self.forward_blocks(x, lpe_out, inp, keep, logits);
         }
+        let act = self.activation_dtype();
         let eu = self
             .tok_up
             .embedding(&inp.up.flatten_all()?)?
-            .reshape((b, t, c))?;
+            .reshape((b, t, c))?
+            .to_dtype(act)?;
         let ed = self
             .tok_down
             .embedding(&inp.down.flatten_all()?)?
-            .reshape((b, t, c))?;
+            .reshape((b, t, c))?
+            .to_dtype(act)?;
         let e = Tensor::cat(&[ce, eu, ed], 1)?;
         let p = (lpe_out.narrow(1, 0, 3 * t)? * self.position_scale)?;
-        let x = (e + p)?.to_dtype(self.activation_dtype())?;
+        let x = (e + p.to_dtype(act)?)?;
         self.forward_blocks(x, lpe_out, inp, keep, logits)
     }
 
