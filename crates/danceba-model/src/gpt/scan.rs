@@ -222,6 +222,59 @@ fn scan_channel(
     }
 }
 
+/// Defines, in a SIMD kernel module, `scan_channel`: one channel's scan with Δ and the gate
+/// (SiLU(z)) already computed, on lane `lane` of the `W`-lane rows of `delta` and `gate`
+/// (position-major, `[l · W + lane]`), writing lane `lane` of the rows of `y`. The module's
+/// `states::<K>` runs the states `W·K` at a time (8·W, then 4·W, then W), the first chunk
+/// storing the lanes of Σ h·C per position into `acc` (len × W) and later ones adding to them;
+/// its `lane_sum` adds a position's lanes at the end. Requires `p.n % W == 0` and every slice
+/// ≥ W · `p.len` long. The attributes (the module's target features) go on the function.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+macro_rules! scan_channel_fn {
+    ($w:literal, $(#[$attr:meta])*) => {
+        #[allow(clippy::too_many_arguments)]
+        $(#[$attr])*
+        pub(super) unsafe fn scan_channel(
+            p: &ScanInputs,
+            bi: usize,
+            c: usize,
+            delta: &[f32],
+            gate: &[f32],
+            lane: usize,
+            acc: &mut [f32],
+            y: &mut [f32],
+        ) {
+            const W: usize = $w;
+            let (n, len) = (p.n, p.len);
+            assert!(lane < W);
+            for v in [delta.len(), gate.len(), acc.len(), y.len()] {
+                assert!(v >= W * len);
+            }
+            let accp = acc.as_mut_ptr();
+            let mut s = 0;
+            while s + 8 * W <= n {
+                states::<8>(p, bi, c, s, delta, lane, accp, s == 0);
+                s += 8 * W;
+            }
+            while s + 4 * W <= n {
+                states::<4>(p, bi, c, s, delta, lane, accp, s == 0);
+                s += 4 * W;
+            }
+            while s + W <= n {
+                states::<1>(p, bi, c, s, delta, lane, accp, s == 0);
+                s += W;
+            }
+            let uu = |l: usize| *p.u.get_unchecked((bi * len + l) * p.d + c);
+            for l in 0..len {
+                let sum = if n == 0 { 0.0 } else { lane_sum(accp.add(W * l)) };
+                y[W * l + lane] = (sum + p.d_skip[c] * uu(l)) * gate[W * l + lane];
+            }
+        }
+    };
+}
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+use scan_channel_fn;
+
 /// The AVX2+FMA kernels of [`selective_scan_lanes`]: the design of [`avx512`]'s with 8 lanes (ymm
 /// registers) and lane masks in integer vectors, AVX2 having no mask registers.
 #[cfg(target_arch = "x86_64")]
@@ -410,55 +463,16 @@ mod avx2 {
         }
     }
 
-    /// One channel's scan with Δ and the gate (SiLU(z)) already computed, lane `lane` of the
-    /// 8-lane rows of `delta` and `gate` (position-major, `[l · 8 + lane]`); writes lane `lane`
-    /// of the rows of `y`. The states are processed 64 at a time (then 32, then 8) by
-    /// [`states`]: with 16 ymm registers 64 states spill some of their h, which measured ≈2 %
-    /// faster on Zen 2 than 32 without spills and twice the passes over the positions. `acc`
-    /// (len × 8 lanes) collects the lanes of Σ h·C over the chunks, summed once per position
-    /// at the end. Requires `p.n % 8 == 0` and every slice ≥ 8 · `p.len` long.
-    #[allow(clippy::too_many_arguments)]
+    /// The sum of the 8 values at `at`.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn scan_channel(
-        p: &ScanInputs,
-        bi: usize,
-        c: usize,
-        delta: &[f32],
-        gate: &[f32],
-        lane: usize,
-        acc: &mut [f32],
-        y: &mut [f32],
-    ) {
-        let (n, len) = (p.n, p.len);
-        assert!(lane < 8);
-        for v in [delta.len(), gate.len(), acc.len(), y.len()] {
-            assert!(v >= 8 * len);
-        }
-        let accp = acc.as_mut_ptr();
-        // the first chunk stores its lanes, later ones add to them
-        let mut s = 0;
-        while s + 64 <= n {
-            states::<8>(p, bi, c, s, delta, lane, accp, s == 0);
-            s += 64;
-        }
-        while s + 32 <= n {
-            states::<4>(p, bi, c, s, delta, lane, accp, s == 0);
-            s += 32;
-        }
-        while s + 8 <= n {
-            states::<1>(p, bi, c, s, delta, lane, accp, s == 0);
-            s += 8;
-        }
-        let uu = |l: usize| *p.u.get_unchecked((bi * len + l) * p.d + c);
-        for l in 0..len {
-            let sum = if n == 0 {
-                0.0
-            } else {
-                sum_lanes(_mm256_loadu_ps(accp.add(8 * l)))
-            };
-            y[8 * l + lane] = (sum + p.d_skip[c] * uu(l)) * gate[8 * l + lane];
-        }
+    unsafe fn lane_sum(at: *const f32) -> f32 {
+        sum_lanes(_mm256_loadu_ps(at))
     }
+
+    // 64 states per pass: with 16 ymm registers they spill some of their h, which measured ≈2 %
+    // faster on Zen 2 than 32 without spills and twice the passes over the positions
+    super::scan_channel_fn!(8, #[target_feature(enable = "avx2,fma")]);
 }
 
 /// The NEON kernels of [`selective_scan_lanes`] (AArch64: Apple Silicon, Arm servers):
@@ -592,49 +606,13 @@ mod neon {
         }
     }
 
-    /// One channel's scan on lane `lane` of the 4-lane rows of `delta` and `gate`, writing
-    /// lane `lane` of the rows of `y` (as [`avx2`](super::avx2)'s `scan_channel`): the states
-    /// 32 at a time, then 16, then 4. Requires `p.n % 4 == 0` and every slice ≥ 4 · `p.len`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn scan_channel(
-        p: &ScanInputs,
-        bi: usize,
-        c: usize,
-        delta: &[f32],
-        gate: &[f32],
-        lane: usize,
-        acc: &mut [f32],
-        y: &mut [f32],
-    ) {
-        let (n, len) = (p.n, p.len);
-        assert!(lane < 4);
-        for v in [delta.len(), gate.len(), acc.len(), y.len()] {
-            assert!(v >= 4 * len);
-        }
-        let accp = acc.as_mut_ptr();
-        let mut s = 0;
-        while s + 32 <= n {
-            states::<8>(p, bi, c, s, delta, lane, accp, s == 0);
-            s += 32;
-        }
-        while s + 16 <= n {
-            states::<4>(p, bi, c, s, delta, lane, accp, s == 0);
-            s += 16;
-        }
-        while s + 4 <= n {
-            states::<1>(p, bi, c, s, delta, lane, accp, s == 0);
-            s += 4;
-        }
-        let uu = |l: usize| *p.u.get_unchecked((bi * len + l) * p.d + c);
-        for l in 0..len {
-            let sum = if n == 0 {
-                0.0
-            } else {
-                vaddvq_f32(vld1q_f32(accp.add(4 * l)))
-            };
-            y[4 * l + lane] = (sum + p.d_skip[c] * uu(l)) * gate[4 * l + lane];
-        }
+    /// The sum of the 4 values at `at`.
+    #[inline(always)]
+    unsafe fn lane_sum(at: *const f32) -> f32 {
+        vaddvq_f32(vld1q_f32(at))
     }
+
+    super::scan_channel_fn!(4,);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -760,54 +738,14 @@ mod avx512 {
         }
     }
 
-    /// One channel's scan with Δ and the gate (SiLU(z)) already computed, lane `lane` of the
-    /// 16-lane rows of `delta` and `gate` (position-major, `[l · 16 + lane]`); writes lane
-    /// `lane` of the rows of `y`. The states are processed 128 at a time (then 64, then 16) by
-    /// [`states`]; `acc` (len × 16 lanes) collects the lanes of Σ h·C over the chunks, summed
-    /// once per position at the end. Requires `p.n % 16 == 0` and every slice ≥ 16 · `p.len`
-    /// long.
-    #[allow(clippy::too_many_arguments)]
+    /// The sum of the 16 values at `at`.
+    #[inline]
     #[target_feature(enable = "avx512f,avx512dq")]
-    pub(super) unsafe fn scan_channel(
-        p: &ScanInputs,
-        bi: usize,
-        c: usize,
-        delta: &[f32],
-        gate: &[f32],
-        lane: usize,
-        acc: &mut [f32],
-        y: &mut [f32],
-    ) {
-        let (n, len) = (p.n, p.len);
-        assert!(lane < 16);
-        for v in [delta.len(), gate.len(), acc.len(), y.len()] {
-            assert!(v >= 16 * len);
-        }
-        let accp = acc.as_mut_ptr();
-        // the first chunk stores its lanes, later ones add to them
-        let mut s = 0;
-        while s + 128 <= n {
-            states::<8>(p, bi, c, s, delta, lane, accp, s == 0);
-            s += 128;
-        }
-        while s + 64 <= n {
-            states::<4>(p, bi, c, s, delta, lane, accp, s == 0);
-            s += 64;
-        }
-        while s + 16 <= n {
-            states::<1>(p, bi, c, s, delta, lane, accp, s == 0);
-            s += 16;
-        }
-        let uu = |l: usize| *p.u.get_unchecked((bi * len + l) * p.d + c);
-        for l in 0..len {
-            let sum = if n == 0 {
-                0.0
-            } else {
-                _mm512_reduce_add_ps(_mm512_loadu_ps(accp.add(16 * l)))
-            };
-            y[16 * l + lane] = (sum + p.d_skip[c] * uu(l)) * gate[16 * l + lane];
-        }
+    unsafe fn lane_sum(at: *const f32) -> f32 {
+        _mm512_reduce_add_ps(_mm512_loadu_ps(at))
     }
+
+    super::scan_channel_fn!(16, #[target_feature(enable = "avx512f,avx512dq")]);
 }
 
 // off x86-64 only the tests ask (and get false)
