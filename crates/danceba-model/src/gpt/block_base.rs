@@ -211,17 +211,7 @@ impl Lin {
             let y = self.forward(&x.to_dtype(self.w.dtype())?)?;
             return Ok(y.to_dtype(x.dtype())?);
         }
-        let dims = x.dims().to_vec();
-        let last = dims.len() - 1;
-        let rows: usize = dims[..last].iter().product();
-        let mut out_dims = dims.clone();
-        out_dims[last] = self.out_dim();
-        let x2 = x.reshape((rows, dims[last]))?;
-        let mut y = x2.matmul(&self.w.t()?)?;
-        if let Some(b) = &self.b {
-            y = y.broadcast_add(b)?;
-        }
-        Ok(y.reshape(out_dims)?)
+        self.forward_candle(x)
     }
 
     /// f32 activations and f16/bf16 weights on a CPU without our GEMM kernels (AArch64, or
@@ -236,14 +226,16 @@ impl Lin {
         {
             return Ok(None);
         }
-        let w = Lin::new(
-            self.w.to_dtype(DType::F32)?,
-            self.b
-                .as_ref()
-                .map(|b| b.to_dtype(DType::F32))
-                .transpose()?,
-        )?;
-        Ok(Some(w.unfused_product(x)?))
+        let b = self
+            .b
+            .as_ref()
+            .map(|b| b.to_dtype(DType::F32))
+            .transpose()?;
+        Ok(Some(candle_product(
+            x,
+            &self.w.to_dtype(DType::F32)?,
+            b.as_ref(),
+        )?))
     }
 
     /// `x·Wᵀ` without the bias, as (rows, out) (`x`'s leading dimensions flattened): candle's
@@ -284,16 +276,7 @@ impl Lin {
 
     /// The same product with candle's matmul, whatever the device (the oracle of the tests).
     pub fn forward_candle(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let last = dims.len() - 1;
-        let rows: usize = dims[..last].iter().product();
-        let mut y = x.reshape((rows, dims[last]))?.matmul(&self.w.t()?)?;
-        if let Some(b) = &self.b {
-            y = y.broadcast_add(b)?;
-        }
-        let mut out_dims = dims;
-        out_dims[last] = self.out_dim();
-        Ok(y.reshape(out_dims)?)
+        candle_product(x, &self.w, self.b.as_ref())
     }
 
     /// `residual + act(x·Wᵀ + b) [· gate]` with [`cpu_gemm::linear_ep`] for f32 `x` (and
@@ -405,6 +388,20 @@ impl Lin {
             _ => None,
         })
     }
+}
+
+/// `x·wᵀ (+ b)` with candle's matmul, `x` of any rank flattened to rows on its last dimension.
+fn candle_product(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let last = dims.len() - 1;
+    let rows: usize = dims[..last].iter().product();
+    let mut y = x.reshape((rows, dims[last]))?.matmul(&w.t()?)?;
+    if let Some(b) = b {
+        y = y.broadcast_add(b)?;
+    }
+    let mut out_dims = dims;
+    out_dims[last] = w.dim(0)?;
+    Ok(y.reshape(out_dims)?)
 }
 
 /// RMSNorm (weight only): `v · rsqrt(mean(v²) + 1e-6) · w`.

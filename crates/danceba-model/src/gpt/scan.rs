@@ -538,8 +538,9 @@ mod neon {
     /// from the low bits of the rounded sum shifted into the exponent.
     #[inline(always)]
     pub(super) fn exp2_4(t: float32x4_t) -> float32x4_t {
-        const ROUND: f32 = 12_582_912.0; // 1.5 · 2^23
-                                         // SAFETY: NEON is part of the AArch64 baseline; no memory is touched.
+        // 1.5 · 2^23
+        const ROUND: f32 = 12_582_912.0;
+        // SAFETY: NEON is part of the AArch64 baseline; no memory is touched.
         unsafe {
             let t = vmaxq_f32(t, vdupq_n_f32(-126.0));
             let s = vaddq_f32(t, vdupq_n_f32(ROUND));
@@ -1001,7 +1002,7 @@ pub fn selective_scan_with(p: &ScanInputs, kernel: ScanKernel) -> Vec<f32> {
         // SAFETY: NEON is part of every AArch64 target; n % 4 == 0
         return unsafe { selective_scan_lanes::<4>(p, &NEON) };
     }
-    // off x86-64 every kernel choice is the loop
+    // elsewhere every kernel choice is the loop
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     let _ = kernel;
     // the portable loop: channel-major scratch output (batch, d, len), then a transpose

@@ -1,6 +1,7 @@
 //! Vectorised f32 math shared by the CPU kernels: `exp`, `ln`, softplus and SiLU over 16
 //! AVX-512 lanes, 8 AVX2+FMA lanes or 4 NEON lanes (≈1 ulp), and the SiLU gate over slices
-//! (AVX-512, AVX2). Each has a scalar counterpart whose result it matches to a few ulp (tested), not bit for bit.
+//! (AVX-512, AVX2). Each has a scalar counterpart whose result it matches to a few ulp
+//! (tested), not bit for bit.
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
@@ -463,7 +464,7 @@ pub(crate) mod neon {
     }
 
     /// `y[i] = f(y[i])` in place, 4 lanes at a time (the tail through a small buffer).
-    pub(crate) fn map_in_place(y: &mut [f32], f: fn(float32x4_t) -> float32x4_t) {
+    fn map_in_place(y: &mut [f32], f: fn(float32x4_t) -> float32x4_t) {
         let mut chunks = y.chunks_exact_mut(4);
         for c in &mut chunks {
             // SAFETY: `c` holds 4 values.
