@@ -92,9 +92,16 @@ fn open_audio(path: &Path) -> Result<Audio, RenderError> {
     Ok(Audio { file, mime })
 }
 
+/// Why writing the page stopped: reading the embedded audio, or writing the page.
+#[derive(Debug)]
+enum PageError {
+    Read(std::io::Error),
+    Write(std::io::Error),
+}
+
 /// Writes the base64 of everything `r` yields, in chunks (no copy of the whole input or its
 /// encoding in memory: a song's WAV is tens of MB).
-fn write_base64(r: &mut dyn std::io::Read, w: &mut dyn Write) -> std::io::Result<()> {
+fn write_base64(r: &mut dyn std::io::Read, w: &mut dyn Write) -> Result<(), PageError> {
     // a multiple of 3 bytes, so that only the last chunk can need padding
     let mut buf = vec![0u8; 3 * 21_846];
     loop {
@@ -104,13 +111,14 @@ fn write_base64(r: &mut dyn std::io::Read, w: &mut dyn Write) -> std::io::Result
                 Ok(0) => break,
                 Ok(k) => n += k,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(PageError::Read(e)),
             }
         }
         if n == 0 {
             return Ok(());
         }
-        w.write_all(base64(&buf[..n]).as_bytes())?;
+        w.write_all(base64(&buf[..n]).as_bytes())
+            .map_err(PageError::Write)?;
         if n < buf.len() {
             return Ok(());
         }
@@ -125,28 +133,30 @@ fn write_page(
     audio: Option<&mut Audio>,
     title: &str,
     w: &mut dyn Write,
-) -> std::io::Result<()> {
+) -> Result<(), PageError> {
+    use PageError::Write as W;
     let mut audio = audio;
     let mut rest = TEMPLATE;
     while let Some(at) = rest.find("{{") {
-        w.write_all(&rest.as_bytes()[..at])?;
+        w.write_all(&rest.as_bytes()[..at]).map_err(W)?;
         let after = &rest[at..];
         let marker = after.find("}}").map(|e| &after[..e + 2]);
         match marker {
-            Some("{{FPS}}") => write!(w, "{}", motion.fps)?,
-            Some("{{FRAMES}}") => write!(w, "{}", motion.frames())?,
-            Some("{{TITLE}}") => w.write_all(escape_html(title).as_bytes())?,
+            Some("{{FPS}}") => write!(w, "{}", motion.fps).map_err(W)?,
+            Some("{{FRAMES}}") => write!(w, "{}", motion.frames()).map_err(W)?,
+            Some("{{TITLE}}") => w.write_all(escape_html(title).as_bytes()).map_err(W)?,
             Some("{{AUDIO}}") => {
                 if let Some(a) = audio.as_deref_mut() {
                     use std::io::Seek;
-                    a.file.rewind()?;
+                    a.file.rewind().map_err(PageError::Read)?;
                     write!(
                         w,
                         "<audio id=\"audio\" preload=\"auto\" src=\"data:{};base64,",
                         a.mime
-                    )?;
+                    )
+                    .map_err(W)?;
                     write_base64(&mut a.file, w)?;
-                    w.write_all(b"\"></audio>")?;
+                    w.write_all(b"\"></audio>").map_err(W)?;
                 }
             }
             Some("{{MOTION}}") => {
@@ -158,14 +168,36 @@ fn write_page(
             }
             // not a marker: the braces are text
             _ => {
-                w.write_all(b"{{")?;
+                w.write_all(b"{{").map_err(W)?;
                 rest = &after[2..];
                 continue;
             }
         }
         rest = &after[marker.map_or(2, str::len)..];
     }
-    w.write_all(rest.as_bytes())
+    w.write_all(rest.as_bytes()).map_err(W)
+}
+
+/// The error of a failed page: a failed read names the audio file, a failed write `out`.
+fn page_error(e: PageError, audio: Option<&Path>, out: &Path) -> RenderError {
+    match e {
+        PageError::Read(source) => RenderError::ReadAudio {
+            path: audio.map(Path::to_path_buf).unwrap_or_default(),
+            source,
+        },
+        PageError::Write(source) => RenderError::Write {
+            path: out.to_path_buf(),
+            source,
+        },
+    }
+}
+
+/// Refuses a motion without frames (the viewer needs one to show).
+fn check_frames(motion: &Motion) -> Result<(), RenderError> {
+    if motion.frames() == 0 {
+        return Err(RenderError::EmptyMotion);
+    }
+    Ok(())
 }
 
 /// Builds the html page as a string.
@@ -174,24 +206,19 @@ pub fn html_string(
     audio: Option<&Path>,
     title: &str,
 ) -> Result<String, RenderError> {
-    if motion.frames() == 0 {
-        return Err(RenderError::EmptyMotion);
-    }
+    check_frames(motion)?;
     let mut opened = audio.map(open_audio).transpose()?;
     let mut page = Vec::new();
-    // writing into memory fails only where reading the audio does
-    write_page(motion, opened.as_mut(), title, &mut page).map_err(|source| {
-        RenderError::ReadAudio {
-            path: audio.map(Path::to_path_buf).unwrap_or_default(),
-            source,
-        }
-    })?;
+    // (a Vec never fails a write: only reading the audio can fail here)
+    write_page(motion, opened.as_mut(), title, &mut page)
+        .map_err(|e| page_error(e, audio, Path::new("(the page in memory)")))?;
     Ok(String::from_utf8(page).expect("the page is UTF-8"))
 }
 
 /// Writes the self-contained viewer for `motion` (with `audio` embedded if given) to `out`,
 /// atomically; refuses to overwrite an existing file unless `force`. The page is streamed to
-/// a temporary file beside `out` (the audio's base64 is never whole in memory).
+/// a temporary file beside `out` (the audio's base64 is never whole in memory), which a failed
+/// read or write removes.
 pub fn write_html(
     motion: &Motion,
     audio: Option<&Path>,
@@ -200,9 +227,7 @@ pub fn write_html(
     force: bool,
 ) -> Result<(), RenderError> {
     super::check_overwrite(out, force)?;
-    if motion.frames() == 0 {
-        return Err(RenderError::EmptyMotion);
-    }
+    check_frames(motion)?;
     let mut audio_file = audio.map(open_audio).transpose()?;
     let mut tmp = super::temp_beside(out)?;
     let write_err = |source| RenderError::Write {
@@ -211,19 +236,8 @@ pub fn write_html(
     };
     {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
-        write_page(motion, audio_file.as_mut(), title, &mut w).map_err(|source| {
-            // reading the audio and writing the page fail alike here: name both paths
-            match audio {
-                Some(a) if source.kind() != std::io::ErrorKind::WriteZero => RenderError::Write {
-                    path: out.to_path_buf(),
-                    source: std::io::Error::new(
-                        source.kind(),
-                        format!("{source} (while embedding {})", a.display()),
-                    ),
-                },
-                _ => write_err(source),
-            }
-        })?;
+        write_page(motion, audio_file.as_mut(), title, &mut w)
+            .map_err(|e| page_error(e, audio, out))?;
         w.flush().map_err(write_err)?;
     }
     tmp.as_file().sync_all().map_err(write_err)?;
@@ -275,6 +289,55 @@ mod tests {
         let err = write_html(&m, Some(&gone), "t", &dir.path().join("b.html"), false);
         assert!(matches!(err, Err(RenderError::ReadAudio { .. })));
         assert!(!dir.path().join("b.html").exists());
+    }
+
+    /// A reader that yields `n` bytes, then fails; a writer that takes `n` bytes, then fails.
+    struct FailAfter(usize);
+    impl std::io::Read for FailAfter {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.0 == 0 {
+                return Err(std::io::Error::other("the disk went away"));
+            }
+            let k = buf.len().min(self.0);
+            buf[..k].fill(7);
+            self.0 -= k;
+            Ok(k)
+        }
+    }
+    impl Write for FailAfter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.0 == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
+            }
+            let k = buf.len().min(self.0);
+            self.0 -= k;
+            Ok(k)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_failed_read_names_the_audio_and_a_failed_write_the_page() {
+        // a read failing mid-stream (after a whole chunk) and a write failing mid-page, each
+        // told apart whatever its error kind
+        let mut sink = Vec::new();
+        let r = write_base64(&mut FailAfter(3 * 21_846 + 5), &mut sink);
+        assert!(matches!(r, Err(PageError::Read(_))), "{r:?}");
+        let r = write_base64(&mut [1u8; 100].as_slice(), &mut FailAfter(10));
+        assert!(matches!(r, Err(PageError::Write(_))), "{r:?}");
+        let r = write_page(&motion(), None, "t", &mut FailAfter(1000));
+        assert!(matches!(r, Err(PageError::Write(_))), "{r:?}");
+        let (song, out) = (Path::new("song.wav"), Path::new("out.html"));
+        let read = page_error(PageError::Read(std::io::Error::other("x")), Some(song), out);
+        assert!(matches!(read, RenderError::ReadAudio { ref path, .. } if path == song));
+        let write = page_error(
+            PageError::Write(std::io::Error::other("x")),
+            Some(song),
+            out,
+        );
+        assert!(matches!(write, RenderError::Write { ref path, .. } if path == out));
     }
 
     #[test]
