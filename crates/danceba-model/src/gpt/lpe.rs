@@ -130,14 +130,23 @@ struct PhaseEmbedding {
 }
 
 impl PhaseEmbedding {
+    /// On the CPU the parameters are widened to f32 here, once (the CPU runs the LPE in f32
+    /// whatever the weights' dtype, see [`Lpe::forward_phase`]), and the batch norm's scale and
+    /// shift are folded in f32; elsewhere they keep the weights' dtype.
     fn load(vb: VarBuilder, n_embd: usize) -> Result<Self> {
+        let cpu = matches!(vb.device(), Device::Cpu);
+        let get = |vb: &VarBuilder, n: usize, name: &str| -> Result<Tensor> {
+            let t = vb.get(n, name)?;
+            Ok(if cpu { t.to_dtype(DType::F32)? } else { t })
+        };
         let w = vb.get((n_embd, N_BINS), "linear2.weight")?;
-        let bias = vb.get(n_embd, "linear2.bias")?;
+        let w = if cpu { w.to_dtype(DType::F32)? } else { w };
+        let bias = get(&vb, n_embd, "linear2.bias")?;
         let bn = vb.pp("bn2");
-        let gamma = bn.get(n_embd, "weight")?;
-        let beta = bn.get(n_embd, "bias")?;
-        let mean = bn.get(n_embd, "running_mean")?;
-        let var = bn.get(n_embd, "running_var")?;
+        let gamma = get(&bn, n_embd, "weight")?;
+        let beta = get(&bn, n_embd, "bias")?;
+        let mean = get(&bn, n_embd, "running_mean")?;
+        let var = get(&bn, n_embd, "running_var")?;
         let scale = gamma.div(&(var + 1e-5)?.sqrt()?)?;
         let shift = (beta - mean.mul(&scale)?)?;
         Ok(Self {
@@ -149,7 +158,7 @@ impl PhaseEmbedding {
     }
 
     /// `phase`: (B·F', bins) → (B·F', C), in `phase`'s dtype (the parameters are converted
-    /// where they differ: f16/bf16 weights widened for an f32 phase on the CPU).
+    /// where they differ; [`Lpe::forward_phase`] passes the parameters' own dtype).
     fn forward(&self, phase: &Tensor) -> Result<Tensor> {
         let dt = phase.dtype();
         let z = phase
@@ -256,12 +265,9 @@ impl Lpe {
     /// The LPE layers on a cropped phase (B, F', bins) of any float dtype: (B, 3F', C).
     pub(crate) fn forward_phase(&self, phase: &Tensor) -> Result<Tensor> {
         let (batch, fc, bins) = phase.dims3()?;
-        // f32 on the CPU (as the rest of a CPU forward), the weights' dtype elsewhere
-        let dt = if matches!(phase.device(), Device::Cpu) {
-            DType::F32
-        } else {
-            self.mods[0].w.dtype()
-        };
+        // f32 on the CPU (as the rest of a CPU forward; the parameters were widened at load),
+        // the weights' dtype elsewhere
+        let dt = self.mods[0].w.dtype();
         let phase = phase.to_dtype(dt)?.reshape((batch * fc, bins))?;
         #[cfg(feature = "cuda")]
         if let Some((w, p)) = &self.stacked {
