@@ -51,7 +51,7 @@ pub struct Args {
     pub device: String,
     /// Precision of the GPT weights: f32 (the reference), f16 or bf16. Half precision halves the
     /// GPT's memory and is faster on GPUs; given the same context its next-token choice agrees
-    /// with f32 at ≥ 98 % of steps (golden pipelines: f16 99.9 %, bf16 98.9 %), but one differing
+    /// with f32 at ≥ 98 % of steps (golden pipelines: f16 99.9 %, bf16 99.2 %), but one differing
     /// choice changes the rest of the dance.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
