@@ -251,18 +251,11 @@ macro_rules! scan_channel_fn {
                 assert!(v >= W * len);
             }
             let accp = acc.as_mut_ptr();
-            let mut s = 0;
-            while s + 8 * W <= n {
-                states::<8>(p, bi, c, s, delta, lane, accp, s == 0);
-                s += 8 * W;
-            }
-            while s + 4 * W <= n {
-                states::<4>(p, bi, c, s, delta, lane, accp, s == 0);
-                s += 4 * W;
-            }
-            while s + W <= n {
-                states::<1>(p, bi, c, s, delta, lane, accp, s == 0);
-                s += W;
+            let a_min = row_min(&p.a[c * n..(c + 1) * n]);
+            if super::decay_may_underflow(a_min, delta, W, lane, len) {
+                state_chunks::<true>(p, bi, c, delta, lane, accp);
+            } else {
+                state_chunks::<false>(p, bi, c, delta, lane, accp);
             }
             let uu = |l: usize| *p.u.get_unchecked((bi * len + l) * p.d + c);
             for l in 0..len {
@@ -270,10 +263,72 @@ macro_rules! scan_channel_fn {
                 y[W * l + lane] = (sum + p.d_skip[c] * uu(l)) * gate[W * l + lane];
             }
         }
+
+        /// All states of one channel, in chunks of `8·W`, `4·W` and `W` (see `scan_channel`);
+        /// `CLAMP` as the module's `states`.
+        #[allow(clippy::too_many_arguments)]
+        #[inline]
+        $(#[$attr])*
+        unsafe fn state_chunks<const CLAMP: bool>(
+            p: &ScanInputs,
+            bi: usize,
+            c: usize,
+            delta: &[f32],
+            lane: usize,
+            accp: *mut f32,
+        ) {
+            const W: usize = $w;
+            let n = p.n;
+            let mut s = 0;
+            while s + 8 * W <= n {
+                states::<8, CLAMP>(p, bi, c, s, delta, lane, accp, s == 0);
+                s += 8 * W;
+            }
+            while s + 4 * W <= n {
+                states::<4, CLAMP>(p, bi, c, s, delta, lane, accp, s == 0);
+                s += 4 * W;
+            }
+            while s + W <= n {
+                states::<1, CLAMP>(p, bi, c, s, delta, lane, accp, s == 0);
+                s += W;
+            }
+        }
     };
 }
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 use scan_channel_fn;
+
+/// Whether some decay `2^(Δ·A·log2 e)` of a channel could fall below 2⁻¹²⁶, given the
+/// smallest value of its row of `A` and whether the row holds a NaN (the module's `row_min`)
+/// and its Δ (lane `lane` of the `w`-lane rows of `delta`, `len` positions): the SIMD kernels
+/// then clamp the exponent at −126 (a vector max per 8 or 16 states, ~8 % of the scan on Zen
+/// 2), else they leave that out, with the same results. Δ is a softplus, so ≥ 0, and rounding
+/// is monotone: every `t = fl(Δ·fl(A·log2 e))` is ≥ `fl(Δmax·fl(Amin·log2 e))`. A NaN in `A`
+/// says yes (the clamp turns its decays into 2⁻¹²⁶, as the kernels always did); a NaN Δ needs
+/// nothing (its state turns NaN on either path).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+fn decay_may_underflow(
+    (amin, a_nan): (f32, bool),
+    delta: &[f32],
+    w: usize,
+    lane: usize,
+    len: usize,
+) -> bool {
+    if a_nan {
+        return true;
+    }
+    let mut dmax = 0f32;
+    for l in 0..len {
+        let d = delta[w * l + lane];
+        // a plain comparison (one maxss; f32::max handles NaN in more steps)
+        if d > dmax {
+            dmax = d;
+        }
+    }
+    let t_min = dmax * (amin * std::f32::consts::LOG2_E);
+    // NaN (∞ · 0) too
+    t_min.is_nan() || t_min < -126.0
+}
 
 /// The AVX2+FMA kernels of [`selective_scan_lanes`]: the design of [`avx512`]'s with 8 lanes (ymm
 /// registers) and lane masks in integer vectors, AVX2 having no mask registers.
@@ -363,8 +418,9 @@ mod avx2 {
     ];
 
     /// 8-lane `2^t` (≈1 ulp) for the scan's decay, `t ≤ 0` (Δ ≥ 0, A < 0; correct up to
-    /// `t = 127`, no upper clamp). Arguments below −126 give 2^−126 ≈ 1.2e-38 rather than a
-    /// denormal, which would cost a microcode assist per use and is harmless as a decay factor.
+    /// `t = 127`, no upper clamp). With `CLAMP`, arguments below −126 give 2^−126 ≈ 1.2e-38
+    /// rather than a denormal, which would cost a microcode assist per use and is harmless as a
+    /// decay factor.
     ///
     /// `s = t + 1.5·2²⁰` rounds `t` to the nearest multiple of 1/8, `m/8`, in the low mantissa
     /// bits (`bits(s) = 0x49c0_0000 + m`), and `f = t − (s − 1.5·2²⁰)` ∈ [−1/16, 1/16] is
@@ -375,11 +431,18 @@ mod avx2 {
     /// `n ≥ −126`. Then `2^f` by a degree-3 polynomial ([`EXP2_POLY8`]) in one fused
     /// multiply-add with the scale: four multiplications in all instead of the six of a
     /// degree-6 polynomial on [−½, ½] (on Zen 2 the scan is bound by the FMA pipes).
+    ///
+    /// Without `CLAMP` the arguments must be ≥ −126 (see [`super::decay_may_underflow`]): the
+    /// exponent bits would wrap.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn exp2_8(t: __m256) -> __m256 {
+    pub(super) unsafe fn exp2_8<const CLAMP: bool>(t: __m256) -> __m256 {
         const ROUND: f32 = 1_572_864.0; // 1.5 · 2^20
-        let t = _mm256_max_ps(t, _mm256_set1_ps(-126.0));
+        let t = if CLAMP {
+            _mm256_max_ps(t, _mm256_set1_ps(-126.0))
+        } else {
+            t
+        };
         let s = _mm256_add_ps(t, _mm256_set1_ps(ROUND));
         let f = _mm256_sub_ps(t, _mm256_sub_ps(s, _mm256_set1_ps(ROUND)));
         let sb = _mm256_castps_si256(s);
@@ -418,11 +481,12 @@ mod avx2 {
     /// States `s .. s + 8·K` of one channel's scan: their `h` and `A·log2(e)` stay in
     /// registers for the whole sequence (2·K of the 16 ymm registers); per position the lanes
     /// of Σ h·C over these states (one product and K − 1 fused multiply-adds) are stored to
-    /// `acc` (`first`) or added to it.
+    /// `acc` (`first`) or added to it. `CLAMP`: clamp the decays' exponents at −126 (without it
+    /// they must not go below, see [`super::decay_may_underflow`]).
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn states<const K: usize>(
+    unsafe fn states<const K: usize, const CLAMP: bool>(
         p: &ScanInputs,
         bi: usize,
         c: usize,
@@ -448,7 +512,7 @@ mod avx2 {
             let mut sum = _mm256_setzero_ps();
             for k in 0..K {
                 h[k] = _mm256_fmadd_ps(
-                    exp2_8(_mm256_mul_ps(dv, a2[k])),
+                    exp2_8::<CLAMP>(_mm256_mul_ps(dv, a2[k])),
                     h[k],
                     _mm256_mul_ps(_mm256_loadu_ps(bm.add(8 * k)), duv),
                 );
@@ -468,6 +532,32 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn lane_sum(at: *const f32) -> f32 {
         sum_lanes(_mm256_loadu_ps(at))
+    }
+
+    /// The smallest of `v` (+∞ when empty) and whether it holds a NaN.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn row_min(v: &[f32]) -> (f32, bool) {
+        let mut lo = _mm256_set1_ps(f32::INFINITY);
+        let mut nan = _mm256_setzero_ps();
+        let chunks = v.chunks_exact(8);
+        let rest = chunks.remainder();
+        for ch in chunks {
+            let x = _mm256_loadu_ps(ch.as_ptr());
+            lo = _mm256_min_ps(lo, x);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+        }
+        let mut l = [0f32; 8];
+        _mm256_storeu_ps(l.as_mut_ptr(), lo);
+        let mut any_nan = _mm256_movemask_ps(nan) != 0;
+        let mut mn = f32::INFINITY;
+        for x in l.into_iter().chain(rest.iter().copied()) {
+            any_nan |= x.is_nan();
+            if x < mn {
+                mn = x;
+            }
+        }
+        (mn, any_nan)
     }
 
     // 64 states per pass: with 16 ymm registers they spill some of their h, which measured ≈2 %
@@ -533,16 +623,21 @@ mod neon {
     }
 
     /// 4-lane `2^t` for the scan's decay, `t ≤ 127` (Δ ≥ 0, A < 0 give t ≤ 0; no upper clamp),
-    /// as [`super::fast_exp2`]: arguments below −126 give 2^−126; `t` rounded to an integer
+    /// as [`super::fast_exp2`]: with `CLAMP`, arguments below −126 give 2^−126 (without it they
+    /// must be ≥ −126); `t` rounded to an integer
     /// `n` by adding 1.5·2²³, `2^(t − n)` by [`super::EXP2_POLY`] (fused multiply-adds), `2^n`
     /// from the low bits of the rounded sum shifted into the exponent.
     #[inline(always)]
-    pub(super) fn exp2_4(t: float32x4_t) -> float32x4_t {
+    pub(super) fn exp2_4<const CLAMP: bool>(t: float32x4_t) -> float32x4_t {
         // 1.5 · 2^23
         const ROUND: f32 = 12_582_912.0;
         // SAFETY: NEON is part of the AArch64 baseline; no memory is touched.
         unsafe {
-            let t = vmaxq_f32(t, vdupq_n_f32(-126.0));
+            let t = if CLAMP {
+                vmaxq_f32(t, vdupq_n_f32(-126.0))
+            } else {
+                t
+            };
             let s = vaddq_f32(t, vdupq_n_f32(ROUND));
             let f = vsubq_f32(t, vsubq_f32(s, vdupq_n_f32(ROUND)));
             let c = super::EXP2_POLY;
@@ -557,10 +652,10 @@ mod neon {
 
     /// States `s .. s + 4·K` of one channel's scan, their `h` and `A·log2(e)` in registers for
     /// the whole sequence; per position the lanes of Σ h·C over these states are stored to
-    /// `acc` (`first`) or added to it (as [`avx2`](super::avx2)'s `states`).
+    /// `acc` (`first`) or added to it (as [`avx2`](super::avx2)'s `states`, `CLAMP` too).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn states<const K: usize>(
+    unsafe fn states<const K: usize, const CLAMP: bool>(
         p: &ScanInputs,
         bi: usize,
         c: usize,
@@ -585,7 +680,7 @@ mod neon {
             for k in 0..K {
                 h[k] = vfmaq_f32(
                     vmulq_n_f32(vld1q_f32(bm.add(4 * k)), du),
-                    exp2_4(vmulq_n_f32(a2[k], dl)),
+                    exp2_4::<CLAMP>(vmulq_n_f32(a2[k], dl)),
                     h[k],
                 );
                 let ck = vld1q_f32(cm.add(4 * k));
@@ -611,6 +706,30 @@ mod neon {
     #[inline(always)]
     unsafe fn lane_sum(at: *const f32) -> f32 {
         vaddvq_f32(vld1q_f32(at))
+    }
+
+    /// The smallest of `v` (+∞ when empty) and whether it holds a NaN.
+    #[inline(always)]
+    unsafe fn row_min(v: &[f32]) -> (f32, bool) {
+        let mut lo = vdupq_n_f32(f32::INFINITY);
+        // all ones while every value equals itself (no NaN)
+        let mut ordered = vdupq_n_u32(u32::MAX);
+        let chunks = v.chunks_exact(4);
+        let rest = chunks.remainder();
+        for ch in chunks {
+            let x = vld1q_f32(ch.as_ptr());
+            lo = vminq_f32(lo, x);
+            ordered = vandq_u32(ordered, vceqq_f32(x, x));
+        }
+        let mut mn = vminvq_f32(lo);
+        let mut any_nan = vminvq_u32(ordered) == 0;
+        for &x in rest {
+            any_nan |= x.is_nan();
+            if x < mn {
+                mn = x;
+            }
+        }
+        (mn, any_nan)
     }
 
     super::scan_channel_fn!(4,);
@@ -664,12 +783,16 @@ mod avx512 {
     /// 16-lane `2^t` (≈1 ulp) for the scan's decay, `t ≤ 0` (Δ ≥ 0, A < 0): `f = t − ⌊t⌋` in
     /// one `vreduceps`, `2^f` by [`EXP2_POLY_01`], and `scalef` applies `2^⌊t⌋` from `t`
     /// itself (it floors its exponent argument), so no rounding and no subtraction per lane.
-    /// Arguments below −126 give 2^−126 ≈ 1.2e-38 rather than a denormal, which would cost a
-    /// microcode assist per use and is harmless as a decay factor.
+    /// With `CLAMP`, arguments below −126 give 2^−126 ≈ 1.2e-38 rather than a denormal, which
+    /// would cost a microcode assist per use and is harmless as a decay factor.
     #[inline]
     #[target_feature(enable = "avx512f,avx512dq")]
-    pub(super) unsafe fn exp2_16(t: __m512) -> __m512 {
-        let t = _mm512_max_ps(t, _mm512_set1_ps(-126.0));
+    pub(super) unsafe fn exp2_16<const CLAMP: bool>(t: __m512) -> __m512 {
+        let t = if CLAMP {
+            _mm512_max_ps(t, _mm512_set1_ps(-126.0))
+        } else {
+            t
+        };
         // imm8: keep 0 fraction bits, round down → t − ⌊t⌋ ∈ [0, 1)
         let f = _mm512_reduce_ps::<{ _MM_FROUND_TO_NEG_INF }>(t);
         let c = EXP2_POLY_01;
@@ -695,10 +818,11 @@ mod avx512 {
     /// States `s .. s + 16·K` of one channel's scan: their `h` and `A·log2(e)` stay in
     /// registers for the whole sequence; per position the lanes of Σ h·C over these states
     /// (one product and K − 1 fused multiply-adds) are stored to `acc` (`first`) or added to it.
+    /// `CLAMP`: clamp the decays' exponents at −126 (without it they must not go below).
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f,avx512dq")]
-    unsafe fn states<const K: usize>(
+    unsafe fn states<const K: usize, const CLAMP: bool>(
         p: &ScanInputs,
         bi: usize,
         c: usize,
@@ -724,7 +848,7 @@ mod avx512 {
             let mut sum = _mm512_setzero_ps();
             for k in 0..K {
                 h[k] = _mm512_fmadd_ps(
-                    exp2_16(_mm512_mul_ps(dv, a2[k])),
+                    exp2_16::<CLAMP>(_mm512_mul_ps(dv, a2[k])),
                     h[k],
                     _mm512_mul_ps(_mm512_loadu_ps(bm.add(16 * k)), duv),
                 );
@@ -744,6 +868,30 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512dq")]
     unsafe fn lane_sum(at: *const f32) -> f32 {
         _mm512_reduce_add_ps(_mm512_loadu_ps(at))
+    }
+
+    /// The smallest of `v` (+∞ when empty) and whether it holds a NaN.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    unsafe fn row_min(v: &[f32]) -> (f32, bool) {
+        let mut lo = _mm512_set1_ps(f32::INFINITY);
+        let mut nan: __mmask16 = 0;
+        let chunks = v.chunks_exact(16);
+        let rest = chunks.remainder();
+        for ch in chunks {
+            let x = _mm512_loadu_ps(ch.as_ptr());
+            lo = _mm512_min_ps(lo, x);
+            nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+        }
+        let mut mn = _mm512_reduce_min_ps(lo);
+        let mut any_nan = nan != 0;
+        for &x in rest {
+            any_nan |= x.is_nan();
+            if x < mn {
+                mn = x;
+            }
+        }
+        (mn, any_nan)
     }
 
     super::scan_channel_fn!(16, #[target_feature(enable = "avx512f,avx512dq")]);
@@ -1070,7 +1218,7 @@ mod tests {
             unsafe {
                 _mm512_storeu_ps(
                     out.as_mut_ptr(),
-                    avx512::exp2_16(_mm512_loadu_ps(ch.as_ptr())),
+                    avx512::exp2_16::<true>(_mm512_loadu_ps(ch.as_ptr())),
                 )
             };
             for (&t, &e) in ch.iter().zip(&out) {
@@ -1094,7 +1242,12 @@ mod tests {
         for ch in ts.chunks_exact(4) {
             let mut out = [0f32; 4];
             // SAFETY: `ch` and `out` hold 4 values.
-            unsafe { vst1q_f32(out.as_mut_ptr(), neon::exp2_4(vld1q_f32(ch.as_ptr()))) };
+            unsafe {
+                vst1q_f32(
+                    out.as_mut_ptr(),
+                    neon::exp2_4::<true>(vld1q_f32(ch.as_ptr())),
+                )
+            };
             for (&t, &e) in ch.iter().zip(&out) {
                 let r = (t.max(-126.0) as f64).exp2();
                 worst = worst.max(((e as f64 - r) / r).abs());
@@ -1133,7 +1286,10 @@ mod tests {
             let mut out = [0f32; 8];
             // SAFETY: AVX2 and FMA were detected; `ch` and `out` hold 8 values.
             unsafe {
-                _mm256_storeu_ps(out.as_mut_ptr(), avx2::exp2_8(_mm256_loadu_ps(ch.as_ptr())))
+                _mm256_storeu_ps(
+                    out.as_mut_ptr(),
+                    avx2::exp2_8::<true>(_mm256_loadu_ps(ch.as_ptr())),
+                )
             };
             for (&t, &e) in ch.iter().zip(&out) {
                 let r = (t.max(-126.0) as f64).exp2();
@@ -1157,12 +1313,22 @@ mod tests {
             // channel counts with and without a partial block (of 8 and of 16), one position
             // and sequences longer than the model's 28
             for (batch, len, d) in [(2, 13, 24), (2, 28, 21), (1, 1, 13), (3, 70, 11)] {
-                simd_scan_matches_portable_loop_with(batch, len, d, n);
+                // |A| up to e³ (no decay can fall below 2⁻¹²⁶: the kernels' unclamped path)
+                // and, in odd channels, up to e⁶ (most of those need the clamp)
+                for a_hi in [3.0, 6.0] {
+                    simd_scan_matches_portable_loop_with(batch, len, d, n, a_hi);
+                }
             }
         }
     }
 
-    fn simd_scan_matches_portable_loop_with(batch: usize, len: usize, d: usize, n: usize) {
+    fn simd_scan_matches_portable_loop_with(
+        batch: usize,
+        len: usize,
+        d: usize,
+        n: usize,
+        a_hi: f32,
+    ) {
         let mut s = 12345u64;
         let mut rnd = |k: usize, lo: f32, hi: f32| -> Vec<f32> {
             (0..k)
@@ -1177,7 +1343,12 @@ mod tests {
         let u = rnd(batch * len * d, -2.0, 2.0);
         let dp = rnd(batch * len * d, -6.0, 3.0);
         let bias = rnd(d, -1.0, 1.0);
-        let a: Vec<f32> = rnd(d * n, 0.0, 3.0).iter().map(|v| -v.exp()).collect();
+        // odd channels' |A| up to e^a_hi, even ones' up to e³
+        let a: Vec<f32> = rnd(d * n, 0.0, 1.0)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| -(v * if (i / n) % 2 == 1 { a_hi } else { 3.0 }).exp())
+            .collect();
         let bc = rnd(batch * len * (5 + 2 * n), -1.0, 1.0);
         let dsk = rnd(d, -1.0, 1.0);
         let z = rnd(batch * len * 2 * d, -3.0, 3.0);
@@ -1201,6 +1372,31 @@ mod tests {
         };
         let y = selective_scan_with(&p, ScanKernel::Loop);
         let scale = y.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // which path the kernels take per (item, channel), by the decisive predicate on the
+        // final Δ (one lane per row here)
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+        {
+            let mut clamped = 0;
+            for bi in 0..batch {
+                for c in 0..d {
+                    let delta: Vec<f32> = (0..len)
+                        .map(|l| softplus(dp[(bi * len + l) * d + c] + bias[c]))
+                        .collect();
+                    let row = &a[c * n..(c + 1) * n];
+                    let amin = row.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+                    clamped += usize::from(decay_may_underflow((amin, false), &delta, 1, 0, len));
+                }
+            }
+            let all = batch * d;
+            if a_hi <= 3.0 {
+                assert_eq!(clamped, 0, "|A| ≤ e³ must take the unclamped path");
+            } else {
+                assert!(
+                    clamped > 0 && clamped < all,
+                    "both paths: {clamped} of {all} clamped"
+                );
+            }
+        }
         for k in [ScanKernel::Best, ScanKernel::Avx2] {
             let x = selective_scan_with(&p, k);
             let err = x
