@@ -101,7 +101,7 @@ pub enum ArchError {
     Inconsistent(String),
     #[error("the checkpoint does not match the model: {0}")]
     Audit(Audit),
-    #[error("this is a {found} checkpoint, expected a {expected} checkpoint")]
+    #[error("this is a {found} checkpoint, expected a {expected} checkpoint (are the GPT and VQ-VAE files swapped?)")]
     WrongKind {
         expected: ModelKind,
         found: ModelKind,

@@ -370,6 +370,31 @@ fn user_errors_say_what_to_do() {
             .arg(dir.path()),
     );
     assert!(err.to_lowercase().contains("vq"), "{err}");
+    // the two checkpoints the other way round: said once, with the likely cause
+    let err = run_err(
+        bin()
+            .arg("generate")
+            .arg(&song)
+            .arg("--gpt")
+            .arg(m.join("tiny_vqvae.pt"))
+            .arg("--vqvae")
+            .arg(m.join("tiny_gpt.pt"))
+            .args(["--formats", "npy", "-o"])
+            .arg(dir.path()),
+    );
+    assert!(err.contains("swapped"), "{err}");
+    assert_eq!(err.matches("expected a gpt checkpoint").count(), 1, "{err}");
+
+    // A directory given as a song.
+    let err = run_err(
+        bin()
+            .arg("generate")
+            .arg(golden().join("audio"))
+            .args(tiny())
+            .args(["--formats", "npy", "-o"])
+            .arg(dir.path()),
+    );
+    assert!(err.contains("is a directory"), "{err}");
 
     // Unreadable audio.
     let bogus = dir.path().join("notes.mp3");
@@ -397,6 +422,16 @@ fn user_errors_say_what_to_do() {
             .arg(blocker.join("out")),
     );
     assert!(err.contains("output directory"), "{err}");
+    // the file itself as the output directory
+    let err = run_err(
+        bin()
+            .arg("generate")
+            .arg(&song)
+            .args(tiny())
+            .args(["--formats", "npy", "-o"])
+            .arg(&blocker),
+    );
+    assert!(err.contains("is a file"), "{err}");
 
     // Unknown format.
     let err = run_err(

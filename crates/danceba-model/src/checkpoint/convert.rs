@@ -20,7 +20,7 @@ pub enum ConvertError {
     Checkpoint(#[from] CheckpointError),
     #[error("{}: {source}", path.display())]
     Arch { path: PathBuf, source: ArchError },
-    #[error("{}: is a {found} checkpoint, expected {expected}", path.display())]
+    #[error("{}: is a {found} checkpoint, expected {expected} (are the GPT and VQ-VAE files swapped?)", path.display())]
     WrongKind {
         path: PathBuf,
         expected: ModelKind,

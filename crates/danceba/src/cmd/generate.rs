@@ -221,16 +221,9 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     for input in &args.inputs {
-        if !input.is_file() {
-            bail!("{}: no such file", input.display());
-        }
+        super::check_input_file(input, "")?;
     }
-    std::fs::create_dir_all(&args.output).with_context(|| {
-        format!(
-            "cannot create the output directory {}",
-            args.output.display()
-        )
-    })?;
+    super::create_output_dir(&args.output)?;
     let mut stems: BTreeMap<String, &Path> = BTreeMap::new();
     for input in &args.inputs {
         if let Some(prev) = stems.insert(stem(input), input) {

@@ -7,3 +7,110 @@ pub mod generate;
 pub mod inspect;
 pub mod outputs;
 pub mod render;
+
+use std::path::Path;
+
+/// Refuses an input path that is not a readable-looking file, saying what it is instead:
+/// missing, or a directory (`what` names the argument, e.g. "--audio", or is empty).
+pub fn check_input_file(path: &Path, what: &str) -> anyhow::Result<()> {
+    let name = if what.is_empty() {
+        path.display().to_string()
+    } else {
+        format!("{what} {}", path.display())
+    };
+    if path.is_dir() {
+        anyhow::bail!(
+            "{name} is a directory: give a file (for a folder of songs, its files, e.g. DIR/*.mp3)"
+        );
+    }
+    if !path.is_file() {
+        if path.exists() {
+            anyhow::bail!("{name} is not a regular file");
+        }
+        anyhow::bail!("{name}: no such file");
+    }
+    Ok(())
+}
+
+/// Creates the output directory `dir` (and its parents) if needed; an existing non-directory
+/// there is refused with a message that says so (not the OS's "File exists").
+pub fn create_output_dir(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        anyhow::bail!(
+            "the output directory {} is a file: choose another with -o, or remove it",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create the output directory {}: {e}", dir.display()))
+}
+
+/// The message of an error and its causes, `outer: cause: …`, leaving out a cause whose text
+/// an outer message already holds (many of ours include their source in their own text, as
+/// `{path}: {source}`, so `{:#}` would print it twice).
+pub fn error_message(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if s.is_empty() || msg.contains(&s) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&s);
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_an_outer_message_already_holds_is_said_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("{path}: {source}")]
+        struct Outer {
+            path: String,
+            #[source]
+            source: std::io::Error,
+        }
+        let io = std::io::Error::other("this is a vqvae checkpoint");
+        let e = anyhow::Error::new(Outer {
+            path: "a.pt".into(),
+            source: io,
+        })
+        .context("could not load the model");
+        assert_eq!(
+            error_message(&e),
+            "could not load the model: a.pt: this is a vqvae checkpoint"
+        );
+        // causes that add something are all kept, in order
+        let e = anyhow::anyhow!("disk full")
+            .context("cannot write x")
+            .context("rendering");
+        assert_eq!(error_message(&e), "rendering: cannot write x: disk full");
+    }
+
+    #[test]
+    fn inputs_and_output_directories_say_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = check_input_file(dir.path(), "").unwrap_err().to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        let gone = dir.path().join("gone.mp3");
+        let e = check_input_file(&gone, "--audio").unwrap_err().to_string();
+        assert!(
+            e.starts_with("--audio ") && e.ends_with("no such file"),
+            "{e}"
+        );
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        check_input_file(&file, "").unwrap();
+        let e = create_output_dir(&file).unwrap_err().to_string();
+        assert!(e.contains("is a file"), "{e}");
+        let nested = dir.path().join("a/b");
+        create_output_dir(&nested).unwrap();
+        assert!(nested.is_dir());
+    }
+}

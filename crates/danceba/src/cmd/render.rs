@@ -81,9 +81,7 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--fps must be a positive number, got {}", args.fps);
     }
     if let Some(a) = &args.audio {
-        if !a.is_file() {
-            bail!("--audio {}: no such file", a.display());
-        }
+        super::check_input_file(a, "--audio")?;
     }
     let (motion, meta): (_, MotionMeta) = export::read_motion(&args.input, args.fps)
         .with_context(|| format!("cannot read the motion {}", args.input.display()))?;
@@ -101,12 +99,7 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     }
-    std::fs::create_dir_all(&args.output).with_context(|| {
-        format!(
-            "cannot create the output directory {}",
-            args.output.display()
-        )
-    })?;
+    super::create_output_dir(&args.output)?;
 
     // The music: --audio, else the .json's source audio when it sits beside the motion.
     let audio: Option<PathBuf> = args.audio.clone().or_else(|| {
