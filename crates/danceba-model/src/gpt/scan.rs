@@ -225,10 +225,12 @@ fn scan_channel(
 /// Defines, in a SIMD kernel module, `scan_channel`: one channel's scan with Δ and the gate
 /// (SiLU(z)) already computed, on lane `lane` of the `W`-lane rows of `delta` and `gate`
 /// (position-major, `[l · W + lane]`), writing lane `lane` of the rows of `y`. The module's
-/// `states::<K>` runs the states `W·K` at a time (8·W, then 4·W, then W), the first chunk
-/// storing the lanes of Σ h·C per position into `acc` (len × W) and later ones adding to them;
-/// its `lane_sum` adds a position's lanes at the end. Requires `p.n % W == 0` and every slice
-/// ≥ W · `p.len` long. The attributes (the module's target features) go on the function.
+/// `states::<K, CLAMP>` runs the states `W·K` at a time (8·W, then 4·W, then W; in
+/// `state_chunks`), the first chunk storing the lanes of Σ h·C per position into `acc`
+/// (len × W) and later ones adding to them; its `lane_sum` adds a position's lanes at the end.
+/// `CLAMP` is [`decay_may_underflow`] of the channel (its `A` row's minimum from the module's
+/// `row_min`). Requires `p.n % W == 0` and every slice ≥ W · `p.len` long. The attributes (the
+/// module's target features) go on the functions.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 macro_rules! scan_channel_fn {
     ($w:literal, $(#[$attr:meta])*) => {
