@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
 use danceba_model::gpt::cpu_gemm;
 use danceba_model::gpt::random::{official_gpt_arch, random_gpt};
-use danceba_model::gpt::scan::{selective_scan_with, ScanInputs, ScanKernel};
+use danceba_model::gpt::scan::{channel_minima, selective_scan_with, ScanInputs, ScanKernel};
 use danceba_model::gpt::MambaImpl;
 
 fn lcg(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
@@ -42,6 +42,7 @@ fn scan_group(c: &mut Criterion, group: &str, dp_hi: f32) {
     let dp = lcg(2, len * d, -6.0, dp_hi);
     let bias = lcg(3, d, -1.0, 1.0);
     let a: Vec<f32> = (0..d * n).map(|i| -((i % n) as f32 + 1.0)).collect();
+    let a_min = channel_minima(&a, d, n);
     let bc = lcg(4, len * (r + 2 * n), -1.0, 1.0);
     let dsk = vec![1.0; d];
     let z = lcg(5, len * 2 * d, -3.0, 3.0);
@@ -54,6 +55,7 @@ fn scan_group(c: &mut Criterion, group: &str, dp_hi: f32) {
         delta_pre: &dp,
         delta_bias: &bias,
         a: &a,
+        a_min: &a_min,
         bc: &bc,
         bc_stride: r + 2 * n,
         b_offset: r,

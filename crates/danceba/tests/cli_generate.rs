@@ -21,13 +21,29 @@ fn bin() -> Command {
 }
 
 fn tiny() -> [String; 4] {
+    models("tiny_gpt.pt", "tiny_vqvae.pt")
+}
+
+/// `--gpt golden/model/GPT --vqvae golden/model/VQVAE`.
+fn models(gpt: &str, vqvae: &str) -> [String; 4] {
     let m = golden().join("model");
     [
         "--gpt".into(),
-        m.join("tiny_gpt.pt").display().to_string(),
+        m.join(gpt).display().to_string(),
         "--vqvae".into(),
-        m.join("tiny_vqvae.pt").display().to_string(),
+        m.join(vqvae).display().to_string(),
     ]
+}
+
+/// `danceba generate INPUT MODELS --formats FORMATS -o OUT`.
+fn generate(input: &Path, models: &[String], formats: &str, out: &Path) -> Command {
+    let mut c = bin();
+    c.arg("generate")
+        .arg(input)
+        .args(models)
+        .args(["--formats", formats, "-o"])
+        .arg(out);
+    c
 }
 
 fn run_ok(cmd: &mut Command) -> Output {
@@ -340,7 +356,6 @@ fn feature_json_and_audio_give_the_same_tokens() {
 #[test]
 fn user_errors_say_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
-    let m = golden().join("model");
     let song = golden().join("audio/mono22k_mutilated_mime_12s.wav");
 
     // No weights anywhere: names the download command.
@@ -358,90 +373,38 @@ fn user_errors_say_what_to_do() {
     assert!(err.contains("danceba download"), "{err}");
 
     // A VQ-VAE given as the GPT.
-    let err = run_err(
-        bin()
-            .arg("generate")
-            .arg(&song)
-            .arg("--gpt")
-            .arg(m.join("tiny_vqvae.pt"))
-            .arg("--vqvae")
-            .arg(m.join("tiny_vqvae.pt"))
-            .args(["--formats", "npy", "-o"])
-            .arg(dir.path()),
-    );
+    let vq_twice = models("tiny_vqvae.pt", "tiny_vqvae.pt");
+    let err = run_err(&mut generate(&song, &vq_twice, "npy", dir.path()));
     assert!(err.to_lowercase().contains("vq"), "{err}");
     // the two checkpoints the other way round: said once, with the likely cause
-    let err = run_err(
-        bin()
-            .arg("generate")
-            .arg(&song)
-            .arg("--gpt")
-            .arg(m.join("tiny_vqvae.pt"))
-            .arg("--vqvae")
-            .arg(m.join("tiny_gpt.pt"))
-            .args(["--formats", "npy", "-o"])
-            .arg(dir.path()),
-    );
+    let swapped = models("tiny_vqvae.pt", "tiny_gpt.pt");
+    let err = run_err(&mut generate(&song, &swapped, "npy", dir.path()));
     assert!(err.contains("swapped"), "{err}");
     assert_eq!(err.matches("expected a gpt checkpoint").count(), 1, "{err}");
 
     // A directory given as a song.
-    let err = run_err(
-        bin()
-            .arg("generate")
-            .arg(golden().join("audio"))
-            .args(tiny())
-            .args(["--formats", "npy", "-o"])
-            .arg(dir.path()),
-    );
+    let audio_dir = golden().join("audio");
+    let err = run_err(&mut generate(&audio_dir, &tiny(), "npy", dir.path()));
     assert!(err.contains("is a directory"), "{err}");
 
     // Unreadable audio.
     let bogus = dir.path().join("notes.mp3");
     std::fs::write(&bogus, b"this is not audio").unwrap();
-    let err = run_err(
-        bin()
-            .arg("generate")
-            .arg(&bogus)
-            .args(tiny())
-            .args(["--formats", "npy", "-o"])
-            .arg(dir.path()),
-    );
+    let err = run_err(&mut generate(&bogus, &tiny(), "npy", dir.path()));
     assert!(err.contains("notes.mp3"), "{err}");
     assert!(!dir.path().join("notes.npy").exists());
 
     // An output directory that cannot be created (a file is in the way).
     let blocker = dir.path().join("blocker");
     std::fs::write(&blocker, b"x").unwrap();
-    let err = run_err(
-        bin()
-            .arg("generate")
-            .arg(&song)
-            .args(tiny())
-            .args(["--formats", "npy", "-o"])
-            .arg(blocker.join("out")),
-    );
+    let err = run_err(&mut generate(&song, &tiny(), "npy", &blocker.join("out")));
     assert!(err.contains("output directory"), "{err}");
     // the file itself as the output directory
-    let err = run_err(
-        bin()
-            .arg("generate")
-            .arg(&song)
-            .args(tiny())
-            .args(["--formats", "npy", "-o"])
-            .arg(&blocker),
-    );
+    let err = run_err(&mut generate(&song, &tiny(), "npy", &blocker));
     assert!(err.contains("is a file"), "{err}");
 
     // Unknown format.
-    let err = run_err(
-        bin()
-            .arg("generate")
-            .arg(&song)
-            .args(tiny())
-            .args(["--formats", "npy,fbx", "-o"])
-            .arg(dir.path()),
-    );
+    let err = run_err(&mut generate(&song, &tiny(), "npy,fbx", dir.path()));
     assert!(err.contains("fbx") && err.contains("glb"), "{err}");
 
     // Existing outputs are not overwritten without --force, and are untouched.
@@ -449,14 +412,7 @@ fn user_errors_say_what_to_do() {
     std::fs::create_dir_all(&out).unwrap();
     let target = out.join("mono22k_mutilated_mime_12s.npy");
     std::fs::write(&target, b"keep me").unwrap();
-    let err = run_err(
-        bin()
-            .arg("generate")
-            .arg(&song)
-            .args(tiny())
-            .args(["--formats", "npy", "-o"])
-            .arg(&out),
-    );
+    let err = run_err(&mut generate(&song, &tiny(), "npy", &out));
     assert!(err.contains("--force"), "{err}");
     assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
     run_ok(

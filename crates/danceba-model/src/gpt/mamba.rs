@@ -63,6 +63,8 @@ struct MambaHost {
     conv_b: Vec<f32>,
     dt_bias: Vec<f32>,
     a: Vec<f32>,
+    /// Each channel's smallest A ([`scan::channel_minima`]).
+    a_min: Vec<f32>,
     d_skip: Vec<f32>,
 }
 
@@ -80,11 +82,13 @@ impl Mamba {
             let f = |t: &Tensor| -> Result<Vec<f32>> {
                 Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
             };
+            let a_host = f(&a)?;
             Some(MambaHost {
                 conv_w: f(&conv_w)?,
                 conv_b: f(&conv_b)?,
                 dt_bias: f(&dt_bias)?,
-                a: f(&a)?,
+                a_min: scan::channel_minima(&a_host, di, ds),
+                a: a_host,
                 d_skip: f(&d_skip)?,
             })
         } else {
@@ -279,6 +283,7 @@ impl Mamba {
             delta_pre: dpre,
             delta_bias: &host.dt_bias,
             a: &host.a,
+            a_min: &host.a_min,
             bc: xd,
             bc_stride: dr + 2 * ds,
             b_offset: dr,

@@ -1226,6 +1226,7 @@ mod metal_tests {
             delta_pre: &dpre_h,
             delta_bias: &dbias_h,
             a: &a_h,
+            a_min: &scan::channel_minima(&a_h, d, n),
             bc: &bc_h,
             bc_stride: bcw,
             b_offset: b_off,

@@ -558,9 +558,8 @@ impl Gpt {
         let c = self.arch.n_embd;
         // on the CPU the embedding stage runs in f32 (activation_dtype) like the rest: the
         // f16/bf16 weights are widened in the products and the tables' rows exactly
-        let ce = self
-            .cond_emb
-            .forward(&inp.cond.to_dtype(self.activation_dtype())?)?;
+        let act = self.activation_dtype();
+        let ce = self.cond_emb.forward(&inp.cond.to_dtype(act)?)?;
         let lpe_out = self.lpe.forward_phase(inp.phase)?;
         if lpe_out.dim(1)? < 3 * t {
             return input_err(format!(
@@ -569,7 +568,7 @@ impl Gpt {
             ));
         }
         #[cfg(feature = "cuda")]
-        if cuda_ops::usable(&ce) && self.activation_dtype() == self.dtype {
+        if cuda_ops::usable(&ce) && act == self.dtype {
             let x = cuda_ops::embed(
                 &ce,
                 &self.tok_up,
@@ -581,7 +580,6 @@ impl Gpt {
             )?;
             return self.forward_blocks(x, lpe_out, inp, keep, logits);
         }
-        let act = self.activation_dtype();
         let eu = self
             .tok_up
             .embedding(&inp.up.flatten_all()?)?

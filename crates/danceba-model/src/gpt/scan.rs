@@ -143,6 +143,10 @@ pub struct ScanInputs<'a> {
     pub delta_bias: &'a [f32],
     /// (d, n): A = −exp(A_log).
     pub a: &'a [f32],
+    /// (d): each channel's smallest A, NaN where its row holds one: [`channel_minima`] of `a`,
+    /// computed once with the weights (the SIMD kernels leave out their exponent clamp where
+    /// it bounds every decay above 2⁻¹²⁶; a wrong value there gives wrong decays).
+    pub a_min: &'a [f32],
     /// Rows of `bc_stride` values, one per (batch, len) position; B at `b_offset`, C at `c_offset`.
     pub bc: &'a [f32],
     pub bc_stride: usize,
@@ -154,6 +158,25 @@ pub struct ScanInputs<'a> {
     pub z: &'a [f32],
     pub z_stride: usize,
     pub z_offset: usize,
+}
+
+/// The smallest value of each of the `d` rows of `n` values of `a` (A, (d, n)): NaN for a row
+/// that holds a NaN, +∞ for empty rows. [`ScanInputs::a_min`].
+pub fn channel_minima(a: &[f32], d: usize, n: usize) -> Vec<f32> {
+    if n == 0 {
+        return vec![f32::INFINITY; d];
+    }
+    a.chunks_exact(n)
+        .map(|row| {
+            row.iter().fold(f32::INFINITY, |m, &v| {
+                if v.is_nan() || m.is_nan() {
+                    f32::NAN
+                } else {
+                    m.min(v)
+                }
+            })
+        })
+        .collect()
 }
 
 /// `A·log2(e)` of channel `c` into `a2` (n values): the scan's decay is `2^(Δ·A·log2(e))`.
@@ -228,9 +251,8 @@ fn scan_channel(
 /// `states::<K, CLAMP>` runs the states `W·K` at a time (8·W, then 4·W, then W; in
 /// `state_chunks`), the first chunk storing the lanes of Σ h·C per position into `acc`
 /// (len × W) and later ones adding to them; its `lane_sum` adds a position's lanes at the end.
-/// `CLAMP` is [`decay_may_underflow`] of the channel (its `A` row's minimum from the module's
-/// `row_min`). Requires `p.n % W == 0` and every slice ≥ W · `p.len` long. The attributes (the
-/// module's target features) go on the functions.
+/// `CLAMP` is [`decay_may_underflow`] of the channel. Requires `p.n % W == 0` and every slice
+/// ≥ W · `p.len` long. The attributes (the module's target features) go on the functions.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 macro_rules! scan_channel_fn {
     ($w:literal, $(#[$attr:meta])*) => {
@@ -253,8 +275,7 @@ macro_rules! scan_channel_fn {
                 assert!(v >= W * len);
             }
             let accp = acc.as_mut_ptr();
-            let a_min = row_min(&p.a[c * n..(c + 1) * n]);
-            if super::decay_may_underflow(a_min, delta, W, lane, len) {
+            if super::decay_may_underflow(p.a_min[c], delta, W, lane, len) {
                 state_chunks::<true>(p, bi, c, delta, lane, accp);
             } else {
                 state_chunks::<false>(p, bi, c, delta, lane, accp);
@@ -301,22 +322,16 @@ macro_rules! scan_channel_fn {
 use scan_channel_fn;
 
 /// Whether some decay `2^(Δ·A·log2 e)` of a channel could fall below 2⁻¹²⁶, given the
-/// smallest value of its row of `A` and whether the row holds a NaN (the module's `row_min`)
-/// and its Δ (lane `lane` of the `w`-lane rows of `delta`, `len` positions): the SIMD kernels
+/// smallest value of its row of `A` (NaN where the row holds one, see [`channel_minima`]) and
+/// its Δ (lane `lane` of the `w`-lane rows of `delta`, `len` positions): the SIMD kernels
 /// then clamp the exponent at −126 (a vector max per 8 or 16 states, ~8 % of the scan on Zen
 /// 2), else they leave that out, with the same results. Δ is a softplus, so ≥ 0, and rounding
 /// is monotone: every `t = fl(Δ·fl(A·log2 e))` is ≥ `fl(Δmax·fl(Amin·log2 e))`. A NaN in `A`
 /// says yes (the clamp turns its decays into 2⁻¹²⁶, as the kernels always did); a NaN Δ needs
 /// nothing (its state turns NaN on either path).
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-fn decay_may_underflow(
-    (amin, a_nan): (f32, bool),
-    delta: &[f32],
-    w: usize,
-    lane: usize,
-    len: usize,
-) -> bool {
-    if a_nan {
+fn decay_may_underflow(amin: f32, delta: &[f32], w: usize, lane: usize, len: usize) -> bool {
+    if amin.is_nan() {
         return true;
     }
     let mut dmax = 0f32;
@@ -536,32 +551,6 @@ mod avx2 {
         sum_lanes(_mm256_loadu_ps(at))
     }
 
-    /// The smallest of `v` (+∞ when empty) and whether it holds a NaN.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn row_min(v: &[f32]) -> (f32, bool) {
-        let mut lo = _mm256_set1_ps(f32::INFINITY);
-        let mut nan = _mm256_setzero_ps();
-        let chunks = v.chunks_exact(8);
-        let rest = chunks.remainder();
-        for ch in chunks {
-            let x = _mm256_loadu_ps(ch.as_ptr());
-            lo = _mm256_min_ps(lo, x);
-            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
-        }
-        let mut l = [0f32; 8];
-        _mm256_storeu_ps(l.as_mut_ptr(), lo);
-        let mut any_nan = _mm256_movemask_ps(nan) != 0;
-        let mut mn = f32::INFINITY;
-        for x in l.into_iter().chain(rest.iter().copied()) {
-            any_nan |= x.is_nan();
-            if x < mn {
-                mn = x;
-            }
-        }
-        (mn, any_nan)
-    }
-
     // 64 states per pass: with 16 ymm registers they spill some of their h, which measured ≈2 %
     // faster on Zen 2 than 32 without spills and twice the passes over the positions
     super::scan_channel_fn!(8, #[target_feature(enable = "avx2,fma")]);
@@ -710,30 +699,6 @@ mod neon {
         vaddvq_f32(vld1q_f32(at))
     }
 
-    /// The smallest of `v` (+∞ when empty) and whether it holds a NaN.
-    #[inline(always)]
-    unsafe fn row_min(v: &[f32]) -> (f32, bool) {
-        let mut lo = vdupq_n_f32(f32::INFINITY);
-        // all ones while every value equals itself (no NaN)
-        let mut ordered = vdupq_n_u32(u32::MAX);
-        let chunks = v.chunks_exact(4);
-        let rest = chunks.remainder();
-        for ch in chunks {
-            let x = vld1q_f32(ch.as_ptr());
-            lo = vminq_f32(lo, x);
-            ordered = vandq_u32(ordered, vceqq_f32(x, x));
-        }
-        let mut mn = vminvq_f32(lo);
-        let mut any_nan = vminvq_u32(ordered) == 0;
-        for &x in rest {
-            any_nan |= x.is_nan();
-            if x < mn {
-                mn = x;
-            }
-        }
-        (mn, any_nan)
-    }
-
     super::scan_channel_fn!(4,);
 }
 
@@ -870,30 +835,6 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512dq")]
     unsafe fn lane_sum(at: *const f32) -> f32 {
         _mm512_reduce_add_ps(_mm512_loadu_ps(at))
-    }
-
-    /// The smallest of `v` (+∞ when empty) and whether it holds a NaN.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512dq")]
-    unsafe fn row_min(v: &[f32]) -> (f32, bool) {
-        let mut lo = _mm512_set1_ps(f32::INFINITY);
-        let mut nan: __mmask16 = 0;
-        let chunks = v.chunks_exact(16);
-        let rest = chunks.remainder();
-        for ch in chunks {
-            let x = _mm512_loadu_ps(ch.as_ptr());
-            lo = _mm512_min_ps(lo, x);
-            nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-        }
-        let mut mn = _mm512_reduce_min_ps(lo);
-        let mut any_nan = nan != 0;
-        for &x in rest {
-            any_nan |= x.is_nan();
-            if x < mn {
-                mn = x;
-            }
-        }
-        (mn, any_nan)
     }
 
     super::scan_channel_fn!(16, #[target_feature(enable = "avx512f,avx512dq")]);
@@ -1135,6 +1076,7 @@ pub fn selective_scan_with(p: &ScanInputs, kernel: ScanKernel) -> Vec<f32> {
     debug_assert_eq!(p.u.len(), bsz * len * d);
     debug_assert_eq!(p.delta_pre.len(), bsz * len * d);
     debug_assert_eq!(p.a.len(), d * n);
+    debug_assert_eq!(p.a_min.len(), d);
     debug_assert!(p.bc.len() >= bsz * len * p.bc_stride);
     debug_assert!(p.z.len() >= bsz * len * p.z_stride);
     #[cfg(target_arch = "x86_64")]
@@ -1351,6 +1293,7 @@ mod tests {
             .enumerate()
             .map(|(i, v)| -(v * if (i / n) % 2 == 1 { a_hi } else { 3.0 }).exp())
             .collect();
+        let a_min = channel_minima(&a, d, n);
         let bc = rnd(batch * len * (5 + 2 * n), -1.0, 1.0);
         let dsk = rnd(d, -1.0, 1.0);
         let z = rnd(batch * len * 2 * d, -3.0, 3.0);
@@ -1363,6 +1306,7 @@ mod tests {
             delta_pre: &dp,
             delta_bias: &bias,
             a: &a,
+            a_min: &a_min,
             bc: &bc,
             bc_stride: 5 + 2 * n,
             b_offset: 5,
@@ -1384,9 +1328,7 @@ mod tests {
                     let delta: Vec<f32> = (0..len)
                         .map(|l| softplus(dp[(bi * len + l) * d + c] + bias[c]))
                         .collect();
-                    let row = &a[c * n..(c + 1) * n];
-                    let amin = row.iter().fold(f32::INFINITY, |m, &v| m.min(v));
-                    clamped += usize::from(decay_may_underflow((amin, false), &delta, 1, 0, len));
+                    clamped += usize::from(decay_may_underflow(a_min[c], &delta, 1, 0, len));
                 }
             }
             let all = batch * d;
