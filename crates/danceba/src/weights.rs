@@ -385,6 +385,15 @@ fn join_url(base: &str, loc: &str) -> String {
     format!("{scheme}://{host}{dir}/{loc}")
 }
 
+/// ureq's message for a failed request without the URL it starts with ("URL: Dns Failed: …"),
+/// which [`WeightsError::Network`] names already.
+fn network_message(url: &str, msg: &str) -> String {
+    msg.strip_prefix(url)
+        .and_then(|m| m.strip_prefix(": "))
+        .unwrap_or(msg)
+        .to_string()
+}
+
 /// A response, the URL it came from, and the `X-Repo-Commit` seen along the redirects.
 type Got = (ureq::Response, String, Option<String>);
 
@@ -423,10 +432,8 @@ fn get(cfg: &HubConfig, url: &str, range_from: Option<u64>) -> Result<Got, Weigh
                 });
             }
             Err(e) => {
-                return Err(WeightsError::Network {
-                    url: cur,
-                    msg: e.to_string(),
-                })
+                let msg = network_message(&cur, &e.to_string());
+                return Err(WeightsError::Network { url: cur, msg });
             }
         };
         if let Some(c) = resp.header("X-Repo-Commit") {

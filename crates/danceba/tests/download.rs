@@ -487,6 +487,8 @@ fn a_missing_token_and_a_wrong_endpoint_give_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("HF_ENDPOINT"), "{err}");
+    // the URL once: ureq's own message starts with it too
+    assert_eq!(err.matches("http://127.0.0.1:9/").count(), 1, "{err}");
 }
 
 #[test]
