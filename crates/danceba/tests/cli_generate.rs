@@ -403,6 +403,21 @@ fn user_errors_say_what_to_do() {
     let err = run_err(&mut generate(&song, &tiny(), "npy", &blocker));
     assert!(err.contains("is a file"), "{err}");
 
+    // Sampling settings out of range, negative numbers included, refused before the model
+    // is loaded (the output names the setting, and nothing was loaded).
+    for (flag, value, what) in [
+        ("--temperature", "-1", "temperature"),
+        ("--top-p", "1.5", "top-p"),
+        ("--top-k", "0", "top-k"),
+    ] {
+        let mut cmd = generate(&song, &tiny(), "npy", dir.path());
+        let out = cmd.args([flag, value]).output().unwrap();
+        assert!(!out.status.success(), "{flag} {value} was accepted");
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(text.contains(what) && text.contains(value), "{text}");
+        assert!(!text.contains("loading"), "{text}");
+    }
+
     // Unknown format.
     let err = run_err(&mut generate(&song, &tiny(), "npy,fbx", dir.path()));
     assert!(err.contains("fbx") && err.contains("glb"), "{err}");

@@ -75,6 +75,15 @@ pub fn argmax(logits: &[f32]) -> usize {
     best
 }
 
+impl SamplingPolicy {
+    /// Whether the policy's settings are usable (temperature finite and ≥ 0, top-k ≥ 1, top-p
+    /// in (0, 1]), so that a caller can refuse bad settings before any work; [`Gpt::generate`]
+    /// checks them too.
+    pub fn check(&self) -> Result<()> {
+        check_policy(self)
+    }
+}
+
 fn check_policy(p: &SamplingPolicy) -> Result<()> {
     if let SamplingPolicy::Sample {
         temperature,
@@ -89,7 +98,7 @@ fn check_policy(p: &SamplingPolicy) -> Result<()> {
             ));
         }
         if *top_k == Some(0) {
-            return input_err("top-k must be at least 1".into());
+            return input_err("top-k must be at least 1, got 0".into());
         }
         if let Some(p) = top_p {
             if !(p.is_finite() && *p > 0.0 && *p <= 1.0) {

@@ -12,7 +12,7 @@ use super::outputs::{parse_formats, parse_style, Output};
 use candle_core::DType;
 use danceba::{read_features, InputKind, ModelFiles, Pipeline, PipelineOptions};
 use danceba_model::device::DeviceChoice;
-use danceba_model::gpt::{GenerateOptions, SamplingPolicy, DEFAULT_START};
+use danceba_model::gpt::{GenerateOptions, GptError, SamplingPolicy, DEFAULT_START};
 use danceba_motion::export::json::{SamplingMeta, StartTokens, TokenStreams};
 use danceba_motion::export::{self, MotionMeta};
 use danceba_motion::render::html::write_html;
@@ -65,13 +65,13 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub seed_motion: Option<PathBuf>,
     /// Sample instead of the official greedy choice, at this temperature (0 = greedy).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub temperature: Option<f32>,
     /// Sample only among the K most likely tokens.
     #[arg(long, value_name = "K")]
     pub top_k: Option<usize>,
     /// Sample only among the most likely tokens whose probabilities add up to P.
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
     pub top_p: Option<f32>,
     /// Random seed for sampling (same seed, same dance).
     #[arg(long, default_value_t = 0)]
@@ -134,13 +134,19 @@ fn policy(args: &Args) -> Result<(SamplingPolicy, SamplingMeta)> {
         ));
     }
     let temperature = args.temperature.unwrap_or(1.0);
+    let policy = SamplingPolicy::Sample {
+        temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    // the model's own check, now rather than after the model and the music are loaded
+    match policy.check() {
+        Err(GptError::Input(m)) => bail!("bad sampling setting: {m}"),
+        other => other?,
+    }
     Ok((
-        SamplingPolicy::Sample {
-            temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            seed: args.seed,
-        },
+        policy,
         SamplingMeta {
             strategy: "sample".into(),
             temperature: Some(temperature),
