@@ -193,3 +193,90 @@ fn block_head_chain_with_parallel_streams_matches_stream_by_stream() {
         }
     }
 }
+
+/// The sampler's CPU step on host buffers (`cpu_step.rs`) on a model of other sizes than the
+/// golden ones: a head size of 8 (5 heads of 40), 12 states (the portable scan loop; not a
+/// multiple of 8), odd widths and vocabularies, block size 11. Its last-position logits
+/// against the candle forward's, at every window length, batches of 1 and 3, f32 and f16
+/// weights; and a generation with that model equals the one the candle forward gives.
+#[test]
+fn host_step_matches_the_candle_forward_on_odd_sizes() {
+    use danceba_model::arch::{GptArch, MambaArch};
+    use danceba_model::gpt::random::random_gpt_on;
+    use danceba_model::gpt::MambaImpl;
+    use rand::{Rng, SeedableRng};
+    let arch = GptArch {
+        n_embd: 40,
+        n_head: 5,
+        n_layer_base: 2,
+        n_layer_head: 2,
+        vocab_up: 37,
+        vocab_down: 41,
+        n_music: 438,
+        block_size: 11,
+        mlp_hidden: 100,
+        gated_mlp_hidden: 48,
+        lpe_bins: 257,
+        mamba: MambaArch {
+            d_inner: 80,
+            d_state: 12,
+            dt_rank: 3,
+            d_conv: 4,
+        },
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    for dtype in [DType::F32, DType::F16] {
+        let gpt = random_gpt_on(&arch, 3, &Device::Cpu, dtype).unwrap();
+        if !gpt.cpu_host_step() {
+            println!("SKIPPED: no CPU host step here (needs x86-64 with AVX2 or AVX-512)");
+            return;
+        }
+        let nm = arch.n_music;
+        for b in [1usize, 3] {
+            for t in 1..arch.block_size {
+                let up: Vec<u32> = (0..b * t).map(|_| rng.gen_range(0..37)).collect();
+                let down: Vec<u32> = (0..b * t).map(|_| rng.gen_range(0..41)).collect();
+                let cond: Vec<f32> = (0..b * t * nm).map(|_| rng.gen_range(-2.0..2.0)).collect();
+                let (lu, ld) = gpt.last_logits(&up, &down, &cond, b, t).unwrap();
+                let tensor = |v: &[u32]| Tensor::from_slice(v, (b, t), &Device::Cpu).unwrap();
+                let ct = Tensor::from_slice(&cond, (b, t, nm), &Device::Cpu).unwrap();
+                let (fu, fd) = gpt.forward(&tensor(&up), &tensor(&down), &ct).unwrap();
+                let last = |l: &Tensor| {
+                    l.narrow(1, t - 1, 1)
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                };
+                let got_u = Tensor::new(lu.as_slice(), &Device::Cpu).unwrap();
+                let got_d = Tensor::new(ld.as_slice(), &Device::Cpu).unwrap();
+                let (eu, ed) = (rel_err(&got_u, &last(&fu)), rel_err(&got_d, &last(&fd)));
+                assert!(
+                    eu <= 2e-6 && ed <= 2e-6,
+                    "{dtype:?} b={b} t={t}: rel err {eu} / {ed}"
+                );
+            }
+        }
+        // whole generations: the host step and the candle forward (the portable Mamba, which
+        // the host step never runs) choose the same tokens on this model
+        let cond = Tensor::from_vec(
+            (0..30 * nm)
+                .map(|_| rng.gen_range(-2.0f32..2.0))
+                .collect::<Vec<_>>(),
+            (30, nm),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let opts = danceba_model::gpt::GenerateOptions {
+            start: (5, 7),
+            ..Default::default()
+        };
+        let host = gpt.generate(&cond, &opts, &mut |_, _| {}).unwrap();
+        let mut portable = gpt.clone();
+        portable.set_mamba_impl(MambaImpl::Portable);
+        assert!(!portable.cpu_host_step());
+        let candle = portable.generate(&cond, &opts, &mut |_, _| {}).unwrap();
+        assert_eq!(host, candle, "{dtype:?}: the host step's tokens differ");
+    }
+}

@@ -38,6 +38,10 @@ fn gpt_mode_times_the_ramp_and_steady_steps_of_a_checkpoint() {
         "--batch",
         "1,2",
     ]);
+    // how the CPU step ran: on host buffers where our GEMM kernels run (x86-64), else candle
+    let step = v["gpt"]["cpu_step"].as_str().unwrap();
+    let host_here = danceba_model::gpt::cpu_gemm::available();
+    assert_eq!(step, if host_here { "host" } else { "candle" });
     let runs = v["gpt"]["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 2);
     for (r, b) in runs.iter().zip([1, 2]) {

@@ -4,6 +4,7 @@
 use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor, D};
 
 use super::cpu_gemm;
+use super::cpu_step::{grow, HostScratch};
 use candle_nn::VarBuilder;
 
 use super::Result;
@@ -88,7 +89,7 @@ impl Lin {
     }
 
     /// From the weight (out, in) and the optional bias (out).
-    fn new(w: Tensor, b: Option<Tensor>) -> Result<Self> {
+    pub(crate) fn new(w: Tensor, b: Option<Tensor>) -> Result<Self> {
         let b_host = match (&b, w.device()) {
             (Some(b), Device::Cpu) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             _ => None,
@@ -390,6 +391,93 @@ impl Lin {
     }
 }
 
+impl Lin {
+    /// [`Lin::linear_host`] into `out` (rows × out values): no allocation. `Ok(false)` (and
+    /// `out` untouched) where the kernel does not apply.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn linear_into(
+        &self,
+        x: &[f32],
+        rows: usize,
+        act: Act,
+        gate: Option<&[f32]>,
+        residual: Option<&[f32]>,
+        out: &mut [f32],
+    ) -> Result<bool> {
+        self.rows_into(x, rows, 0, self.out_dim(), act, gate, residual, out, true)
+    }
+
+    /// Output columns `j0..j1` of the layer (weight rows `j0..j1`, their bias) into `out`
+    /// (rows × (j1 − j0)), on this thread alone when `!parallel`: each value the same as
+    /// [`Lin::linear_into`]'s column (the kernel's sums do not depend on the neighbours).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn rows_into(
+        &self,
+        x: &[f32],
+        rows: usize,
+        j0: usize,
+        j1: usize,
+        act: Act,
+        gate: Option<&[f32]>,
+        residual: Option<&[f32]>,
+        out: &mut [f32],
+        parallel: bool,
+    ) -> Result<bool> {
+        if !cpu_gemm::available() || (self.b.is_some() && self.b_host.is_none()) {
+            return Ok(false);
+        }
+        let (n_all, k) = self.w.dims2()?;
+        let n = j1.saturating_sub(j0);
+        let sizes_ok = j0 <= j1
+            && j1 <= n_all
+            && x.len() == rows * k
+            && out.len() == rows * n
+            && gate.is_none_or(|g| g.len() == rows * n)
+            && residual.is_none_or(|r| r.len() == rows * n);
+        if !sizes_ok {
+            return Err(candle_core::Error::Msg(format!(
+                "linear layer {n_all}×{k}: host input of {} values for {rows} rows, columns \
+                 {j0}..{j1} (or output/gate/residual not {rows}×{n})",
+                x.len()
+            ))
+            .into());
+        }
+        let ep = cpu_gemm::Epilogue {
+            bias: self.b_host.as_deref().map(|b| &b[j0..j1]),
+            act: act.into(),
+            gate,
+            residual,
+        };
+        let (ws, wl) = self.w.storage_and_layout();
+        let Some((w0, _)) = wl.contiguous_offsets() else {
+            return Ok(false);
+        };
+        let (a, b) = (w0 + j0 * k, w0 + j1 * k);
+        fn run<W: cpu_gemm::Weight>(
+            x: &[f32],
+            w: &[W],
+            m: usize,
+            k: usize,
+            n: usize,
+            ep: &cpu_gemm::Epilogue,
+            out: &mut [f32],
+            parallel: bool,
+        ) -> bool {
+            if parallel {
+                cpu_gemm::linear_ep_into(x, w, m, k, n, ep, out)
+            } else {
+                cpu_gemm::linear_ep_into_seq(x, w, m, k, n, ep, out)
+            }
+        }
+        Ok(match &*ws {
+            Storage::Cpu(CpuStorage::F32(w)) => run(x, &w[a..b], rows, k, n, &ep, out, parallel),
+            Storage::Cpu(CpuStorage::F16(w)) => run(x, &w[a..b], rows, k, n, &ep, out, parallel),
+            Storage::Cpu(CpuStorage::BF16(w)) => run(x, &w[a..b], rows, k, n, &ep, out, parallel),
+            _ => false,
+        })
+    }
+}
+
 /// `x·wᵀ (+ b)` with candle's matmul, `x` of any rank flattened to rows on its last dimension.
 fn candle_product(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
@@ -408,13 +496,45 @@ fn candle_product(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> 
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     w: Tensor,
+    /// f32 copy of the weight for the host path (CPU weights only).
+    w_host: Option<Vec<f32>>,
 }
 
 impl RmsNorm {
     pub fn load(vb: &VarBuilder, name: &str, dim: usize) -> Result<Self> {
-        Ok(Self {
-            w: vb.pp(name).get(dim, "weight")?,
-        })
+        let w = vb.pp(name).get(dim, "weight")?;
+        let w_host = match w.device() {
+            Device::Cpu => Some(w.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            _ => None,
+        };
+        Ok(Self { w, w_host })
+    }
+
+    /// The norm of each of the `rows` rows of `x` into `out` (same size), the f32 arithmetic
+    /// of candle's CPU `rms_norm` (the sum of squares in order, `v / rms · w`): the same bits.
+    /// `false` where there is no host weight (not on the CPU).
+    pub(crate) fn forward_into(&self, x: &[f32], out: &mut [f32]) -> bool {
+        use rayon::prelude::*;
+        let Some(w) = self.w_host.as_deref() else {
+            return false;
+        };
+        let n = w.len();
+        assert!(n > 0 && x.len() == out.len() && x.len().is_multiple_of(n));
+        let row = |(src, dst): (&[f32], &mut [f32])| {
+            let sum2 = src.iter().map(|&v| v * v).sum::<f32>();
+            let m = (sum2 / n as f32 + RMS_EPS).sqrt();
+            for ((d, &s), &a) in dst.iter_mut().zip(src).zip(w) {
+                *d = s / m * a;
+            }
+        };
+        if x.len() / n <= 32 {
+            x.chunks_exact(n).zip(out.chunks_exact_mut(n)).for_each(row);
+        } else {
+            x.par_chunks_exact(n)
+                .zip(out.par_chunks_exact_mut(n))
+                .for_each(row);
+        }
+        true
     }
 
     /// In `x`'s dtype (the weight is converted if it differs).
@@ -437,6 +557,320 @@ impl RmsNorm {
         let s = (x + r)?;
         let n = self.forward(&s)?;
         Ok((s, n))
+    }
+}
+
+/// A raw output pointer shared by the attention's tasks; each writes its own head's columns.
+#[derive(Clone, Copy)]
+struct HeadOut(*mut f32);
+// SAFETY: the tasks write disjoint elements (different songs or heads) and the buffer outlives
+// the parallel loop.
+unsafe impl Send for HeadOut {}
+unsafe impl Sync for HeadOut {}
+impl HeadOut {
+    /// Element `i` (a method, so that closures capture the `Sync` wrapper, not the pointer).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+thread_local! {
+    /// [`attention_host`]'s per-task rows (a head's queries, keys, transposed values, scores
+    /// and output), per thread: grown once, then reused.
+    static ATTN: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Where [`attention_host`] reads a head's rows: row `r` of song `bi` at
+/// `data[(bi · rows + r) · stride + offset + head · head_size ..]`.
+#[derive(Clone, Copy)]
+struct HeadRows<'a> {
+    data: &'a [f32],
+    stride: usize,
+    offset: usize,
+    rows: usize,
+}
+
+/// `softmax(q·kᵀ · scale + mask)·v` for every song and head on host rows, the heads merged into
+/// `out` (b · q.rows × c): queries from `q`, keys from `k` and values from `v` (each `k.rows`
+/// = n rows per song), query row `r` at window position `q_pos(r)` (its mask row). The f32
+/// operations of [`attention_probs`] (scores times the scale, plus the mask, the max, `exp`,
+/// the sum, the division), with the products in [`cpu_gemm`] on the calling task (songs and
+/// heads run in parallel). `false` where the kernel is not available.
+#[allow(clippy::too_many_arguments)]
+fn attention_host(
+    q: HeadRows,
+    k: HeadRows,
+    v: HeadRows,
+    q_pos: &(dyn Fn(usize) -> usize + Sync),
+    b: usize,
+    heads: usize,
+    head_size: usize,
+    mask: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) -> bool {
+    use rayon::prelude::*;
+    if !cpu_gemm::available() {
+        return false;
+    }
+    let (mq, n, hd) = (q.rows, k.rows, head_size);
+    let c = heads * hd;
+    assert_eq!(out.len(), b * mq * c);
+    assert_eq!(mask.len(), n * n);
+    let dst = HeadOut(out.as_mut_ptr());
+    (0..b * heads).into_par_iter().for_each(|task| {
+        let (bi, hh) = (task / heads, task % heads);
+        ATTN.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let need = 2 * mq * hd + 2 * n * hd + mq * n;
+            if buf.len() < need {
+                buf.resize(need, 0.0);
+            }
+            let (qh, rest) = buf.split_at_mut(mq * hd);
+            let (kh, rest) = rest.split_at_mut(n * hd);
+            let (vt, rest) = rest.split_at_mut(n * hd);
+            let (sc, rest) = rest.split_at_mut(mq * n);
+            let oh = &mut rest[..mq * hd];
+            fn row<'a>(h: HeadRows<'a>, bi: usize, hh: usize, hd: usize, r: usize) -> &'a [f32] {
+                let at = (bi * h.rows + r) * h.stride + h.offset + hh * hd;
+                &h.data[at..at + hd]
+            }
+            for r in 0..mq {
+                qh[r * hd..(r + 1) * hd].copy_from_slice(row(q, bi, hh, hd, r));
+            }
+            for j in 0..n {
+                kh[j * hd..(j + 1) * hd].copy_from_slice(row(k, bi, hh, hd, j));
+                for (d, &val) in row(v, bi, hh, hd, j).iter().enumerate() {
+                    vt[d * n + j] = val;
+                }
+            }
+            let none = cpu_gemm::Epilogue::bias(None);
+            cpu_gemm::linear_ep_into_seq(qh, kh, mq, hd, n, &none, sc);
+            for (r, srow) in sc.chunks_exact_mut(n).enumerate() {
+                let mrow = &mask[q_pos(r) * n..(q_pos(r) + 1) * n];
+                let mut max = f32::NEG_INFINITY;
+                for (s, &m) in srow.iter_mut().zip(mrow) {
+                    *s = *s * scale + m;
+                    max = max.max(*s);
+                }
+                let mut sum = 0f32;
+                for s in srow.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                for s in srow.iter_mut() {
+                    *s /= sum;
+                }
+            }
+            cpu_gemm::linear_ep_into_seq(sc, vt, mq, n, hd, &none, oh);
+            for r in 0..mq {
+                // SAFETY: row r of song bi, columns of head hh: written by this task alone,
+                // inside `out` (asserted sizes)
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        oh[r * hd..].as_ptr(),
+                        dst.at((bi * mq + r) * c + hh * hd),
+                        hd,
+                    );
+                }
+            }
+        });
+    });
+    true
+}
+
+/// The error of a host step whose kernel turned out not to apply (checked before it starts).
+pub(crate) fn host_unavailable(what: &str) -> super::GptError {
+    super::GptError::Input(format!("the CPU host step cannot run {what} here"))
+}
+
+/// `layer.linear_into(..)`, an error where the kernel does not apply.
+macro_rules! host_lin {
+    ($layer:expr, $x:expr, $rows:expr, $act:expr, $gate:expr, $res:expr, $out:expr) => {
+        if !$layer.linear_into($x, $rows, $act, $gate, $res, $out)? {
+            return Err(host_unavailable("a linear layer"));
+        }
+    };
+}
+pub(crate) use host_lin;
+
+/// Rows `t − 1`, `2t − 1` and `3t − 1` of each song's `3t` rows of `width` values in `src`,
+/// into `dst` (b · 3 rows).
+fn gather_last_rows(src: &[f32], b: usize, t: usize, width: usize, dst: &mut [f32]) {
+    for bi in 0..b {
+        for s in 0..3 {
+            let from = (bi * 3 * t + (s + 1) * t - 1) * width;
+            let to = (bi * 3 + s) * width;
+            dst[to..to + width].copy_from_slice(&src[from..from + width]);
+        }
+    }
+}
+
+impl BlockBase {
+    /// The block on host rows `x` (b songs of `n` rows × C, updated in place), `mask` its
+    /// (n × n) host mask: [`BlockBase::forward`]'s operations with [`cpu_gemm`] and host
+    /// norms and attention, no allocation once `sc` has grown to the shape.
+    pub(crate) fn forward_host(
+        &self,
+        x: &mut [f32],
+        b: usize,
+        n: usize,
+        mask: &[f32],
+        sc: &mut HostScratch,
+    ) -> Result<()> {
+        let c = self.proj.out_dim();
+        let rows = b * n;
+        let hidden = self.fc1.out_dim();
+        let a = grow(&mut sc.a, rows * c);
+        if !self.norm1.forward_into(x, a) {
+            return Err(host_unavailable("a norm"));
+        }
+        let g = grow(&mut sc.g, rows * c);
+        host_lin!(self.act_proj, a, rows, Act::Silu, None, None, g);
+        let h = grow(&mut sc.h, rows * c);
+        host_lin!(self.in_proj, a, rows, Act::Silu, None, None, h);
+        let qkv = grow(&mut sc.qkv, rows * 3 * c);
+        host_lin!(self.qkv, h, rows, Act::Identity, None, None, qkv);
+        let o = grow(&mut sc.o, rows * c);
+        let at = |offset| HeadRows {
+            data: qkv,
+            stride: 3 * c,
+            offset,
+            rows: n,
+        };
+        let (heads, scale) = (self.n_head, self.scale_for(c));
+        if !attention_host(
+            at(0),
+            at(c),
+            at(2 * c),
+            &|r| r,
+            b,
+            heads,
+            c / heads,
+            mask,
+            scale,
+            o,
+        ) {
+            return Err(host_unavailable("the attention"));
+        }
+        self.finish_host(x, b * n, sc, hidden)
+    }
+
+    /// [`BlockBase::forward_last`] on host rows `x` (b songs of 3t rows × C): `norm` of the
+    /// block's output at the last row of each stream into `out` (b · 3 × C). The queries only
+    /// at those rows (the keys and values at all: columns C..3C of the fused projection).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn forward_last_host(
+        &self,
+        x: &[f32],
+        b: usize,
+        t: usize,
+        mask: &[f32],
+        norm: &RmsNorm,
+        sc: &mut HostScratch,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let c = self.proj.out_dim();
+        let n = 3 * t;
+        let (rows, rl) = (b * n, b * 3);
+        let hidden = self.fc1.out_dim();
+        let a = grow(&mut sc.a, rows * c);
+        if !self.norm1.forward_into(x, a) {
+            return Err(host_unavailable("a norm"));
+        }
+        let al = grow(&mut sc.al, rl * c);
+        gather_last_rows(a, b, t, c, al);
+        let g = grow(&mut sc.g, rl * c);
+        host_lin!(self.act_proj, al, rl, Act::Silu, None, None, g);
+        let h = grow(&mut sc.h, rows * c);
+        host_lin!(self.in_proj, a, rows, Act::Silu, None, None, h);
+        let hl = grow(&mut sc.hl, rl * c);
+        gather_last_rows(h, b, t, c, hl);
+        let ql = grow(&mut sc.ql, rl * c);
+        if !self
+            .qkv
+            .rows_into(hl, rl, 0, c, Act::Identity, None, None, ql, true)?
+        {
+            return Err(host_unavailable("a linear layer"));
+        }
+        let kv = grow(&mut sc.qkv, rows * 2 * c);
+        if !self
+            .qkv
+            .rows_into(h, rows, c, 3 * c, Act::Identity, None, None, kv, true)?
+        {
+            return Err(host_unavailable("a linear layer"));
+        }
+        let o = grow(&mut sc.o, rl * c);
+        let q = HeadRows {
+            data: ql,
+            stride: c,
+            offset: 0,
+            rows: 3,
+        };
+        let kv_at = |offset| HeadRows {
+            data: kv,
+            stride: 2 * c,
+            offset,
+            rows: n,
+        };
+        let (heads, scale) = (self.n_head, self.scale_for(c));
+        let q_pos = |r: usize| (r + 1) * t - 1;
+        if !attention_host(
+            q,
+            kv_at(0),
+            kv_at(c),
+            &q_pos,
+            b,
+            heads,
+            c / heads,
+            mask,
+            scale,
+            o,
+        ) {
+            return Err(host_unavailable("the attention"));
+        }
+        // the rows themselves leave `sc` while `finish_host` uses it (a move, no allocation)
+        let mut y = std::mem::take(&mut sc.y);
+        let yv = grow(&mut y, rl * c);
+        gather_last_rows(x, b, t, c, yv);
+        let done = self.finish_host(yv, rl, sc, hidden);
+        let normed = norm.forward_into(yv, out);
+        sc.y = y;
+        done?;
+        if !normed {
+            return Err(host_unavailable("a norm"));
+        }
+        Ok(())
+    }
+
+    /// 1/√(head size) as the f32 factor candle's `Tensor * f64` applies, for rows of `c`.
+    fn scale_for(&self, c: usize) -> f32 {
+        (1.0 / ((c / self.n_head) as f64).sqrt()) as f32
+    }
+
+    /// [`BlockBase::finish`] on host rows: `x` (rows × C) becomes the block's output, from the
+    /// merged heads `sc.o` and the gate `sc.g` (both rows × C).
+    fn finish_host(
+        &self,
+        x: &mut [f32],
+        rows: usize,
+        sc: &mut HostScratch,
+        hidden: usize,
+    ) -> Result<()> {
+        let c = self.proj.out_dim();
+        let (o, g) = (&sc.o[..rows * c], &sc.g[..rows * c]);
+        let yg = grow(&mut sc.yg, rows * c);
+        host_lin!(self.proj, o, rows, Act::Identity, Some(g), None, yg);
+        let s = grow(&mut sc.s, rows * c);
+        host_lin!(self.out_proj, yg, rows, Act::Identity, None, Some(&*x), s);
+        let m = grow(&mut sc.m, rows * c);
+        if !self.norm2.forward_into(s, m) {
+            return Err(host_unavailable("a norm"));
+        }
+        let f = grow(&mut sc.f, rows * hidden);
+        host_lin!(self.fc1, m, rows, Act::GeluErf, None, None, f);
+        host_lin!(self.fc2, f, rows, Act::Identity, None, Some(s), x);
+        Ok(())
     }
 }
 
@@ -496,14 +930,23 @@ fn attention_probs(s: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
 pub fn tiled_causal_mask(t: usize, device: &Device) -> Result<Tensor> {
     let n = 3 * t;
     let mut m = vec![0f32; n * n];
+    tiled_causal_mask_host(t, &mut m);
+    Ok(Tensor::from_vec(m, (n, n), device)?)
+}
+
+/// [`tiled_causal_mask`]'s values into `m` (3t × 3t).
+pub(crate) fn tiled_causal_mask_host(t: usize, m: &mut [f32]) {
+    let n = 3 * t;
+    assert_eq!(m.len(), n * n);
     for i in 0..n {
         for j in 0..n {
-            if j % t > i % t {
-                m[i * n + j] = f32::NEG_INFINITY;
-            }
+            m[i * n + j] = if j % t > i % t {
+                f32::NEG_INFINITY
+            } else {
+                0.0
+            };
         }
     }
-    Ok(Tensor::from_vec(m, (n, n), device)?)
 }
 
 /// A layer's weight that CUDA paths stack with its siblings' (the head's three streams,

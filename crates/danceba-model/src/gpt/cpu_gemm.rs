@@ -241,6 +241,55 @@ pub fn linear_ep<W: Weight>(
     kernel().map(|kern| linear_with(kern, x, w, m, k, n, ep))
 }
 
+/// [`linear_ep`] into `y` (m × n values, every one written): no allocation. Returns `false`
+/// (and leaves `y` alone) when the kernel is not available on this CPU.
+///
+/// # Panics
+/// If the slice lengths do not match the sizes.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_ep_into<W: Weight>(
+    x: &[f32],
+    w: &[W],
+    m: usize,
+    k: usize,
+    n: usize,
+    ep: &Epilogue,
+    y: &mut [f32],
+) -> bool {
+    match kernel() {
+        Some(kern) => {
+            assert_eq!(y.len(), m * n, "y is not m × n");
+            // SAFETY: `y` holds m × n values
+            unsafe { linear_raw(kern, x, w, m, k, n, ep, OutPtr(y.as_mut_ptr()), true) };
+            true
+        }
+        None => false,
+    }
+}
+
+/// [`linear_ep_into`] on the calling thread alone (no parallel loop), for products small
+/// enough that several run side by side (the attention's per-head products).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_ep_into_seq<W: Weight>(
+    x: &[f32],
+    w: &[W],
+    m: usize,
+    k: usize,
+    n: usize,
+    ep: &Epilogue,
+    y: &mut [f32],
+) -> bool {
+    match kernel() {
+        Some(kern) => {
+            assert_eq!(y.len(), m * n, "y is not m × n");
+            // SAFETY: `y` holds m × n values
+            unsafe { linear_raw(kern, x, w, m, k, n, ep, OutPtr(y.as_mut_ptr()), false) };
+            true
+        }
+        None => false,
+    }
+}
+
 /// `v` after the activation, the gate `g` and the residual `r` (bias already added).
 #[inline(always)]
 fn finish(v: f32, act: Act, g: Option<f32>, r: Option<f32>) -> f32 {
@@ -321,6 +370,33 @@ fn linear_with<W: Weight>(
     n: usize,
     ep: &Epilogue,
 ) -> Vec<f32> {
+    // every element is written by `linear_raw`: no zeroing
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: `y` has room for m × n values, all of which `linear_raw` writes
+    unsafe {
+        linear_raw(kern, x, w, m, k, n, ep, OutPtr(y.as_mut_ptr()), true);
+        y.set_len(m * n);
+    }
+    y
+}
+
+/// The product with `kern` (which must be [`detected`]) into the m × n values at `out`,
+/// with the columns split between rayon's threads when `parallel`.
+///
+/// # Safety
+/// `out` points to m × n writable f32 that nothing else touches during the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn linear_raw<W: Weight>(
+    kern: Kernel,
+    x: &[f32],
+    w: &[W],
+    m: usize,
+    k: usize,
+    n: usize,
+    ep: &Epilogue,
+    out: OutPtr,
+    parallel: bool,
+) {
     assert_eq!(x.len(), m * k, "x is not m × k");
     assert_eq!(w.len(), n * k, "w is not n × k");
     if let Some(b) = ep.bias {
@@ -332,23 +408,12 @@ fn linear_with<W: Weight>(
         }
     }
     if m == 0 || n == 0 {
-        return vec![0f32; m * n];
+        return;
     }
-    // every element is written by `columns` below: no zeroing
-    let mut y: Vec<f32> = Vec::with_capacity(m * n);
     let b = ep.bias;
-    // Column chunks of whole register blocks; enough of them to balance the threads.
-    let threads = rayon::current_num_threads().max(1);
-    let nr = kern.block_cols();
-    let blocks = n.div_ceil(nr);
-    let per = blocks.div_ceil(threads * 4).max(1);
-    let chunk_cols = per * nr;
-    let out = OutPtr(y.as_mut_ptr());
-    (0..n.div_ceil(chunk_cols)).into_par_iter().for_each(|ci| {
-        let n0 = ci * chunk_cols;
-        let n1 = (n0 + chunk_cols).min(n);
+    let chunk = |n0: usize, n1: usize| {
         // SAFETY: `kern`'s CPU features were detected, the sizes were checked above, and this
-        // chunk writes only columns n0..n1 of y.
+        // chunk writes only columns n0..n1 of `out`.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             match kern {
@@ -362,10 +427,21 @@ fn linear_with<W: Weight>(
             let _ = (x, w, b, m, k, n0, n1, out);
             unreachable!("the CPU GEMM kernels run only on x86-64");
         }
+    };
+    if !parallel {
+        chunk(0, n);
+        return;
+    }
+    // Column chunks of whole register blocks; enough of them to balance the threads.
+    let threads = rayon::current_num_threads().max(1);
+    let nr = kern.block_cols();
+    let blocks = n.div_ceil(nr);
+    let per = blocks.div_ceil(threads * 4).max(1);
+    let chunk_cols = per * nr;
+    (0..n.div_ceil(chunk_cols)).into_par_iter().for_each(|ci| {
+        let n0 = ci * chunk_cols;
+        chunk(n0, (n0 + chunk_cols).min(n));
     });
-    // SAFETY: the chunks cover columns 0..n and `columns` writes all m rows of each.
-    unsafe { y.set_len(m * n) };
-    y
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -728,8 +804,42 @@ mod avx2 {
             WeightKind::F16 => true,
             WeightKind::Bf16 => k <= 1024,
         };
-        // written by `widen` before the blocks read it: no zeroing (only its capacity is used)
-        let mut wide: Vec<f32> = Vec::with_capacity(if widened { NR2 * k } else { 0 });
+        if widened {
+            // the thread's buffer (grown once, then reused: no allocation per call); written
+            // by `widen` before the blocks read it, so only its capacity is used
+            WIDE.with(|wide| {
+                let mut wide = wide.borrow_mut();
+                wide.clear();
+                wide.reserve(NR2 * k);
+                columns_from::<W>(x, w, b, m, k, n, n0, n1, out, wide.as_mut_ptr());
+            });
+        } else {
+            columns_from::<W>(x, w, b, m, k, n, n0, n1, out, std::ptr::null_mut());
+        }
+    }
+
+    thread_local! {
+        /// [`columns`]' buffer of widened f16/bf16 weight rows, per thread.
+        static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// [`columns`] with `wide` (room for NR2 × k f32; null for f32 weights, and for bf16
+    /// weights with k > 1024) the buffer of widened weight rows.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn columns_from<W: Weight>(
+        x: &[f32],
+        w: &[W],
+        b: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        n: usize,
+        n0: usize,
+        n1: usize,
+        out: OutPtr,
+        wide: *mut f32,
+    ) {
+        let widened = !wide.is_null();
         for p0 in (0..m).step_by(PANEL) {
             let p1 = (p0 + PANEL).min(m);
             let mut j0 = n0;
@@ -737,8 +847,8 @@ mod avx2 {
                 let c = (n1 - j0).min(NR2);
                 let bp = b.map(|b| b.as_ptr().add(j0));
                 if widened {
-                    widen(w.as_ptr().add(j0 * k), c * k, wide.as_mut_ptr());
-                    row_blocks::<f32>(x, wide.as_ptr(), k, n, p0, p1, c, j0, bp, out);
+                    widen(w.as_ptr().add(j0 * k), c * k, wide);
+                    row_blocks::<f32>(x, wide, k, n, p0, p1, c, j0, bp, out);
                 } else {
                     let wp = w.as_ptr().add(j0 * k);
                     row_blocks::<W>(x, wp, k, n, p0, p1, c, j0, bp, out);

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rustfft::{num_complex::Complex, FftPlanner};
 
+use super::block_base::{Act, Lin};
 use super::{GptError, Result};
 
 /// FFT size of the official `torch.stft` call.
@@ -79,8 +80,16 @@ fn frame_phase(signal: &[f32], f: usize, fft: &dyn rustfft::Fft<f64>, out: &mut 
     for (i, b) in buf.iter_mut().enumerate() {
         *b = Complex::new(at(f * HOP + i), 0.0);
     }
-    let mut scratch = vec![Complex::new(0.0f64, 0.0f64); fft.get_inplace_scratch_len()];
-    fft.process_with_scratch(&mut buf, &mut scratch);
+    thread_local! {
+        /// The FFT's scratch, per thread (no allocation per frame).
+        static SCRATCH: std::cell::RefCell<Vec<Complex<f64>>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        scratch.resize(fft.get_inplace_scratch_len(), Complex::new(0.0, 0.0));
+        fft.process_with_scratch(&mut buf, &mut scratch);
+    });
     for (bin, (c, o)) in buf.iter().zip(out.iter_mut()).enumerate() {
         *o = if f == 0 || bin == 0 || bin == N_BINS - 1 {
             real_phase(c.re)
@@ -127,6 +136,9 @@ struct PhaseEmbedding {
     bias: Tensor,  // (C,)
     scale: Tensor, // (C,) = γ / sqrt(var + eps)
     shift: Tensor, // (C,) = β − mean·scale
+    /// On the CPU: the layer as a [`Lin`] (weight and bias, for the host step) and host
+    /// copies of the scale and shift.
+    host: Option<(Lin, Vec<f32>, Vec<f32>)>,
 }
 
 impl PhaseEmbedding {
@@ -149,12 +161,41 @@ impl PhaseEmbedding {
         let var = get(&bn, n_embd, "running_var")?;
         let scale = gamma.div(&(var + 1e-5)?.sqrt()?)?;
         let shift = (beta - mean.mul(&scale)?)?;
+        let host = if cpu {
+            Some((
+                Lin::new(w.clone(), Some(bias.clone()))?,
+                scale.to_vec1::<f32>()?,
+                shift.to_vec1::<f32>()?,
+            ))
+        } else {
+            None
+        };
         Ok(Self {
             w,
             bias,
             scale,
             shift,
+            host,
         })
+    }
+
+    /// [`PhaseEmbedding::forward`] on host rows: `phase` (rows × bins) into `out` (rows × C),
+    /// the same f32 operations after the product (bias, scale, shift, ReLU). `false` where the
+    /// host data or the kernel are not there.
+    fn forward_into(&self, phase: &[f32], rows: usize, out: &mut [f32]) -> Result<bool> {
+        let Some((lin, scale, shift)) = &self.host else {
+            return Ok(false);
+        };
+        if !lin.linear_into(phase, rows, Act::Identity, None, None, out)? {
+            return Ok(false);
+        }
+        for row in out.chunks_exact_mut(scale.len()) {
+            for ((v, &a), &b) in row.iter_mut().zip(scale).zip(shift) {
+                let z = *v * a + b;
+                *v = if z > 0.0 { z } else { 0.0 };
+            }
+        }
+        Ok(true)
     }
 
     /// `phase`: (B·F', bins) → (B·F', C), in `phase`'s dtype (the parameters are converted
@@ -260,6 +301,19 @@ impl Lpe {
             )
         });
         Ok(fc)
+    }
+
+    /// [`Lpe::forward_phase`] on the host: module `i` of the cropped phase `phase` (rows =
+    /// B·F' × bins) into `out` (rows × C). `false` where the host data or the kernel are not
+    /// there.
+    pub(crate) fn forward_module_into(
+        &self,
+        i: usize,
+        phase: &[f32],
+        rows: usize,
+        out: &mut [f32],
+    ) -> Result<bool> {
+        self.mods[i].forward_into(phase, rows, out)
     }
 
     /// The LPE layers on a cropped phase (B, F', bins) of any float dtype: (B, 3F', C).

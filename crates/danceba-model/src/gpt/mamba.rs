@@ -7,7 +7,8 @@
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
-use super::block_base::{with_host_f32, Act, Lin, RmsNorm};
+use super::block_base::{host_lin, host_unavailable, with_host_f32, Act, Lin, RmsNorm};
+use super::cpu_step::{grow, HostScratch};
 use super::scan;
 use super::Result;
 use crate::arch::MambaArch;
@@ -65,6 +66,8 @@ struct MambaHost {
     a: Vec<f32>,
     /// Each channel's smallest A ([`scan::channel_minima`]).
     a_min: Vec<f32>,
+    /// The convolution weights taps-major ([`scan::conv_taps_major`]).
+    conv_wt: Vec<f32>,
     d_skip: Vec<f32>,
 }
 
@@ -83,8 +86,10 @@ impl Mamba {
                 Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
             };
             let a_host = f(&a)?;
+            let conv_w_host = f(&conv_w)?;
             Some(MambaHost {
-                conv_w: f(&conv_w)?,
+                conv_wt: scan::conv_taps_major(&conv_w_host, di),
+                conv_w: conv_w_host,
                 conv_b: f(&conv_b)?,
                 dt_bias: f(&dt_bias)?,
                 a_min: scan::channel_minima(&a_host, di, ds),
@@ -136,22 +141,27 @@ impl Mamba {
         }
     }
 
-    /// The reference math with standard candle ops.
+    /// The reference math with standard candle ops. The small parameters are taken in `x`'s
+    /// dtype (f32 activations with f16/bf16 weights on the CPU: widened exactly, as the fused
+    /// kernels' host copies are).
     pub fn forward_portable(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let (di, ds, dr) = (self.d_inner, self.d_state, self.dt_rank);
+        let dt = x.dtype();
+        let (conv_w, conv_b) = (self.conv_w.to_dtype(dt)?, self.conv_b.to_dtype(dt)?);
+        let (dt_bias, a) = (self.dt_bias.to_dtype(dt)?, self.a.to_dtype(dt)?);
+        let d_skip = self.d_skip.to_dtype(dt)?;
         let xz = self.in_proj.forward(x)?;
         let xs = xz.narrow(D::Minus1, 0, di)?;
         let z = xz.narrow(D::Minus1, di, di)?;
         // causal depthwise conv as shifted multiply-adds, zero history
         let xp = xs.pad_with_zeros(1, self.d_conv - 1, 0)?;
-        let mut c = self
-            .conv_b
+        let mut c = conv_b
             .reshape((1, 1, di))?
             .broadcast_as((b, l, di))?
             .contiguous()?;
         for k in 0..self.d_conv {
-            let wk = self.conv_w.narrow(1, k, 1)?.reshape((1, 1, di))?;
+            let wk = conv_w.narrow(1, k, 1)?.reshape((1, 1, di))?;
             c = (c + xp.narrow(1, k, l)?.broadcast_mul(&wk)?)?;
         }
         let u = candle_nn::ops::silu(&c)?;
@@ -159,7 +169,7 @@ impl Mamba {
         let dt_r = xd.narrow(D::Minus1, 0, dr)?;
         let bm = xd.narrow(D::Minus1, dr, ds)?;
         let cm = xd.narrow(D::Minus1, dr + ds, ds)?;
-        let dpre = self.dt_proj.forward(&dt_r)?.broadcast_add(&self.dt_bias)?;
+        let dpre = self.dt_proj.forward(&dt_r)?.broadcast_add(&dt_bias)?;
         let delta = softplus_portable(&dpre)?;
         let mut h = Tensor::zeros((b, di, ds), x.dtype(), x.device())?;
         let mut ys = Vec::with_capacity(l);
@@ -168,12 +178,12 @@ impl Mamba {
             let ul = u.narrow(1, t, 1)?.reshape((b, di, 1))?;
             let bl = bm.narrow(1, t, 1)?; // (b, 1, ds)
             let cl = cm.narrow(1, t, 1)?;
-            let da = dl.broadcast_mul(&self.a)?.exp()?;
+            let da = dl.broadcast_mul(&a)?.exp()?;
             h = (da.mul(&h)? + dl.mul(&ul)?.broadcast_mul(&bl)?)?;
             ys.push(h.broadcast_mul(&cl)?.sum(D::Minus1)?); // (b, di)
         }
         let y = Tensor::stack(&ys, 1)?; // (b, l, di)
-        let y = (y + u.broadcast_mul(&self.d_skip)?)?;
+        let y = (y + u.broadcast_mul(&d_skip)?)?;
         let y = y.mul(&candle_nn::ops::silu(&z)?)?;
         self.out_proj.forward(&y)
     }
@@ -326,6 +336,66 @@ impl Mamba {
     }
 }
 
+impl Mamba {
+    /// [`Mamba::forward_fused_host`] into host buffers: `a` (b·l × C) the normed input, `x`
+    /// (the same size) the stream's rows, which become `x + mamba(a)` in `s` (the residual
+    /// add in out_proj's epilogue, the same bits as candle's add). No allocation once `sc`
+    /// has grown to the shape.
+    fn forward_host_into(
+        &self,
+        a: &[f32],
+        x: &[f32],
+        b: usize,
+        l: usize,
+        sc: &mut HostScratch,
+        s: &mut [f32],
+    ) -> Result<()> {
+        let Some(host) = &self.host else {
+            return Err(host_unavailable("a Mamba layer"));
+        };
+        let (di, ds, dr) = (self.d_inner, self.d_state, self.dt_rank);
+        let rows = b * l;
+        let xz = grow(&mut sc.xz, rows * 2 * di);
+        host_lin!(self.in_proj, a, rows, Act::Identity, None, None, xz);
+        let u = grow(&mut sc.u, rows * di);
+        scan::causal_conv_silu_into(xz, b, l, 2 * di, 0, di, &host.conv_wt, &host.conv_b, u);
+        let stride = dr + 2 * ds;
+        let xd = grow(&mut sc.xd, rows * stride);
+        host_lin!(self.x_proj, u, rows, Act::Identity, None, None, xd);
+        let dt = grow(&mut sc.dt, rows * dr);
+        for (o, r) in dt.chunks_exact_mut(dr.max(1)).zip(xd.chunks_exact(stride)) {
+            o.copy_from_slice(&r[..dr]);
+        }
+        let dpre = grow(&mut sc.dpre, rows * di);
+        host_lin!(self.dt_proj, dt, rows, Act::Identity, None, None, dpre);
+        let ys = grow(&mut sc.ys, rows * di);
+        scan::selective_scan_into(
+            &scan::ScanInputs {
+                batch: b,
+                len: l,
+                d: di,
+                n: ds,
+                u,
+                delta_pre: dpre,
+                delta_bias: &host.dt_bias,
+                a: &host.a,
+                a_min: &host.a_min,
+                bc: xd,
+                bc_stride: stride,
+                b_offset: dr,
+                c_offset: dr + ds,
+                d_skip: &host.d_skip,
+                z: xz,
+                z_stride: 2 * di,
+                z_offset: di,
+            },
+            ys,
+        );
+        host_lin!(self.out_proj, ys, rows, Act::Identity, None, Some(x), s);
+        Ok(())
+    }
+}
+
 /// `GatedMLP`: `fc2(v ⊙ silu(g))` with `[v, g] = fc1(x)`.
 #[derive(Debug, Clone)]
 pub struct GatedMlp {
@@ -421,6 +491,26 @@ impl GatedMlp {
     }
 }
 
+/// `v ⊙ silu(g)` of each row `[v, g]` of `h` (rows × 2·hid) into `out` (rows × hid), as
+/// [`GatedMlp::forward_host`] computes it.
+fn silu_gate_rows(h: &[f32], hid: usize, out: &mut [f32]) {
+    use rayon::prelude::*;
+    out.par_chunks_mut(hid)
+        .zip(h.par_chunks(2 * hid))
+        .for_each(|(o, r)| {
+            let (v, g) = r.split_at(hid);
+            #[cfg(target_arch = "x86_64")]
+            if super::cpu_gemm::kernel() == Some(super::cpu_gemm::Kernel::Avx512) {
+                // SAFETY: AVX-512F is there (`kernel`); the slices have `hid` values
+                unsafe { super::vmath::avx512::silu_gate(v, g, o) };
+                return;
+            }
+            for ((o, &v), &g) in o.iter_mut().zip(v).zip(g) {
+                *o = v * (g / (1.0 + (-g).exp()));
+            }
+        });
+}
+
 /// One stream of a `Block_Head`: RMSNorm → Mamba → residual, RMSNorm → GatedMLP → residual.
 #[derive(Debug, Clone)]
 struct Stream {
@@ -431,6 +521,43 @@ struct Stream {
 }
 
 impl Stream {
+    /// [`Stream::forward`] on the host rows `x` (b songs of `l` rows × C, updated in place),
+    /// with the fused Mamba and no allocation once `sc` has grown to the shape.
+    fn forward_host(&self, x: &mut [f32], b: usize, l: usize, sc: &mut HostScratch) -> Result<()> {
+        let c = x.len() / (b * l).max(1);
+        let rows = b * l;
+        let hid = self.mlp.hidden;
+        let mut a = std::mem::take(&mut sc.a);
+        let mut s = std::mem::take(&mut sc.s);
+        let (av, sv) = (grow(&mut a, rows * c), grow(&mut s, rows * c));
+        let done = (|| -> Result<()> {
+            if !self.norm_a.forward_into(x, av) {
+                return Err(host_unavailable("a norm"));
+            }
+            self.mamba.forward_host_into(av, x, b, l, sc, sv)?;
+            if !self.norm_b.forward_into(sv, av) {
+                return Err(host_unavailable("a norm"));
+            }
+            let h = grow(&mut sc.h, rows * 2 * hid);
+            host_lin!(self.mlp.fc1, av, rows, Act::Identity, None, None, h);
+            let gated = grow(&mut sc.g, rows * hid);
+            silu_gate_rows(h, hid, gated);
+            host_lin!(
+                self.mlp.fc2,
+                gated,
+                rows,
+                Act::Identity,
+                None,
+                Some(&*sv),
+                x
+            );
+            Ok(())
+        })();
+        sc.a = a;
+        sc.s = s;
+        done
+    }
+
     fn forward(&self, x: &Tensor, imp: MambaImpl) -> Result<Tensor> {
         let y = self.mamba.forward(&self.norm_a.forward(x)?, imp)?;
         let (x, n) = self.norm_b.add_forward(x, &y)?;
@@ -625,6 +752,54 @@ impl BlockHead {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&outs, 1)?)
+    }
+
+    /// [`BlockHead::forward_chain`] on host rows `x` (b songs of 3t rows × C, updated in
+    /// place): each stream's rows gathered into its scratch (`sc`, one per stream), run
+    /// through all the blocks as one task (the three in parallel, as
+    /// [`BlockHead::forward_chain_cpu`]), and scattered back. No allocation once the scratch
+    /// has grown to the shape.
+    pub(crate) fn forward_chain_host(
+        blocks: &[BlockHead],
+        x: &mut [f32],
+        b: usize,
+        t: usize,
+        sc: &mut [HostScratch; 3],
+    ) -> Result<()> {
+        let c = x.len() / (b * 3 * t).max(1);
+        let [s0, s1, s2] = sc;
+        let stream = |i: usize, sc: &mut HostScratch, x: &[f32]| -> Result<()> {
+            let mut y = std::mem::take(&mut sc.y);
+            let yv = grow(&mut y, b * t * c);
+            for bi in 0..b {
+                let from = (bi * 3 * t + i * t) * c;
+                yv[bi * t * c..(bi + 1) * t * c].copy_from_slice(&x[from..from + t * c]);
+            }
+            let mut done = Ok(());
+            for blk in blocks {
+                done = blk.streams[i].forward_host(yv, b, t, sc);
+                if done.is_err() {
+                    break;
+                }
+            }
+            sc.y = y;
+            done
+        };
+        let xr = &*x;
+        let (r0, (r1, r2)) = rayon::join(
+            || stream(0, s0, xr),
+            || rayon::join(|| stream(1, s1, xr), || stream(2, s2, xr)),
+        );
+        r0?;
+        r1?;
+        r2?;
+        for (i, sc) in [&*s0, &*s1, &*s2].into_iter().enumerate() {
+            for bi in 0..b {
+                let to = (bi * 3 * t + i * t) * c;
+                x[to..to + t * c].copy_from_slice(&sc.y[bi * t * c..(bi + 1) * t * c]);
+            }
+        }
+        Ok(())
     }
 
     /// [`BlockHead::forward`] one stream after another.

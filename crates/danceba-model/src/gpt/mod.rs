@@ -7,6 +7,7 @@
 
 pub mod block_base;
 pub mod cpu_gemm;
+mod cpu_step;
 #[cfg(feature = "cuda")]
 pub mod cuda_gemm;
 #[cfg(feature = "cuda")]
@@ -123,6 +124,9 @@ pub struct Gpt {
     mamba_impl: MambaImpl,
     /// Whether [`Gpt::last_logits`] replays CUDA graphs on a CUDA device.
     cuda_graphs: bool,
+    /// The host step's buffers ([`cpu_step`]), kept between steps; shared by clones (one
+    /// that finds them in use takes buffers of its own).
+    host_ws: std::sync::Arc<std::sync::Mutex<cpu_step::Workspace>>,
     /// The captured graphs, shared by clones (same weights).
     #[cfg(feature = "cuda")]
     graphs: std::sync::Arc<cuda_graph::GraphCache>,
@@ -225,6 +229,7 @@ impl Gpt {
             head_down: Lin::load(&gh, "head_down", c, arch.vocab_down, false)?,
             mamba_impl,
             cuda_graphs: cuda_graphs_default(),
+            host_ws: Default::default(),
             #[cfg(feature = "cuda")]
             graphs: Default::default(),
         })
@@ -320,6 +325,25 @@ impl Gpt {
         t: usize,
         next: Option<&[&[f32]]>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut lu, mut ld) = (Vec::new(), Vec::new());
+        self.last_logits_windows_into(up, down, cond, t, next, &mut lu, &mut ld)?;
+        Ok((lu, ld))
+    }
+
+    /// [`Gpt::last_logits_windows`] into `lu` and `ld` (resized; their allocations reused):
+    /// on the CPU with our GEMM kernels the step then allocates nothing once its buffers have
+    /// the shape ([`cpu_step`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn last_logits_windows_into(
+        &self,
+        up: &[u32],
+        down: &[u32],
+        cond: &[&[f32]],
+        t: usize,
+        next: Option<&[&[f32]]>,
+        lu: &mut Vec<f32>,
+        ld: &mut Vec<f32>,
+    ) -> Result<()> {
         #[cfg(not(feature = "cuda"))]
         let _ = next;
         let nm = self.arch.n_music;
@@ -356,7 +380,12 @@ impl Gpt {
                 self.arch.vocab_down,
             )?;
             // the condition is checked there (a staged window was checked a step ahead)
-            return cuda_graph::last_logits(self, &self.graphs, up, down, cond, t, next);
+            (*lu, *ld) = cuda_graph::last_logits(self, &self.graphs, up, down, cond, t, next)?;
+            return Ok(());
+        }
+        if self.host_step_applies() {
+            // on a thread of rayon's pool, as the candle forward below
+            return rayon::scope(|_| self.last_logits_host(up, down, cond, t, lu, ld));
         }
         let cond = cond.concat();
         let dev = &self.device;
@@ -380,7 +409,8 @@ impl Gpt {
                 .flatten_all()?
                 .to_vec1::<f32>()?)
         };
-        Ok((host(tr.logits_up)?, host(tr.logits_down)?))
+        (*lu, *ld) = (host(tr.logits_up)?, host(tr.logits_down)?);
+        Ok(())
     }
 
     /// What [`Gpt::last_logits`] computes: the last rows only ([`Logits::Last`]), except on

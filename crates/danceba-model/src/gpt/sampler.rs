@@ -232,11 +232,14 @@ impl Gpt {
             SamplingPolicy::Greedy => 0,
         };
         let mut rngs: Vec<StdRng> = conds.iter().map(|_| StdRng::seed_from_u64(seed)).collect();
-        let mut toks: Vec<Tokens> = conds
+        let mut toks: Vec<Tokens> = steps
             .iter()
-            .map(|_| Tokens {
-                up: vec![su],
-                down: vec![sd],
+            .map(|&n| {
+                // room for every step's token: no allocation in the loop
+                let (mut up, mut down) = (Vec::with_capacity(n + 1), Vec::with_capacity(n + 1));
+                up.push(su);
+                down.push(sd);
+                Tokens { up, down }
             })
             .collect();
         let nm = arch.n_music;
@@ -244,32 +247,47 @@ impl Gpt {
         // unlike the tokens), as slices of the songs' conditions; the next step's are handed
         // to the GPT with this step's (CUDA graphs stage them while the GPU runs this step;
         // elsewhere they are ignored)
-        let windows = |k: usize| -> Vec<(usize, &[f32])> {
-            let (start, t) = window(k, arch.block_size);
-            (0..conds.len())
-                .filter(|&i| steps[i] > k)
-                .map(|i| (i, &hosts[i][start * nm..(start + t) * nm]))
-                .collect()
-        };
-        let (mut cu, mut cd) = (Vec::new(), Vec::new());
-        let mut this = windows(0);
+        // (every buffer of the loop is reused from step to step: with the CPU host step a
+        // greedy step allocates nothing once the window has its full length)
+        fn fill<'a>(
+            hosts: &'a [Vec<f32>],
+            steps: &[usize],
+            (k, block_size, nm): (usize, usize, usize),
+            out: &mut Vec<(usize, &'a [f32])>,
+        ) {
+            out.clear();
+            let (start, t) = window(k, block_size);
+            out.extend(
+                (0..hosts.len())
+                    .filter(|&i| steps[i] > k)
+                    .map(|i| (i, &hosts[i][start * nm..(start + t) * nm])),
+            );
+        }
+        let n = conds.len();
+        let (mut cu, mut cd) = (Vec::with_capacity(n * 32), Vec::with_capacity(n * 32));
+        let (mut this, mut next) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut cc, mut nc): (Vec<&[f32]>, Vec<&[f32]>) =
+            (Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut lu, mut ld) = (Vec::new(), Vec::new());
+        fill(&hosts, &steps, (0, arch.block_size, nm), &mut this);
         for k in 0..total {
             let (start, t) = window(k, arch.block_size);
-            let next = if k + 1 < total {
-                windows(k + 1)
-            } else {
-                Vec::new()
-            };
+            fill(&hosts, &steps, (k + 1, arch.block_size, nm), &mut next);
+            if k + 1 >= total {
+                next.clear();
+            }
             cu.clear();
             cd.clear();
             for &(i, _) in &this {
                 cu.extend_from_slice(&toks[i].up[start..start + t]);
                 cd.extend_from_slice(&toks[i].down[start..start + t]);
             }
-            let cc: Vec<&[f32]> = this.iter().map(|&(_, w)| w).collect();
-            let nc: Vec<&[f32]> = next.iter().map(|&(_, w)| w).collect();
+            cc.clear();
+            cc.extend(this.iter().map(|&(_, w)| w));
+            nc.clear();
+            nc.extend(next.iter().map(|&(_, w)| w));
             let hint = (!nc.is_empty()).then_some(nc.as_slice());
-            let (lu, ld) = self.last_logits_windows(&cu, &cd, &cc, t, hint)?;
+            self.last_logits_windows_into(&cu, &cd, &cc, t, hint, &mut lu, &mut ld)?;
             let (vu, vd) = (arch.vocab_up, arch.vocab_down);
             for (j, &(i, _)) in this.iter().enumerate() {
                 let nu = choose(&lu[j * vu..(j + 1) * vu], &opts.policy, &mut rngs[i]);
@@ -277,7 +295,7 @@ impl Gpt {
                 toks[i].up.push(nu as u32);
                 toks[i].down.push(nd as u32);
             }
-            this = next;
+            std::mem::swap(&mut this, &mut next);
             progress(k + 1, total);
         }
         Ok(toks)

@@ -77,16 +77,42 @@ pub fn causal_conv_silu(
     w: &[f32],
     b: &[f32],
 ) -> Vec<f32> {
+    let wt = conv_taps_major(w, d);
+    let mut out = vec![0f32; batch * len * d];
+    causal_conv_silu_into(x, batch, len, stride, offset, d, &wt, b, &mut out);
+    out
+}
+
+/// The convolution weights `w` (d, K) taps-major, (K, d), as [`causal_conv_silu_into`] takes
+/// them: its channel loops then run over contiguous slices and vectorise (per channel the sum
+/// is still b + Σ_j w_j·x_j in tap order).
+pub fn conv_taps_major(w: &[f32], d: usize) -> Vec<f32> {
     let k = w.len() / d.max(1);
-    // taps-major weights (K, d), so that the channel loops below run over contiguous slices
-    // and vectorise; per channel the sum is still b + Σ_j w_j·x_j in tap order
     let mut wt = vec![0f32; k * d];
     for c in 0..d {
         for j in 0..k {
             wt[j * d + c] = w[c * k + j];
         }
     }
-    let mut out = vec![0f32; batch * len * d];
+    wt
+}
+
+/// [`causal_conv_silu`] into `out` (batch × len × d values) with the weights taps-major
+/// ([`conv_taps_major`]): no allocation.
+#[allow(clippy::too_many_arguments)]
+pub fn causal_conv_silu_into(
+    x: &[f32],
+    batch: usize,
+    len: usize,
+    stride: usize,
+    offset: usize,
+    d: usize,
+    wt: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+) {
+    let k = wt.len() / d.max(1);
+    assert_eq!(out.len(), batch * len * d, "out is not batch × len × d");
     out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
         let (bi, l) = (row / len, row % len);
         o.copy_from_slice(&b[..d]);
@@ -124,7 +150,6 @@ pub fn causal_conv_silu(
             *oc = silu(*oc);
         }
     });
-    out
 }
 
 /// Inputs of [`selective_scan`]. All row-major f32.
@@ -873,18 +898,14 @@ fn use_avx2() -> bool {
     }
 }
 
-/// A raw pointer to the (batch, len, d) output, shared by the tasks of
-/// [`selective_scan_avx512`] and [`selective_scan_lanes`]; each writes its own channels.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+/// A raw pointer to the (batch, len, d) output, shared by the tasks of the scans; each writes
+/// its own channels.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
 // SAFETY: the tasks write disjoint elements (different channels) and the buffer outlives the
 // parallel loop.
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 unsafe impl Send for OutPtr {}
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 unsafe impl Sync for OutPtr {}
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 impl OutPtr {
     /// Element `i` (a method, so that closures capture the `Sync` wrapper, not the pointer).
     fn at(self, i: usize) -> *mut f32 {
@@ -898,22 +919,17 @@ impl OutPtr {
 /// channels of y (batch, len, d) a position (16 lanes) at a time: one parallel region per
 /// scan, no transposes.
 #[cfg(target_arch = "x86_64")]
-fn selective_scan_avx512(p: &ScanInputs) -> Vec<f32> {
+fn selective_scan_avx512(p: &ScanInputs, out: &mut [f32]) {
     const W: usize = 16;
     let (bsz, len, d) = (p.batch, p.len, p.d);
-    let mut out = vec![0f32; bsz * len * d];
+    assert_eq!(out.len(), bsz * len * d);
     let blocks = d.div_ceil(W);
     let ptr = OutPtr(out.as_mut_ptr());
-    (0..bsz * blocks).into_par_iter().for_each_init(
-        || {
-            (
-                vec![0f32; len * W],
-                vec![0f32; len * W],
-                vec![0f32; len * W],
-                vec![0f32; len * 16],
-            )
-        },
-        |(delta, gate, y, acc), task| {
+    (0..bsz * blocks).into_par_iter().for_each(|task| {
+        with_scratch(4 * len * W, |scratch| {
+            let (delta, rest) = scratch.split_at_mut(len * W);
+            let (gate, rest) = rest.split_at_mut(len * W);
+            let (y, acc) = rest.split_at_mut(len * W);
             let (bi, c0) = (task / blocks, task % blocks * W);
             let cw = (d - c0).min(W);
             let mask: u16 = if cw == W {
@@ -947,9 +963,25 @@ fn selective_scan_avx512(p: &ScanInputs) -> Vec<f32> {
                     );
                 }
             }
-        },
-    );
-    out
+        })
+    });
+}
+
+thread_local! {
+    /// Scratch rows of the scans' tasks, per thread (grown once, then reused).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `f` on this thread's scratch buffer of `len` values (their contents unspecified): no
+/// allocation once the thread's buffer has reached that size.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(&mut s[..len])
+    })
 }
 
 /// The three kernels of one vector width `W` that [`selective_scan_lanes`] runs: softplus(Δ +
@@ -985,21 +1017,20 @@ struct LaneKernels {
 /// # Safety
 /// The CPU must support `kernels` (AVX2 and FMA for [`AVX2`]); `p.n` must be a multiple of `W`.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
-unsafe fn selective_scan_lanes<const W: usize>(p: &ScanInputs, kernels: &LaneKernels) -> Vec<f32> {
+unsafe fn selective_scan_lanes<const W: usize>(
+    p: &ScanInputs,
+    kernels: &LaneKernels,
+    out: &mut [f32],
+) {
     let (bsz, len, d) = (p.batch, p.len, p.d);
-    let mut out = vec![0f32; bsz * len * d];
+    assert_eq!(out.len(), bsz * len * d);
     let blocks = d.div_ceil(W);
     let ptr = OutPtr(out.as_mut_ptr());
-    (0..bsz * blocks).into_par_iter().for_each_init(
-        || {
-            (
-                vec![0f32; len * W],
-                vec![0f32; len * W],
-                vec![0f32; len * W],
-                vec![0f32; len * W],
-            )
-        },
-        |(delta, gate, y, acc), task| {
+    (0..bsz * blocks).into_par_iter().for_each(|task| {
+        with_scratch(4 * len * W, |scratch| {
+            let (delta, rest) = scratch.split_at_mut(len * W);
+            let (gate, rest) = rest.split_at_mut(len * W);
+            let (y, acc) = rest.split_at_mut(len * W);
             let (bi, c0) = (task / blocks, task % blocks * W);
             let cw = (d - c0).min(W);
             // SAFETY: the kernels are supported and p.n % W == 0 (the caller's contract); the
@@ -1023,9 +1054,8 @@ unsafe fn selective_scan_lanes<const W: usize>(p: &ScanInputs, kernels: &LaneKer
                 }
                 (kernels.store_rows)(cw, len, y.as_ptr(), ptr.at(pos * d + c0), d);
             }
-        },
-    );
-    out
+        })
+    });
 }
 
 /// [`avx2`]'s kernels for [`selective_scan_lanes`] (8 lanes).
@@ -1049,13 +1079,21 @@ const NEON: LaneKernels = LaneKernels {
 /// `DANCEBA_CPU_SCAN=loop` (or `avx2`) restricts it to the portable loop (or to the AVX2
 /// kernel on an AVX-512 CPU), for comparisons.
 pub fn selective_scan(p: &ScanInputs) -> Vec<f32> {
+    let mut out = vec![0f32; p.batch * p.len * p.d];
+    selective_scan_into(p, &mut out);
+    out
+}
+
+/// [`selective_scan`] into `out` (batch × len × d values): with the SIMD kernels no
+/// allocation once each thread's scratch rows have reached the size of `p`.
+pub fn selective_scan_into(p: &ScanInputs, out: &mut [f32]) {
     static KERNEL: std::sync::OnceLock<ScanKernel> = std::sync::OnceLock::new();
     let kernel = *KERNEL.get_or_init(|| match super::env_value("DANCEBA_CPU_SCAN").as_str() {
         "loop" => ScanKernel::Loop,
         "avx2" => ScanKernel::Avx2,
         _ => ScanKernel::Best,
     });
-    selective_scan_with(p, kernel)
+    selective_scan_with_into(p, kernel, out)
 }
 
 /// Which scan kernel [`selective_scan_with`] may use.
@@ -1072,7 +1110,15 @@ pub enum ScanKernel {
 
 /// [`selective_scan`] with a chosen kernel (for tests and benchmarks).
 pub fn selective_scan_with(p: &ScanInputs, kernel: ScanKernel) -> Vec<f32> {
+    let mut out = vec![0f32; p.batch * p.len * p.d];
+    selective_scan_with_into(p, kernel, &mut out);
+    out
+}
+
+/// [`selective_scan_with`] into `out` (batch × len × d values).
+pub fn selective_scan_with_into(p: &ScanInputs, kernel: ScanKernel, out: &mut [f32]) {
     let (bsz, len, d, n) = (p.batch, p.len, p.d, p.n);
+    assert_eq!(out.len(), bsz * len * d, "out is not batch × len × d");
     debug_assert_eq!(p.u.len(), bsz * len * d);
     debug_assert_eq!(p.delta_pre.len(), bsz * len * d);
     debug_assert_eq!(p.a.len(), d * n);
@@ -1082,48 +1128,44 @@ pub fn selective_scan_with(p: &ScanInputs, kernel: ScanKernel) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     {
         if kernel == ScanKernel::Best && use_avx512() && n.is_multiple_of(16) {
-            return selective_scan_avx512(p);
+            return selective_scan_avx512(p, out);
         }
         if kernel != ScanKernel::Loop && use_avx2() && n.is_multiple_of(8) {
             // SAFETY: AVX2 and FMA were detected; n % 8 == 0
-            return unsafe { selective_scan_lanes::<8>(p, &AVX2) };
+            return unsafe { selective_scan_lanes::<8>(p, &AVX2, out) };
         }
     }
     #[cfg(target_arch = "aarch64")]
     if kernel == ScanKernel::Best && n.is_multiple_of(4) {
         // SAFETY: NEON is part of every AArch64 target; n % 4 == 0
-        return unsafe { selective_scan_lanes::<4>(p, &NEON) };
+        return unsafe { selective_scan_lanes::<4>(p, &NEON, out) };
     }
     // elsewhere every kernel choice is the loop
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     let _ = kernel;
-    // the portable loop: channel-major scratch output (batch, d, len), then a transpose
-    let mut ycm = vec![0f32; bsz * d * len];
+    // the portable loop: groups of channels per task, each channel's y (len values) into the
+    // task's scratch and then into its column of the output
     const GROUP: usize = 16;
-    ycm.par_chunks_mut(len * GROUP)
-        .enumerate()
-        .for_each(|(gi, chunk)| {
-            let mut h = vec![0f32; n];
-            let mut a2 = vec![0f32; n];
-            let mut da = vec![0f32; n];
-            for (j, y) in chunk.chunks_mut(len).enumerate() {
-                let row = gi * GROUP + j;
-                let (bi, c) = (row / d, row % d);
-                scaled_a(p, c, &mut a2);
-                scan_channel(p, bi, c, &a2, &mut h, &mut da, y);
-            }
+    let ptr = OutPtr(out.as_mut_ptr());
+    (0..(bsz * d).div_ceil(GROUP))
+        .into_par_iter()
+        .for_each(|gi| {
+            with_scratch(3 * n + len, |scratch| {
+                let (h, rest) = scratch.split_at_mut(n);
+                let (a2, rest) = rest.split_at_mut(n);
+                let (da, y) = rest.split_at_mut(n);
+                for row in gi * GROUP..((gi + 1) * GROUP).min(bsz * d) {
+                    let (bi, c) = (row / d, row % d);
+                    scaled_a(p, c, a2);
+                    scan_channel(p, bi, c, a2, h, da, y);
+                    for (l, &v) in y.iter().enumerate() {
+                        // SAFETY: element (bi, l, c) of `out` (its size was asserted), written
+                        // by this task alone (channel c of song bi)
+                        unsafe { *ptr.at((bi * len + l) * d + c) = v };
+                    }
+                }
+            })
         });
-    // transpose (batch, d, len) → (batch, len, d)
-    let mut out = vec![0f32; bsz * len * d];
-    for bi in 0..bsz {
-        for c in 0..d {
-            let src = &ycm[(bi * d + c) * len..(bi * d + c + 1) * len];
-            for (l, v) in src.iter().enumerate() {
-                out[(bi * len + l) * d + c] = *v;
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]

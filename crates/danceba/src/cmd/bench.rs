@@ -341,9 +341,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         } else {
             "not used".to_string()
         };
+        // how a CPU step runs: on host buffers (no allocation per step) or as the candle forward
+        let cpu_step = match (gpt.device().is_cpu(), gpt.cpu_host_step()) {
+            (false, _) => "not used",
+            (true, true) => "host",
+            (true, false) => "candle",
+        };
         if !args.json {
             println!(
-                "GPT: {source}, n_embd {}, {} + {} layers; mamba {:?}; CPU GEMM {cpu_gemm}; CUDA graphs {}; {threads} threads; load {load_s:.2} s",
+                "GPT: {source}, n_embd {}, {} + {} layers; mamba {:?}; CPU GEMM {cpu_gemm}; CPU step {cpu_step}; CUDA graphs {}; {threads} threads; load {load_s:.2} s",
                 gpt.arch().n_embd,
                 gpt.arch().n_layer_base,
                 gpt.arch().n_layer_head,
@@ -384,6 +390,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "weights": source,
             "mamba": format!("{:?}", gpt.mamba_impl()),
             "cpu_gemm": cpu_gemm,
+            "cpu_step": cpu_step,
             "cuda_graphs": gpt.cuda_graphs(),
             "load_s": load_s,
             "runs": runs,
