@@ -355,39 +355,11 @@ impl Lin {
         if rows > cpu_gemm::max_rows() || !cpu_gemm::available() {
             return Ok(None);
         }
-        let (n, k) = self.w.dims2()?;
-        let sizes_ok = x.len() == rows * k
-            && gate.is_none_or(|g| g.len() == rows * n)
-            && residual.is_none_or(|r| r.len() == rows * n);
-        if !sizes_ok {
-            return Err(candle_core::Error::Msg(format!(
-                "linear layer {n}×{k}: host input of {} values for {rows} rows (or gate/residual \
-                 not {rows}×{n})",
-                x.len()
-            ))
-            .into());
-        }
-        if self.b.is_some() && self.b_host.is_none() {
-            return Ok(None);
-        }
-        let ep = cpu_gemm::Epilogue {
-            bias: self.b_host.as_deref(),
-            act: act.into(),
-            gate,
-            residual,
-        };
-        let (ws, wl) = self.w.storage_and_layout();
-        let Some((w0, w1)) = wl.contiguous_offsets() else {
-            return Ok(None);
-        };
-        Ok(match &*ws {
-            Storage::Cpu(CpuStorage::F32(w)) => cpu_gemm::linear_ep(x, &w[w0..w1], rows, k, n, &ep),
-            Storage::Cpu(CpuStorage::F16(w)) => cpu_gemm::linear_ep(x, &w[w0..w1], rows, k, n, &ep),
-            Storage::Cpu(CpuStorage::BF16(w)) => {
-                cpu_gemm::linear_ep(x, &w[w0..w1], rows, k, n, &ep)
-            }
-            _ => None,
-        })
+        // every value is written by the kernel where it runs
+        let mut out = vec![0f32; rows * self.out_dim()];
+        Ok(self
+            .linear_into(x, rows, act, gate, residual, &mut out)?
+            .then_some(out))
     }
 }
 
@@ -453,26 +425,16 @@ impl Lin {
             return Ok(false);
         };
         let (a, b) = (w0 + j0 * k, w0 + j1 * k);
-        fn run<W: cpu_gemm::Weight>(
-            x: &[f32],
-            w: &[W],
-            m: usize,
-            k: usize,
-            n: usize,
-            ep: &cpu_gemm::Epilogue,
-            out: &mut [f32],
-            parallel: bool,
-        ) -> bool {
-            if parallel {
-                cpu_gemm::linear_ep_into(x, w, m, k, n, ep, out)
-            } else {
-                cpu_gemm::linear_ep_into_seq(x, w, m, k, n, ep, out)
-            }
-        }
         Ok(match &*ws {
-            Storage::Cpu(CpuStorage::F32(w)) => run(x, &w[a..b], rows, k, n, &ep, out, parallel),
-            Storage::Cpu(CpuStorage::F16(w)) => run(x, &w[a..b], rows, k, n, &ep, out, parallel),
-            Storage::Cpu(CpuStorage::BF16(w)) => run(x, &w[a..b], rows, k, n, &ep, out, parallel),
+            Storage::Cpu(CpuStorage::F32(w)) => {
+                cpu_gemm::linear_ep_into(x, &w[a..b], rows, k, n, &ep, out, parallel)
+            }
+            Storage::Cpu(CpuStorage::F16(w)) => {
+                cpu_gemm::linear_ep_into(x, &w[a..b], rows, k, n, &ep, out, parallel)
+            }
+            Storage::Cpu(CpuStorage::BF16(w)) => {
+                cpu_gemm::linear_ep_into(x, &w[a..b], rows, k, n, &ep, out, parallel)
+            }
             _ => false,
         })
     }
@@ -560,20 +522,6 @@ impl RmsNorm {
     }
 }
 
-/// A raw output pointer shared by the attention's tasks; each writes its own head's columns.
-#[derive(Clone, Copy)]
-struct HeadOut(*mut f32);
-// SAFETY: the tasks write disjoint elements (different songs or heads) and the buffer outlives
-// the parallel loop.
-unsafe impl Send for HeadOut {}
-unsafe impl Sync for HeadOut {}
-impl HeadOut {
-    /// Element `i` (a method, so that closures capture the `Sync` wrapper, not the pointer).
-    fn at(self, i: usize) -> *mut f32 {
-        self.0.wrapping_add(i)
-    }
-}
-
 thread_local! {
     /// [`attention_host`]'s per-task rows (a head's queries, keys, transposed values, scores
     /// and output), per thread: grown once, then reused.
@@ -617,7 +565,7 @@ fn attention_host(
     let c = heads * hd;
     assert_eq!(out.len(), b * mq * c);
     assert_eq!(mask.len(), n * n);
-    let dst = HeadOut(out.as_mut_ptr());
+    let dst = super::scan::OutPtr(out.as_mut_ptr());
     (0..b * heads).into_par_iter().for_each(|task| {
         let (bi, hh) = (task / heads, task % heads);
         ATTN.with(|buf| {
@@ -645,7 +593,7 @@ fn attention_host(
                 }
             }
             let none = cpu_gemm::Epilogue::bias(None);
-            cpu_gemm::linear_ep_into_seq(qh, kh, mq, hd, n, &none, sc);
+            cpu_gemm::linear_ep_into(qh, kh, mq, hd, n, &none, sc, false);
             for (r, srow) in sc.chunks_exact_mut(n).enumerate() {
                 let mrow = &mask[q_pos(r) * n..(q_pos(r) + 1) * n];
                 let mut max = f32::NEG_INFINITY;
@@ -662,7 +610,7 @@ fn attention_host(
                     *s /= sum;
                 }
             }
-            cpu_gemm::linear_ep_into_seq(sc, vt, mq, n, hd, &none, oh);
+            cpu_gemm::linear_ep_into(sc, vt, mq, n, hd, &none, oh, false);
             for r in 0..mq {
                 // SAFETY: row r of song bi, columns of head hh: written by this task alone,
                 // inside `out` (asserted sizes)

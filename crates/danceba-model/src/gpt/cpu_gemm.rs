@@ -241,8 +241,10 @@ pub fn linear_ep<W: Weight>(
     kernel().map(|kern| linear_with(kern, x, w, m, k, n, ep))
 }
 
-/// [`linear_ep`] into `y` (m × n values, every one written): no allocation. Returns `false`
-/// (and leaves `y` alone) when the kernel is not available on this CPU.
+/// [`linear_ep`] into `y` (m × n values, every one written): no allocation. With `parallel`
+/// the columns are split between rayon's threads; without, the calling thread computes them
+/// all (for products small enough that several run side by side: the attention's per-head
+/// products). Returns `false` (and leaves `y` alone) when the kernel is not available here.
 ///
 /// # Panics
 /// If the slice lengths do not match the sizes.
@@ -255,39 +257,15 @@ pub fn linear_ep_into<W: Weight>(
     n: usize,
     ep: &Epilogue,
     y: &mut [f32],
+    parallel: bool,
 ) -> bool {
-    match kernel() {
-        Some(kern) => {
-            assert_eq!(y.len(), m * n, "y is not m × n");
-            // SAFETY: `y` holds m × n values
-            unsafe { linear_raw(kern, x, w, m, k, n, ep, OutPtr(y.as_mut_ptr()), true) };
-            true
-        }
-        None => false,
-    }
-}
-
-/// [`linear_ep_into`] on the calling thread alone (no parallel loop), for products small
-/// enough that several run side by side (the attention's per-head products).
-#[allow(clippy::too_many_arguments)]
-pub fn linear_ep_into_seq<W: Weight>(
-    x: &[f32],
-    w: &[W],
-    m: usize,
-    k: usize,
-    n: usize,
-    ep: &Epilogue,
-    y: &mut [f32],
-) -> bool {
-    match kernel() {
-        Some(kern) => {
-            assert_eq!(y.len(), m * n, "y is not m × n");
-            // SAFETY: `y` holds m × n values
-            unsafe { linear_raw(kern, x, w, m, k, n, ep, OutPtr(y.as_mut_ptr()), false) };
-            true
-        }
-        None => false,
-    }
+    let Some(kern) = kernel() else {
+        return false;
+    };
+    assert_eq!(y.len(), m * n, "y is not m × n");
+    // SAFETY: `y` holds m × n values
+    unsafe { linear_raw(kern, x, w, m, k, n, ep, OutPtr(y.as_mut_ptr()), parallel) };
+    true
 }
 
 /// `v` after the activation, the gate `g` and the residual `r` (bias already added).

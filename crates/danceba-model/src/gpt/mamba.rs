@@ -245,7 +245,7 @@ impl Mamba {
     /// The fused CPU path. In f16/bf16 the linear layers run in that precision and the
     /// convolution, the scan (state, softplus, D skip, gate) in f32, like the CUDA kernels.
     fn forward_fused(&self, x: &Tensor, host: &MambaHost) -> Result<Tensor> {
-        if let Some(y) = self.forward_fused_host(x, host)? {
+        if let Some(y) = self.forward_fused_host(x)? {
             return Ok(y);
         }
         let (b, l, _) = x.dims3()?;
@@ -262,7 +262,8 @@ impl Mamba {
         let dpre = self.dt_proj.forward(&xd.narrow(D::Minus1, 0, dr)?)?;
         let xd_h = host_f32(&xd)?;
         let dpre_h = host_f32(&dpre)?;
-        let y = self.scan_host(host, b, l, &u, &dpre_h, &xd_h, &xz_h);
+        let mut y = vec![0f32; b * l * di];
+        self.scan_host(host, (b, l), &u, &dpre_h, &xd_h, &xz_h, &mut y);
         let y = Tensor::from_vec(y, (b, l, di), x.device())?.to_dtype(dtype)?;
         self.out_proj.forward(&y)
     }
@@ -270,81 +271,73 @@ impl Mamba {
 
 impl Mamba {
     /// The fused CPU scan (softplus(Δ), selective scan, D skip, SiLU(z) gate) of `b` × `l`
-    /// positions on host rows: `u` and `dpre` (d_inner wide), `xd` (x_proj's output: Δ rank,
-    /// B, C), `xz` (in_proj's output: x, z).
+    /// positions on host rows into `out` (b·l × d_inner): `u` and `dpre` (d_inner wide), `xd`
+    /// (x_proj's output: Δ rank, B, C), `xz` (in_proj's output: x, z).
     #[allow(clippy::too_many_arguments)]
     fn scan_host(
         &self,
         host: &MambaHost,
-        b: usize,
-        l: usize,
+        (b, l): (usize, usize),
         u: &[f32],
         dpre: &[f32],
         xd: &[f32],
         xz: &[f32],
-    ) -> Vec<f32> {
+        out: &mut [f32],
+    ) {
         let (di, ds, dr) = (self.d_inner, self.d_state, self.dt_rank);
-        scan::selective_scan(&scan::ScanInputs {
-            batch: b,
-            len: l,
-            d: di,
-            n: ds,
-            u,
-            delta_pre: dpre,
-            delta_bias: &host.dt_bias,
-            a: &host.a,
-            a_min: &host.a_min,
-            bc: xd,
-            bc_stride: dr + 2 * ds,
-            b_offset: dr,
-            c_offset: dr + ds,
-            d_skip: &host.d_skip,
-            z: xz,
-            z_stride: 2 * di,
-            z_offset: di,
-        })
+        scan::selective_scan_into(
+            &scan::ScanInputs {
+                batch: b,
+                len: l,
+                d: di,
+                n: ds,
+                u,
+                delta_pre: dpre,
+                delta_bias: &host.dt_bias,
+                a: &host.a,
+                a_min: &host.a_min,
+                bc: xd,
+                bc_stride: dr + 2 * ds,
+                b_offset: dr,
+                c_offset: dr + ds,
+                d_skip: &host.d_skip,
+                z: xz,
+                z_stride: 2 * di,
+                z_offset: di,
+            },
+            out,
+        )
     }
 
     /// [`Mamba::forward_fused`] for f32 on the CPU with every linear layer in
     /// [`super::cpu_gemm`] on host vectors: no tensors between the layers, one at the end.
     /// `None` where the kernel does not apply (then the tensor path runs).
-    fn forward_fused_host(&self, x: &Tensor, host: &MambaHost) -> Result<Option<Tensor>> {
+    fn forward_fused_host(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let (b, l, c) = x.dims3()?;
-        let (di, ds, dr) = (self.d_inner, self.d_state, self.dt_rank);
-        let rows = b * l;
-        let lin = |m: &Lin, v: &[f32]| m.linear_host(v, rows, Act::Identity, None, None);
-        let Some(xz) = with_host_f32(x, |xv| lin(&self.in_proj, xv))? else {
+        if b * l > super::cpu_gemm::max_rows() || !super::cpu_gemm::available() {
             return Ok(None);
-        };
-        let u = scan::causal_conv_silu(&xz, b, l, 2 * di, 0, di, &host.conv_w, &host.conv_b);
-        let Some(xd) = lin(&self.x_proj, &u)? else {
-            return Ok(None);
-        };
-        let stride = dr + 2 * ds;
-        let dt_in: Vec<f32> = xd
-            .chunks_exact(stride)
-            .flat_map(|r| r[..dr].iter().copied())
-            .collect();
-        let Some(dpre) = lin(&self.dt_proj, &dt_in)? else {
-            return Ok(None);
-        };
-        let y = self.scan_host(host, b, l, &u, &dpre, &xd, &xz);
-        let Some(out) = lin(&self.out_proj, &y)? else {
-            return Ok(None);
-        };
-        Ok(Some(Tensor::from_vec(out, (b, l, c), x.device())?))
+        }
+        let mut out = vec![0f32; b * l * c];
+        let done = with_host_f32(x, |xv| {
+            self.forward_host_into(xv, None, b, l, &mut HostScratch::default(), &mut out)?;
+            Ok(Some(()))
+        })?;
+        Ok(match done {
+            Some(()) => Some(Tensor::from_vec(out, (b, l, c), x.device())?),
+            None => None,
+        })
     }
 }
 
 impl Mamba {
-    /// [`Mamba::forward_fused_host`] into host buffers: `a` (b·l × C) the normed input, `x`
-    /// (the same size) the stream's rows, which become `x + mamba(a)` in `s` (the residual
-    /// add in out_proj's epilogue, the same bits as candle's add). No allocation once `sc`
-    /// has grown to the shape.
+    /// The fused Mamba on host rows: `a` (b·l × C) the (normed) input into `s` (the same
+    /// size), plus `residual` where given (the stream's rows: the add in out_proj's epilogue,
+    /// the same bits as candle's add). Every product in [`super::cpu_gemm`]; no allocation
+    /// once `sc` has grown to the shape.
     fn forward_host_into(
         &self,
         a: &[f32],
-        x: &[f32],
+        residual: Option<&[f32]>,
         b: usize,
         l: usize,
         sc: &mut HostScratch,
@@ -369,29 +362,8 @@ impl Mamba {
         let dpre = grow(&mut sc.dpre, rows * di);
         host_lin!(self.dt_proj, dt, rows, Act::Identity, None, None, dpre);
         let ys = grow(&mut sc.ys, rows * di);
-        scan::selective_scan_into(
-            &scan::ScanInputs {
-                batch: b,
-                len: l,
-                d: di,
-                n: ds,
-                u,
-                delta_pre: dpre,
-                delta_bias: &host.dt_bias,
-                a: &host.a,
-                a_min: &host.a_min,
-                bc: xd,
-                bc_stride: stride,
-                b_offset: dr,
-                c_offset: dr + ds,
-                d_skip: &host.d_skip,
-                z: xz,
-                z_stride: 2 * di,
-                z_offset: di,
-            },
-            ys,
-        );
-        host_lin!(self.out_proj, ys, rows, Act::Identity, None, Some(x), s);
+        self.scan_host(host, (b, l), u, dpre, xd, xz, ys);
+        host_lin!(self.out_proj, ys, rows, Act::Identity, None, residual, s);
         Ok(())
     }
 }
@@ -450,7 +422,6 @@ impl GatedMlp {
         h: &Tensor,
         residual: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
-        use rayon::prelude::*;
         let dims = h.dims();
         let hid = self.hidden;
         if dims.last() != Some(&(2 * hid)) || residual.is_some_and(|r| r.dims() != x.dims()) {
@@ -459,21 +430,7 @@ impl GatedMlp {
         let rows = h.elem_count() / (2 * hid);
         let Some(gated) = with_host_f32(h, |hv| {
             let mut gated = vec![0f32; rows * hid];
-            gated
-                .par_chunks_mut(hid)
-                .zip(hv.par_chunks(2 * hid))
-                .for_each(|(o, r)| {
-                    let (v, g) = r.split_at(hid);
-                    #[cfg(target_arch = "x86_64")]
-                    if super::cpu_gemm::kernel() == Some(super::cpu_gemm::Kernel::Avx512) {
-                        // SAFETY: AVX-512F is there (`kernel`); the slices have `hid` values
-                        unsafe { super::vmath::avx512::silu_gate(v, g, o) };
-                        return;
-                    }
-                    for ((o, &v), &g) in o.iter_mut().zip(v).zip(g) {
-                        *o = v * (g / (1.0 + (-g).exp()));
-                    }
-                });
+            silu_gate_rows(hv, hid, &mut gated);
             Ok(Some(gated))
         })?
         else {
@@ -534,7 +491,7 @@ impl Stream {
             if !self.norm_a.forward_into(x, av) {
                 return Err(host_unavailable("a norm"));
             }
-            self.mamba.forward_host_into(av, x, b, l, sc, sv)?;
+            self.mamba.forward_host_into(av, Some(x), b, l, sc, sv)?;
             if !self.norm_b.forward_into(sv, av) {
                 return Err(host_unavailable("a norm"));
             }

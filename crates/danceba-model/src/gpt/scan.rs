@@ -898,17 +898,17 @@ fn use_avx2() -> bool {
     }
 }
 
-/// A raw pointer to the (batch, len, d) output, shared by the tasks of the scans; each writes
-/// its own channels.
+/// A raw pointer to an output shared by parallel tasks that each write their own elements (the
+/// scans' channels, the attention's heads).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: the tasks write disjoint elements (different channels) and the buffer outlives the
 // parallel loop.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 impl OutPtr {
     /// Element `i` (a method, so that closures capture the `Sync` wrapper, not the pointer).
-    fn at(self, i: usize) -> *mut f32 {
+    pub(crate) fn at(self, i: usize) -> *mut f32 {
         self.0.wrapping_add(i)
     }
 }
