@@ -4,6 +4,6 @@ pub mod pipeline;
 pub mod weights;
 
 pub use pipeline::{
-    read_features, Dance, InputKind, ModelFiles, Pipeline, PipelineError, PipelineOptions,
+    read_features, Dance, Decoder, InputKind, ModelFiles, Pipeline, PipelineError, PipelineOptions,
     MOTION_FPS,
 };

@@ -351,8 +351,9 @@ pub fn run(args: Args) -> Result<()> {
         .context("generation failed")?;
     pb.finish_and_clear();
     let generate_s = t_gen.elapsed().as_secs_f64();
-    // The sampler's activations are free now: hand them back before decoding and writing.
-    danceba::pipeline::release_free_heap();
+    // The GPT and the sampler's buffers are done with: hand them back before decoding and
+    // writing (the end of a long song is otherwise the peak of the run's memory).
+    let pipeline = pipeline.into_decoder();
 
     // Motion and outputs.
     let mut summary = Vec::new();
