@@ -11,12 +11,16 @@ use gpt_common::*;
 const TOL: f32 = 1e-4;
 const MARGIN: f32 = 1e-3;
 
+/// Every step's last-position logits, given the official tokens, against the official step
+/// logits: from the whole forward, and from the sampler's own step (`Gpt::last_logits`: on
+/// x86-64 the host step of `cpu_step.rs`, elsewhere the candle forward at the last rows).
 #[test]
 fn teacher_forced_step_logits_match_golden() {
     let gpt = tiny_gpt();
+    let nm = gpt.arch().n_music;
     for g in golden_pipelines() {
         let n = g.cond.dim(0).unwrap();
-        let mut worst = 0f32;
+        let (mut worst, mut worst_step) = (0f32, 0f32);
         for k in 0..n {
             let (s, t) = window(k, gpt.arch().block_size);
             let c = g.cond.narrow(0, s, t).unwrap().unsqueeze(0).unwrap();
@@ -29,17 +33,32 @@ fn teacher_forced_step_logits_match_golden() {
                 .unwrap();
             let lu = lu.get(0).unwrap().get(t - 1).unwrap();
             let ld = ld.get(0).unwrap().get(t - 1).unwrap();
-            let eu = rel_err(&lu, &g.logits_up.get(k).unwrap());
-            let ed = rel_err(&ld, &g.logits_down.get(k).unwrap());
+            let (want_u, want_d) = (g.logits_up.get(k).unwrap(), g.logits_down.get(k).unwrap());
+            let eu = rel_err(&lu, &want_u);
+            let ed = rel_err(&ld, &want_d);
             assert!(
                 eu <= TOL && ed <= TOL,
                 "{} step {k}: rel err up {eu} down {ed}",
                 g.name
             );
             worst = worst.max(eu).max(ed);
+            let cond = c.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(cond.len(), t * nm);
+            let (su, sd) = gpt
+                .last_logits(&g.up[s..s + t], &g.down[s..s + t], &cond, 1, t)
+                .unwrap();
+            let host = |v: Vec<f32>| Tensor::new(v.as_slice(), &candle_core::Device::Cpu).unwrap();
+            let (eu, ed) = (rel_err(&host(su), &want_u), rel_err(&host(sd), &want_d));
+            assert!(
+                eu <= TOL && ed <= TOL,
+                "{} step {k}, the sampler's step: rel err up {eu} down {ed}",
+                g.name
+            );
+            worst_step = worst_step.max(eu).max(ed);
         }
         println!(
-            "{}: {n} steps, worst teacher-forced rel err {worst:e}",
+            "{}: {n} steps, worst teacher-forced rel err {worst:e} (the sampler's step: \
+             {worst_step:e})",
             g.name
         );
     }
