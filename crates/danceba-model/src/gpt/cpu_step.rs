@@ -10,7 +10,9 @@
 //!
 //! The results equal the candle forward's to float rounding: the attention's products and
 //! the LPE's run in our GEMM rather than candle's, and the softmax sums in order (tested
-//! against it, `host_step_matches_the_candle_forward`).
+//! against it in `tests/gpt_forward.rs`, `last_logits_match_the_whole_forward_at_the_last_row`
+//! and `host_step_matches_the_candle_forward_on_odd_sizes`, and against the official step
+//! logits in `tests/gpt_pipeline.rs`).
 
 use super::block_base::{host_unavailable, tiled_causal_mask_host, Act};
 use super::mamba::BlockHead;
