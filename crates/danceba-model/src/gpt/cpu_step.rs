@@ -106,11 +106,6 @@ impl Gpt {
     /// AVX-512) and the fused Mamba, unless `DANCEBA_CPU_STEP=candle`. Otherwise they run the
     /// candle forward.
     pub fn cpu_host_step(&self) -> bool {
-        self.host_step_applies()
-    }
-
-    /// See [`Gpt::cpu_host_step`].
-    pub(crate) fn host_step_applies(&self) -> bool {
         self.device.is_cpu()
             && super::cpu_gemm::available()
             && self.mamba_impl == super::MambaImpl::FusedCpu
@@ -119,7 +114,7 @@ impl Gpt {
 
     /// The last position's logits of `b` windows of `t` positions (the sampler's step, see
     /// [`Gpt::last_logits_windows`]) on host buffers into `lu` (b × vocab_up) and `ld`
-    /// (b × vocab_down). Call only where [`Gpt::host_step_applies`].
+    /// (b × vocab_down). Call only where [`Gpt::cpu_host_step`].
     pub(crate) fn last_logits_host(
         &self,
         up: &[u32],
@@ -136,20 +131,6 @@ impl Gpt {
             Some(ws) => ws,
             None => own.insert(Workspace::default()),
         };
-        self.host_step(ws, up, down, cond, t, lu, ld)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn host_step(
-        &self,
-        ws: &mut Workspace,
-        up: &[u32],
-        down: &[u32],
-        cond: &[&[f32]],
-        t: usize,
-        lu: &mut Vec<f32>,
-        ld: &mut Vec<f32>,
-    ) -> Result<()> {
         let arch = &self.arch;
         let (b, c, nm) = (cond.len(), arch.n_embd, arch.n_music);
         self.check_window_len(t)?;
@@ -167,7 +148,7 @@ impl Gpt {
         check_finite_condition(&ws.cond, t, nm)?;
         // the embeddings: cond_emb, the token tables, the LPE
         let fc = lpe::Lpe::cropped_phase_host_into(&ws.cond, b, &mut ws.phase)?;
-        if 3 * fc < 3 * t {
+        if fc < t {
             return input_err(format!(
                 "the LPE gives {} rows for a window of {t}, fewer than the 3t needed",
                 3 * fc

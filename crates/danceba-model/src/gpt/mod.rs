@@ -383,7 +383,7 @@ impl Gpt {
             (*lu, *ld) = cuda_graph::last_logits(self, &self.graphs, up, down, cond, t, next)?;
             return Ok(());
         }
-        if self.host_step_applies() {
+        if self.cpu_host_step() {
             // on a thread of rayon's pool, as the candle forward below
             return rayon::scope(|_| self.last_logits_host(up, down, cond, t, lu, ld));
         }
