@@ -601,9 +601,18 @@ fn attention_host(
                     *s = *s * scale + m;
                     max = max.max(*s);
                 }
-                let mut sum = 0f32;
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: our GEMM kernels run here (`available`), so AVX2 and FMA are there
+                unsafe {
+                    super::vmath::avx2::exp_shifted_in_place(srow, max)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
                 for s in srow.iter_mut() {
                     *s = (*s - max).exp();
+                }
+                // summed in order
+                let mut sum = 0f32;
+                for s in srow.iter() {
                     sum += *s;
                 }
                 for s in srow.iter_mut() {

@@ -98,10 +98,13 @@ fn detected(kernel: Kernel) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         match kernel {
+            // the AVX-512 kernel's epilogue and attention also run 8-lane AVX2+FMA functions
+            // (GELU, the softmax): every AVX-512 CPU has them, checked all the same
             Kernel::Avx512 => {
                 std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512bw")
                     && std::arch::is_x86_feature_detected!("avx512vl")
+                    && detected(Kernel::Avx2)
             }
             Kernel::Avx2 => {
                 std::arch::is_x86_feature_detected!("avx2")
@@ -268,7 +271,9 @@ pub fn linear_ep_into<W: Weight>(
     true
 }
 
-/// `v` after the activation, the gate `g` and the residual `r` (bias already added).
+/// `v` after the activation, the gate `g` and the residual `r` (bias already added): the
+/// scalar epilogue (the x86-64 kernels use the vector one; the tests compare them).
+#[cfg(any(test, not(target_arch = "x86_64")))]
 #[inline(always)]
 fn finish(v: f32, act: Act, g: Option<f32>, r: Option<f32>) -> f32 {
     let mut v = match act {
@@ -308,26 +313,37 @@ unsafe fn epilogue_columns(
     #[cfg(not(target_arch = "x86_64"))]
     let _ = kern;
     #[cfg(target_arch = "x86_64")]
-    if ep.act != Act::GeluErf {
-        // SiLU through the vector `exp` (≈1 ulp from libm's), 16 or 8 lanes; the kernel's CPU
-        // features are there (`kern`)
-        type Rows = unsafe fn(*mut f32, usize, bool, Option<*const f32>, Option<*const f32>);
-        let rows: Rows = match kern {
-            Kernel::Avx512 => super::vmath::avx512::silu_gate_residual,
-            Kernel::Avx2 => super::vmath::avx2::silu_gate_residual,
+    {
+        // SiLU through the vector `exp` (≈1 ulp from libm's), 16 or 8 lanes; GELU through the
+        // 8-lane `gelu8` (a few ulp from the exact value) with either kernel: the kernel's CPU
+        // features are there (`kern`; `detected` checks AVX2 and FMA for both)
+        type Rows = unsafe fn(*mut f32, usize, Option<*const f32>, Option<*const f32>);
+        let rows: Rows = match (ep.act, kern) {
+            (Act::GeluErf, _) => super::vmath::avx2::gelu_gate_residual,
+            (Act::Silu, Kernel::Avx512) => {
+                |y, n, g, r| unsafe { super::vmath::avx512::silu_gate_residual(y, n, true, g, r) }
+            }
+            (_, Kernel::Avx512) => {
+                |y, n, g, r| unsafe { super::vmath::avx512::silu_gate_residual(y, n, false, g, r) }
+            }
+            (Act::Silu, Kernel::Avx2) => {
+                |y, n, g, r| unsafe { super::vmath::avx2::silu_gate_residual(y, n, true, g, r) }
+            }
+            (_, Kernel::Avx2) => {
+                |y, n, g, r| unsafe { super::vmath::avx2::silu_gate_residual(y, n, false, g, r) }
+            }
         };
         for i in 0..m {
             let at = i * n + n0;
             rows(
                 y.0.add(at),
                 n1 - n0,
-                ep.act == Act::Silu,
                 ep.gate.map(|g| g[at..].as_ptr()),
                 ep.residual.map(|r| r[at..].as_ptr()),
             );
         }
-        return;
     }
+    #[cfg(not(target_arch = "x86_64"))]
     for i in 0..m {
         for j in n0..n1 {
             let p = y.0.add(i * n + j);
@@ -1044,8 +1060,11 @@ mod tests {
         let acts: [(Act, ActFn); 3] = [
             (Act::Identity, |v| v),
             (Act::Silu, |v| v / (1.0 + (-v).exp())),
+            // the exact GELU (the vector one is closer to it than the scalar erf form)
             (Act::GeluErf, |v| {
-                (candle_core::cpu::erf::erf_f32(v * std::f32::consts::FRAC_1_SQRT_2) + 1.) * 0.5 * v
+                let x = v as f64;
+                (0.5 * x * candle_core::cpu::erf::erfc_f64(-x * std::f64::consts::FRAC_1_SQRT_2))
+                    as f32
             }),
         ];
         for (act, f) in acts {
@@ -1066,8 +1085,9 @@ mod tests {
                         if let Some(r) = residual {
                             e += r[i];
                         }
-                        if act == Act::Silu {
-                            // the vector exp (both kernels): a few ulp of the scaled terms
+                        if act != Act::Identity {
+                            // the vector SiLU and GELU (both kernels): a few ulp of the scaled
+                            // terms
                             let scale = f(p).abs() * gate.map_or(1.0, |g| g[i].abs())
                                 + residual.map_or(0.0, |r| r[i].abs());
                             assert!(
