@@ -192,6 +192,14 @@ pub(crate) mod avx2 {
         );
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        exp8_reduced(r, n)
+    }
+
+    /// `eʳ·2ⁿ` for the reduced argument `r` (|r| ≤ ½ ln 2 and a little) and the integer `n`
+    /// in [−127, 127] (2⁻¹²⁷ gives 0): the polynomial and the exponent step of [`exp8`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp8_reduced(r: __m256, n: __m256) -> __m256 {
         let mut p = _mm256_set1_ps(1.987_569_2e-4);
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
@@ -200,7 +208,7 @@ pub(crate) mod avx2 {
         p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
         let r2 = _mm256_mul_ps(r, r);
         let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
-        // 2ⁿ for n in [−126, 127]: the biased exponent n + 127 in bits 23..31
+        // the biased exponent n + 127 in bits 23..31
         let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
             _mm256_cvtps_epi32(n),
             _mm256_set1_epi32(127),
@@ -293,21 +301,8 @@ pub(crate) mod avx2 {
         );
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), hi);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let r = _mm256_add_ps(r, lo);
-        let mut p = _mm256_set1_ps(1.987_569_2e-4);
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.398_199_9e-3));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.333_452e-3));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166_579_6e-2));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666_666_5e-1));
-        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5));
-        let r2 = _mm256_mul_ps(r, r);
-        let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
-        // n in [−127, 1]: 2ⁿ from the biased exponent (0 for −127, where the caller masks)
-        let pow2n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(n),
-            _mm256_set1_epi32(127),
-        )));
-        _mm256_mul_ps(y, pow2n)
+        // n in [−127, 1] (0 for −127, where the caller masks)
+        exp8_reduced(_mm256_add_ps(r, lo), n)
     }
 
     /// GELU in its erf form, `x·Φ(x)` with `Φ(x) = ½·erfc(−x/√2)`, 8 lanes, within a few ulp
