@@ -636,9 +636,14 @@ fn attention_host(
     true
 }
 
-/// The error of a host step whose kernel turned out not to apply (checked before it starts).
+/// The error of a host step whose kernel turned out not to apply (checked before it starts,
+/// so an internal fault, not a bad input: reported as a failed operation).
 pub(crate) fn host_unavailable(what: &str) -> super::GptError {
-    super::GptError::Input(format!("the CPU host step cannot run {what} here"))
+    candle_core::Error::Msg(format!(
+        "internal error: the CPU host step cannot run {what} here (DANCEBA_CPU_STEP=candle \
+         avoids it; please report this)"
+    ))
+    .into()
 }
 
 /// `layer.linear_into(..)`, an error where the kernel does not apply.
