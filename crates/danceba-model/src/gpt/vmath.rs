@@ -813,7 +813,7 @@ mod tests {
         // −16 .. 16 in steps of 1e-4 (the masked tail included), and some far arguments
         let mut xs: Vec<f32> = (0..320_003).map(|i| -16.0 + i as f32 * 1e-4).collect();
         xs.extend([
-            -1e4f32, -100.0, -13.5, 13.5, 100.0, 1e4, 0.0, -0.0, 1e-30, -1e-30,
+            -1e30f32, -1e4, -100.0, -13.5, 13.5, 100.0, 1e4, 1e30, 0.0, -0.0, 1e-30, -1e-30,
         ]);
         let mut out = xs.clone();
         // SAFETY: AVX2 and FMA were detected; `out` holds xs.len() values.
