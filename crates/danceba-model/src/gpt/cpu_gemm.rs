@@ -317,30 +317,18 @@ unsafe fn epilogue_columns(
         // SiLU through the vector `exp` (≈1 ulp from libm's), 16 or 8 lanes; GELU through the
         // 8-lane `gelu8` (a few ulp from the exact value) with either kernel: the kernel's CPU
         // features are there (`kern`; `detected` checks AVX2 and FMA for both)
-        type Rows = unsafe fn(*mut f32, usize, Option<*const f32>, Option<*const f32>);
-        let rows: Rows = match (ep.act, kern) {
-            (Act::GeluErf, _) => super::vmath::avx2::gelu_gate_residual,
-            (Act::Silu, Kernel::Avx512) => {
-                |y, n, g, r| unsafe { super::vmath::avx512::silu_gate_residual(y, n, true, g, r) }
-            }
-            (_, Kernel::Avx512) => {
-                |y, n, g, r| unsafe { super::vmath::avx512::silu_gate_residual(y, n, false, g, r) }
-            }
-            (Act::Silu, Kernel::Avx2) => {
-                |y, n, g, r| unsafe { super::vmath::avx2::silu_gate_residual(y, n, true, g, r) }
-            }
-            (_, Kernel::Avx2) => {
-                |y, n, g, r| unsafe { super::vmath::avx2::silu_gate_residual(y, n, false, g, r) }
-            }
-        };
+        use super::vmath::{avx2, avx512};
+        let silu = ep.act == Act::Silu;
         for i in 0..m {
             let at = i * n + n0;
-            rows(
-                y.0.add(at),
-                n1 - n0,
-                ep.gate.map(|g| g[at..].as_ptr()),
-                ep.residual.map(|r| r[at..].as_ptr()),
-            );
+            let (row, len) = (y.0.add(at), n1 - n0);
+            let gate = ep.gate.map(|g| g[at..].as_ptr());
+            let residual = ep.residual.map(|r| r[at..].as_ptr());
+            match (ep.act, kern) {
+                (Act::GeluErf, _) => avx2::gelu_gate_residual(row, len, gate, residual),
+                (_, Kernel::Avx512) => avx512::silu_gate_residual(row, len, silu, gate, residual),
+                (_, Kernel::Avx2) => avx2::silu_gate_residual(row, len, silu, gate, residual),
+            }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]

@@ -464,17 +464,8 @@ fn silu_gate_rows(h: &[f32], hid: usize, out: &mut [f32]) {
             }
             #[cfg(target_arch = "x86_64")]
             if super::cpu_gemm::kernel() == Some(super::cpu_gemm::Kernel::Avx2) {
-                o.copy_from_slice(g);
-                // SAFETY: AVX2 and FMA are there (`kernel`); `o` and `v` have `hid` values
-                unsafe {
-                    super::vmath::avx2::silu_gate_residual(
-                        o.as_mut_ptr(),
-                        hid,
-                        true,
-                        Some(v.as_ptr()),
-                        None,
-                    )
-                };
+                // SAFETY: AVX2 and FMA are there (`kernel`); the slices have `hid` values
+                unsafe { super::vmath::avx2::silu_gate(v, g, o) };
                 return;
             }
             for ((o, &v), &g) in o.iter_mut().zip(v).zip(g) {

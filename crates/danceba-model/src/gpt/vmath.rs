@@ -354,6 +354,34 @@ pub(crate) mod avx2 {
         _mm256_mul_ps(x, phi)
     }
 
+    /// `out[i] = v[i] · SiLU(g[i])` (the GatedMLP gate; [`super::avx512::silu_gate`] on 8
+    /// lanes): full vectors load and store plainly, the tail through a lane mask.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be available; the three slices have the same length.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn silu_gate(v: &[f32], g: &[f32], out: &mut [f32]) {
+        assert!(v.len() == out.len() && g.len() == out.len());
+        let n = out.len();
+        let mut i = 0;
+        while i < n {
+            let (gp, vp, op) = (
+                g.as_ptr().add(i),
+                v.as_ptr().add(i),
+                out.as_mut_ptr().add(i),
+            );
+            if n - i >= 8 {
+                let y = _mm256_mul_ps(silu8(_mm256_loadu_ps(gp)), _mm256_loadu_ps(vp));
+                _mm256_storeu_ps(op, y);
+            } else {
+                let m = tail_mask(n - i);
+                let y = _mm256_mul_ps(silu8(_mm256_maskload_ps(gp, m)), _mm256_maskload_ps(vp, m));
+                _mm256_maskstore_ps(op, m, y);
+            }
+            i += 8;
+        }
+    }
+
     /// `y[i] = e^(y[i] − max)` in place (a softmax's numerators, `max` the row's maximum), by
     /// [`exp8`] (≈1 ulp), and exactly 0 where `y[i] − max` is below −87.3 (masked entries,
     /// −∞, among them): no denormal weights.
@@ -936,6 +964,16 @@ mod tests {
                 // SAFETY: AVX2 and FMA were detected; all slices have n elements.
                 unsafe { avx2::silu_gate_residual(y.as_mut_ptr(), y.len(), act, gate, res) }
             });
+            // the GatedMLP gate: the same values as the gated in-place form
+            let mut out = vec![0f32; n];
+            // SAFETY: AVX2 and FMA were detected; all slices have n elements.
+            unsafe { avx2::silu_gate(&v, &g, &mut out) };
+            let mut inplace = g.clone();
+            // SAFETY: as above.
+            unsafe {
+                avx2::silu_gate_residual(inplace.as_mut_ptr(), n, true, Some(v.as_ptr()), None)
+            };
+            assert_eq!(out, inplace, "silu_gate, n = {n}");
         }
     }
 
