@@ -697,6 +697,30 @@ mod avx2 {
     use super::{OutPtr, Weight, WeightKind, MR2, NR2, PANEL};
     use std::arch::x86_64::*;
 
+    /// Memory to prefetch while a block's row blocks run: `bytes` from `at` (nothing if 0).
+    #[derive(Clone, Copy)]
+    struct Ahead {
+        at: *const u8,
+        bytes: usize,
+    }
+
+    /// Prefetches part `i` of `parts` of `ahead`'s cache lines into L1. A step's weights (up to
+    /// ~1 GB) come from memory, and a block's rows (4 rows of 3–12 KiB) are too short a stream
+    /// for the hardware prefetchers: without it, each block's first row block waited on memory
+    /// (a steady fp32 step ~5 % slower on the EPYC).
+    ///
+    /// # Safety
+    /// `ahead` must be within one allocation (prefetches do not fault, but the pointer
+    /// arithmetic must stay in bounds).
+    #[inline]
+    unsafe fn prefetch_part(ahead: Ahead, i: usize, parts: usize) {
+        const LINE: usize = 64;
+        let lines = ahead.bytes.div_ceil(LINE);
+        for l in lines * i / parts..lines * (i + 1) / parts {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.at.add(l * LINE).cast());
+        }
+    }
+
     /// 8 weights from `p` as f32.
     #[inline(always)]
     unsafe fn wload<W: Weight>(p: *const W) -> __m256 {
@@ -828,12 +852,18 @@ mod avx2 {
             while j0 < n1 {
                 let c = (n1 - j0).min(NR2);
                 let bp = b.map(|b| b.as_ptr().add(j0));
+                // the next block's weight rows (they follow these), fetched while this block's
+                // row blocks run
+                let next = Ahead {
+                    at: w.as_ptr().add((j0 + c) * k).cast(),
+                    bytes: (n1 - j0 - c).min(NR2) * k * std::mem::size_of::<W>(),
+                };
                 if widened {
                     widen(w.as_ptr().add(j0 * k), c * k, wide);
-                    row_blocks::<f32>(x, wide, k, n, p0, p1, c, j0, bp, out);
+                    row_blocks::<f32>(x, wide, k, n, p0, p1, c, j0, bp, out, next);
                 } else {
                     let wp = w.as_ptr().add(j0 * k);
-                    row_blocks::<W>(x, wp, k, n, p0, p1, c, j0, bp, out);
+                    row_blocks::<W>(x, wp, k, n, p0, p1, c, j0, bp, out, next);
                 }
                 j0 += c;
             }
@@ -868,6 +898,7 @@ mod avx2 {
         j0: usize,
         bp: Option<*const f32>,
         out: OutPtr,
+        ahead: Ahead,
     ) {
         macro_rules! by_c {
             ($r:literal, $c:expr, $($args:expr),*) => {
@@ -879,9 +910,12 @@ mod avx2 {
                 }
             };
         }
+        let parts = (p1 - p0).div_ceil(MR2);
         let mut i0 = p0;
         while i0 < p1 {
             let r = (p1 - i0).min(MR2);
+            // a share of the next block's weights ahead of each row block
+            prefetch_part(ahead, (i0 - p0) / MR2, parts);
             let xp = x.as_ptr().add(i0 * k);
             let yp = out.0.add(i0 * n + j0);
             match r {
