@@ -457,16 +457,16 @@ fn silu_gate_rows(h: &[f32], hid: usize, out: &mut [f32]) {
         .for_each(|(o, r)| {
             let (v, g) = r.split_at(hid);
             #[cfg(target_arch = "x86_64")]
-            if super::cpu_gemm::kernel() == Some(super::cpu_gemm::Kernel::Avx512) {
-                // SAFETY: AVX-512F is there (`kernel`); the slices have `hid` values
-                unsafe { super::vmath::avx512::silu_gate(v, g, o) };
-                return;
-            }
-            #[cfg(target_arch = "x86_64")]
-            if super::cpu_gemm::kernel() == Some(super::cpu_gemm::Kernel::Avx2) {
-                // SAFETY: AVX2 and FMA are there (`kernel`); the slices have `hid` values
-                unsafe { super::vmath::avx2::silu_gate(v, g, o) };
-                return;
+            {
+                use super::cpu_gemm::{kernel, Kernel};
+                use super::vmath::{avx2, avx512};
+                // SAFETY: the kernel's CPU features are there (`kernel`: AVX-512F, or AVX2 and
+                // FMA); the slices have `hid` values
+                match kernel() {
+                    Some(Kernel::Avx512) => return unsafe { avx512::silu_gate(v, g, o) },
+                    Some(Kernel::Avx2) => return unsafe { avx2::silu_gate(v, g, o) },
+                    None => {}
+                }
             }
             for ((o, &v), &g) in o.iter_mut().zip(v).zip(g) {
                 *o = v * (g / (1.0 + (-g).exp()));
