@@ -128,18 +128,20 @@ pub fn causal_conv_silu_into(
             }
         }
         #[cfg(target_arch = "x86_64")]
-        if super::cpu_gemm::kernel() == Some(super::cpu_gemm::Kernel::Avx512) {
-            // SAFETY: AVX-512F is there (`kernel`); `o` holds d values
-            unsafe {
-                super::vmath::avx512::silu_gate_residual(o.as_mut_ptr(), d, true, None, None)
-            };
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if super::cpu_gemm::kernel() == Some(super::cpu_gemm::Kernel::Avx2) {
-            // SAFETY: AVX2 and FMA are there (`kernel`)
-            unsafe { super::vmath::avx2::silu_in_place(o) };
-            return;
+        {
+            use super::cpu_gemm::{kernel, Kernel};
+            use super::vmath::{avx2, avx512};
+            // SAFETY: the kernel's CPU features are there (`kernel`: AVX-512F, or AVX2 and
+            // FMA); `o` holds d values
+            match kernel() {
+                Some(Kernel::Avx512) => {
+                    return unsafe {
+                        avx512::silu_gate_residual(o.as_mut_ptr(), d, true, None, None)
+                    }
+                }
+                Some(Kernel::Avx2) => return unsafe { avx2::silu_in_place(o) },
+                None => {}
+            }
         }
         #[cfg(target_arch = "aarch64")]
         {
