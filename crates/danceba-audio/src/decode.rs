@@ -66,6 +66,61 @@ pub fn mix_to_mono(samples: &[f32], channels: usize, out: &mut Vec<f32>) {
     }
 }
 
+thread_local! {
+    /// Set while [`guarded`] runs a closure on this thread.
+    static GUARDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic inside it (a bug of symphonia's on malformed data) into `Err(())`
+/// without printing the panic message: the caller reports a clear error instead. The process's
+/// panic hook is wrapped once so that it stays silent while a guarded closure runs on the
+/// panicking thread, and reports every other panic as before.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, ()> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !GUARDED.with(|g| g.get()) {
+                previous(info);
+            }
+        }));
+    });
+    let was = GUARDED.with(|g| g.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(was));
+    result.map_err(|_| ())
+}
+
+/// The sample rate a RIFF/RF64 WAVE file's `fmt ` chunk states (found within its first 64 KiB),
+/// to name it when the demuxer fails on the header.
+fn wav_header_rate(path: &Path) -> Option<u32> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    File::open(path)
+        .ok()?
+        .take(64 * 1024)
+        .read_to_end(&mut head)
+        .ok()?;
+    if !(head.starts_with(b"RIFF") || head.starts_with(b"RF64")) || head.get(8..12)? != b"WAVE" {
+        return None;
+    }
+    let mut at = 12usize;
+    while at + 8 <= head.len() {
+        let size = u32::from_le_bytes(head[at + 4..at + 8].try_into().ok()?) as usize;
+        if &head[at..at + 4] == b"fmt " {
+            return Some(u32::from_le_bytes(
+                head.get(at + 12..at + 16)?.try_into().ok()?,
+            ));
+        }
+        // chunks are padded to an even size
+        at = at
+            .checked_add(8)?
+            .checked_add(size)?
+            .checked_add(size & 1)?;
+    }
+    None
+}
+
 /// A streaming packet decoder over one file.
 struct Decoder {
     path: std::path::PathBuf,
@@ -110,12 +165,30 @@ impl Decoder {
             enable_gapless: true,
             ..Default::default()
         };
-        let probed = symphonia::default::get_probe()
-            .format(&hint, mss, &fmt_opts, &MetadataOptions::default())
-            .map_err(|e| AudioError::UnsupportedFormat {
+        // symphonia's readers can panic on headers they do not check (a WAV of 0 Hz makes a
+        // zero time base): that is a malformed file, not a crash.
+        let probed = guarded(|| {
+            symphonia::default::get_probe().format(
+                &hint,
+                mss,
+                &fmt_opts,
+                &MetadataOptions::default(),
+            )
+        })
+        .map_err(|()| match wav_header_rate(path) {
+            Some(rate) if !(MIN_RATE..=MAX_RATE).contains(&rate) => AudioError::SampleRate {
                 path: pb.clone(),
-                detail: e.to_string(),
-            })?;
+                rate,
+            },
+            _ => AudioError::UnsupportedFormat {
+                path: pb.clone(),
+                detail: "the file's header is malformed (the demuxer failed on it)".into(),
+            },
+        })?
+        .map_err(|e| AudioError::UnsupportedFormat {
+            path: pb.clone(),
+            detail: e.to_string(),
+        })?;
         let format = probed.format;
         let track = format
             .tracks()
@@ -156,10 +229,7 @@ impl Decoder {
         loop {
             // A malformed file must never bring the process down: a panic inside the demuxer or
             // decoder (a bug there) becomes a decode error.
-            let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.format.next_packet()
-            }))
-            .map_err(|_| AudioError::Decode {
+            let next = guarded(|| self.format.next_packet()).map_err(|()| AudioError::Decode {
                 path: self.path.clone(),
                 detail: "the demuxer failed on malformed data".into(),
             })?;
@@ -187,13 +257,13 @@ impl Decoder {
             }
             let decoder = &mut self.decoder;
             let sample_buf = &mut self.sample_buf;
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                decode_into(decoder.as_mut(), &packet, sample_buf)
-            }))
-            .map_err(|_| AudioError::Decode {
-                path: self.path.clone(),
-                detail: "the decoder failed on malformed data".into(),
-            })?;
+            let result =
+                guarded(|| decode_into(decoder.as_mut(), &packet, sample_buf)).map_err(|()| {
+                    AudioError::Decode {
+                        path: self.path.clone(),
+                        detail: "the decoder failed on malformed data".into(),
+                    }
+                })?;
             let (spec, frames) = match result {
                 Ok(d) => d,
                 Err(SymError::DecodeError(e)) => {

@@ -310,6 +310,21 @@ fn unsupported_sample_rate_is_rejected() {
         "{e}"
     );
     assert!(e.to_string().contains("3840"));
+    // a header that says 0 Hz (symphonia's WAV reader panics on it): an error, not a crash
+    let p0 = dir.path().join("0hz.wav");
+    write_wav(
+        &p0,
+        1,
+        2000,
+        WavFormat::Int(16),
+        &tone(8000, 2000, 440.0, 660.0),
+    );
+    let mut bytes = std::fs::read(&p0).unwrap();
+    let fmt = bytes.windows(4).position(|w| w == b"fmt ").unwrap();
+    bytes[fmt + 12..fmt + 16].copy_from_slice(&0u32.to_le_bytes());
+    std::fs::write(&p0, &bytes).unwrap();
+    let e = load_mono_3840(&p0).unwrap_err();
+    assert!(e.to_string().contains("0 Hz"), "{e}");
 }
 
 #[test]
