@@ -70,3 +70,31 @@ fn features_mode_needs_audio_and_measures_it() {
     let v = bench_json(&["--what", "features", "--audio", audio.to_str().unwrap()]);
     assert_eq!(v["features"]["rows"], 92 - 1);
 }
+
+/// Counts of zero or far beyond any measurement are refused up front with the flag's range
+/// (they used to abort the process in an allocation, or silently become 1).
+#[test]
+fn out_of_range_counts_are_errors_not_aborts() {
+    for args in [
+        &["--steps", "0"][..],
+        &["--steps", "100000000"],
+        &["--what", "vqvae", "--tokens", "100000000"],
+        &["--repeat", "0"],
+        &["--batch", "1,100000"],
+        &["--threads", "100000"],
+        &["--threads", "0"],
+        &["--cuda-graphs", "on"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_danceba"))
+            .arg("bench")
+            .args(args)
+            .output()
+            .expect("run danceba bench");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains(args[args.len() - 2]) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -288,22 +288,42 @@ fn graph_timing_json(before: [f64; 8], after: [f64; 8]) -> serde_json::Value {
     })
 }
 
+/// Upper limits of the counts `bench` takes: far above any useful measurement, low enough that
+/// a typo gets an error instead of an allocation failure that aborts the process.
+const MAX_THREADS: usize = 1024;
+const MAX_BATCH: usize = 256;
+const MAX_STEPS: usize = 100_000;
+const MAX_TOKENS: usize = 100_000;
+const MAX_REPEAT: usize = 1000;
+
+/// `value` of `flag` within `1..=max`, or an error that says so.
+fn check_count(flag: &str, value: usize, max: usize) -> anyhow::Result<()> {
+    if value == 0 || value > max {
+        bail!("{flag} must be between 1 and {max} (got {value})");
+    }
+    Ok(())
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    for &b in &args.batch {
+        check_count("--batch", b, MAX_BATCH)?;
+    }
+    check_count("--steps", args.steps, MAX_STEPS)?;
+    check_count("--tokens", args.tokens, MAX_TOKENS)?;
+    check_count("--repeat", args.repeat, MAX_REPEAT)?;
     if let Some(n) = args.threads {
-        if n == 0 {
-            bail!("--threads must be at least 1");
-        }
+        check_count("--threads", n, MAX_THREADS)?;
         // read by rayon's global pool and by candle's CPU kernels at first use
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
-    if args.batch.contains(&0) {
-        bail!("batch sizes must be at least 1");
     }
     if args.what.contains(&What::Features) && args.audio.is_none() {
         bail!("`--what features` needs an audio file: pass --audio PATH");
     }
     let choice: danceba_model::device::DeviceChoice = args.device.parse()?;
     let device = danceba_model::device::open(choice).context("opening the --device")?;
+    if args.cuda_graphs.is_some() && !device.is_cuda() {
+        bail!("--cuda-graphs applies to CUDA devices only: pass --device cuda, or leave it out");
+    }
     let dtype = parse_dtype(&args.dtype)?;
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -360,7 +380,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut runs = Vec::new();
         for &b in &args.batch {
             let before = graph_timing(&gpt);
-            let r = bench_gpt(&gpt, b, args.steps.max(1), args.seed)?;
+            let r = bench_gpt(&gpt, b, args.steps, args.seed)?;
             let replay = graph_timing_json(before, graph_timing(&gpt));
             let fps = FRAMES_PER_STEP * b as f64 / r.steady_mean_s;
             if !args.json {
@@ -400,7 +420,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let audio = args.audio.as_ref().context("--audio is required")?;
         let mut times = Vec::new();
         let mut rows = 0;
-        for _ in 0..args.repeat.max(1) {
+        for _ in 0..args.repeat {
             let t0 = Instant::now();
             let f = danceba_audio::features_from_file(audio)
                 .with_context(|| format!("extracting features from {}", audio.display()))?;
@@ -430,9 +450,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         });
     }
     if args.what.contains(&What::Vqvae) {
-        if args.tokens == 0 {
-            bail!("--tokens must be at least 1");
-        }
         let arch = official_vqvae_arch();
         let t0 = Instant::now();
         let vq = random_vqvae(&arch, args.seed, &device).context("building the VQ-VAE")?;
@@ -446,7 +463,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let (up, down) = (ids(1), ids(2));
         let mut times = Vec::new();
         let mut frames = 0;
-        for _ in 0..args.repeat.max(1) {
+        for _ in 0..args.repeat {
             let t0 = Instant::now();
             let decoded = vq.decode(&up, &down).context("decoding")?;
             times.push(t0.elapsed().as_secs_f64());
