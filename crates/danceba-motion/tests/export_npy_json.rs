@@ -297,3 +297,19 @@ fn format_names_parse() {
     assert_eq!(Format::parse("json"), Some(Format::Json));
     assert_eq!(Format::parse("fbx"), None);
 }
+
+/// A file name at the file system's 255-byte limit is written (the temporary file beside it
+/// used to be named after it, and went over the limit).
+#[test]
+fn a_name_at_the_length_limit_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = golden_motion();
+    for (format, ext) in [(Format::Npy, "npy"), (Format::Json, "json")] {
+        let p = dir.path().join(format!("{}.{ext}", "d".repeat(254 - ext.len())));
+        assert_eq!(p.file_name().unwrap().len(), 255);
+        export::export(&m, &MotionMeta::default(), format, &p, false)
+            .unwrap_or_else(|e| panic!("{ext}: {e}"));
+        assert!(p.is_file());
+    }
+    no_temp_files(dir.path());
+}

@@ -115,15 +115,19 @@ pub fn save_safetensors(
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
-    let fname = path
-        .file_name()
-        .ok_or_else(|| CheckpointError::Write {
+    if path.file_name().is_none() {
+        return Err(CheckpointError::Write {
             path: p(),
             msg: "not a file path".into(),
-        })?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = dir.join(format!(".{fname}.tmp.{}", std::process::id()));
+        });
+    }
+    // not named after the output: a name near the 255-byte limit would push it over
+    static SERIAL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(
+        ".danceba-{}.{serial}.safetensors.tmp",
+        std::process::id()
+    ));
     let meta: HashMap<String, String> = metadata.clone().into_iter().collect();
     let cpu: Vec<(String, Tensor)> = tensors
         .iter()

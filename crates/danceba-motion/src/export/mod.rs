@@ -124,18 +124,16 @@ pub fn write_atomic(out: &Path, bytes: &[u8], force: bool) -> Result<(), ExportE
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| {
-            werr(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "the output path has no file name",
-            ))
-        })?;
+    if out.file_name().is_none() {
+        return Err(werr(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the output path has no file name",
+        )));
+    }
     let mut attempt = 0u32;
     let (tmp_path, mut file) = loop {
-        let candidate = dir.join(format!(".{name}.{}.{attempt}.tmp", std::process::id()));
+        // not named after the output: a name near the 255-byte limit would push it over
+        let candidate = dir.join(format!(".danceba-{}.{attempt}.tmp", std::process::id()));
         match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)

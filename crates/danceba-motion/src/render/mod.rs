@@ -74,13 +74,9 @@ pub(crate) fn temp_beside(out: &Path) -> Result<tempfile::NamedTempFile, RenderE
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "output".into());
-    let prefix = format!(".{name}.");
+    // not named after the output: a name near the 255-byte limit would push it over
     let mut builder = tempfile::Builder::new();
-    builder.prefix(&prefix).suffix(".part");
+    builder.prefix(".danceba-").suffix(".part");
     // An output file, not a secret: the usual rw-r--r-- (mode 0666 filtered by the umask, like
     // any created file) instead of tempfile's owner-only 0600.
     #[cfg(unix)]
