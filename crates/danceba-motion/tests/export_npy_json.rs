@@ -305,7 +305,9 @@ fn a_name_at_the_length_limit_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let m = golden_motion();
     for (format, ext) in [(Format::Npy, "npy"), (Format::Json, "json")] {
-        let p = dir.path().join(format!("{}.{ext}", "d".repeat(254 - ext.len())));
+        let p = dir
+            .path()
+            .join(format!("{}.{ext}", "d".repeat(254 - ext.len())));
         assert_eq!(p.file_name().unwrap().len(), 255);
         export::export(&m, &MotionMeta::default(), format, &p, false)
             .unwrap_or_else(|e| panic!("{ext}: {e}"));

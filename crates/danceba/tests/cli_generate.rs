@@ -418,6 +418,44 @@ fn user_errors_say_what_to_do() {
         assert!(!text.contains("loading"), "{text}");
     }
 
+    // Two inputs whose outputs meet under different stems: refused before any work, nothing
+    // written ("a.pkl" as npy and "a" as pkl.npy are both a.pkl.npy).
+    let meet = dir.path().join("meet");
+    std::fs::create_dir_all(&meet).unwrap();
+    let (a, a_pkl) = (meet.join("a.wav"), meet.join("a.pkl.wav"));
+    std::fs::copy(&song, &a).unwrap();
+    std::fs::copy(&song, &a_pkl).unwrap();
+    let out = meet.join("out");
+    let err = run_err(
+        bin()
+            .arg("generate")
+            .args([&a, &a_pkl])
+            .args(tiny())
+            .args(["--formats", "npy,pkl.npy", "-o"])
+            .arg(&out),
+    );
+    assert!(
+        err.contains("would both write") && err.contains("a.pkl.npy"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+
+    // An output directory where no file can be created (even as root): said before the work.
+    #[cfg(target_os = "linux")]
+    {
+        let err = run_err(&mut generate(
+            &song,
+            &tiny(),
+            "npy",
+            Path::new("/proc/self"),
+        ));
+        assert!(
+            err.contains("cannot create files in the output directory"),
+            "{err}"
+        );
+        assert!(!err.contains("loading"), "{err}");
+    }
+
     // Unknown format.
     let err = run_err(&mut generate(&song, &tiny(), "npy,fbx", dir.path()));
     assert!(err.contains("fbx") && err.contains("glb"), "{err}");

@@ -245,6 +245,21 @@ pub fn run(args: Args) -> Result<()> {
         args.output
             .join(format!("{}.{}", stem(input), o.extension()))
     };
+    // Different stems can still meet: "a.pkl" as npy and "a" as pkl.npy are both a.pkl.npy.
+    let mut planned: BTreeMap<std::path::PathBuf, &Path> = BTreeMap::new();
+    for input in &args.inputs {
+        for &o in &outputs {
+            let p = out_path(input, o);
+            if let Some(prev) = planned.insert(p.clone(), input) {
+                bail!(
+                    "{} and {} would both write {}; generate them in separate runs or rename one",
+                    prev.display(),
+                    input.display(),
+                    p.display()
+                );
+            }
+        }
+    }
     if !args.force {
         for input in &args.inputs {
             for &o in &outputs {

@@ -33,7 +33,9 @@ pub fn check_input_file(path: &Path, what: &str) -> anyhow::Result<()> {
 }
 
 /// Creates the output directory `dir` (and its parents) if needed; an existing non-directory
-/// there is refused with a message that says so (not the OS's "File exists").
+/// there is refused with a message that says so (not the OS's "File exists"). Then checks that
+/// files can be created in it (by creating and removing an empty one), so that a read-only
+/// directory is reported before the work, not after it.
 pub fn create_output_dir(dir: &Path) -> anyhow::Result<()> {
     if dir.exists() && !dir.is_dir() {
         anyhow::bail!(
@@ -41,26 +43,41 @@ pub fn create_output_dir(dir: &Path) -> anyhow::Result<()> {
             dir.display()
         );
     }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| anyhow::anyhow!("cannot create the output directory {}: {e}", dir.display()))
+    std::fs::create_dir_all(dir).map_err(|e| {
+        anyhow::anyhow!("cannot create the output directory {}: {e}", dir.display())
+    })?;
+    let probe = dir.join(format!(".danceba-probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create files in the output directory {}: {e}; choose another with -o",
+                dir.display()
+            )
+        })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 /// The message of an error and its causes, `outer: cause: …`, leaving out a cause whose text
 /// an outer message already holds (many of ours include their source in their own text, as
-/// `{path}: {source}`, so `{:#}` would print it twice).
+/// `{path}: {source}`, so `{:#}` would print it twice), and an outer message that its cause
+/// begins with (`cannot write x` around `cannot write x: disk full`).
 pub fn error_message(e: &anyhow::Error) -> String {
-    let mut msg = String::new();
+    let mut parts: Vec<String> = Vec::new();
     for cause in e.chain() {
         let s = cause.to_string();
-        if s.is_empty() || msg.contains(&s) {
+        if s.is_empty() || parts.iter().any(|p| p.contains(&s)) {
             continue;
         }
-        if !msg.is_empty() {
-            msg.push_str(": ");
+        match parts.last_mut() {
+            Some(last) if s.starts_with(last.as_str()) => *last = s,
+            _ => parts.push(s),
         }
-        msg.push_str(&s);
     }
-    msg
+    parts.join(": ")
 }
 
 #[cfg(test)]
@@ -91,6 +108,14 @@ mod tests {
             .context("cannot write x")
             .context("rendering");
         assert_eq!(error_message(&e), "rendering: cannot write x: disk full");
+        // an outer message that its cause repeats and extends is said once, by the cause
+        let e = anyhow::anyhow!("cannot write x: read-only file system")
+            .context("cannot write x")
+            .context("rendering");
+        assert_eq!(
+            error_message(&e),
+            "rendering: cannot write x: read-only file system"
+        );
     }
 
     #[test]
