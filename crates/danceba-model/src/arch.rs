@@ -266,9 +266,30 @@ impl GptArch {
         })
     }
 
-    /// [`GptArch::detect`] on a loaded checkpoint, using its config.
+    /// [`GptArch::detect`] on a loaded checkpoint, using its config. A head count given as
+    /// `n_head` (a flag) that contradicts the one the checkpoint states (its config, or a
+    /// converted file's metadata) is an error: the flag is for checkpoints that do not say, and
+    /// overriding a stated count silently changes every attention layer.
     pub fn from_state_dict(sd: &StateDict, n_head: Option<usize>) -> Result<GptArch, ArchError> {
-        let (n, _) = resolve_n_head_for(sd, n_head);
+        if let Some(flag) = n_head {
+            let (stated, source) = resolve_n_head_for(sd, None);
+            if source != NHeadSource::Default && stated != flag {
+                let whence = match source {
+                    NHeadSource::Metadata => "its metadata",
+                    _ => "its config",
+                };
+                return Err(ArchError::Inconsistent(format!(
+                    "the checkpoint's {whence} says n_head {stated}, and --n-head {flag} \
+                     contradicts it: leave --n-head out (it is for checkpoints that do not say)"
+                )));
+            }
+        }
+        let (n, source) = resolve_n_head_for(sd, n_head);
+        if n == 0 && source == NHeadSource::Flag {
+            return Err(ArchError::Inconsistent(
+                "--n-head 0: the head count must be at least 1".into(),
+            ));
+        }
         GptArch::detect(&sd.shapes(), sd.config.as_ref(), Some(n))
     }
 }

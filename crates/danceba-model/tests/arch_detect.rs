@@ -214,6 +214,26 @@ fn arch_golden_tiny_gpt_detected_and_audited() {
     }
 }
 
+/// `--n-head` is for checkpoints that do not state the head count: the one the config states
+/// is accepted, another is refused (it used to replace the config's silently, which changes
+/// every attention layer), and 0 says what is wrong with it.
+#[test]
+fn an_n_head_that_contradicts_the_config_is_refused() {
+    let sd = checkpoint::load(&model("tiny_gpt.pt")).unwrap();
+    assert_eq!(audit_gpt(&sd, Some(4)).unwrap().0, tiny_gpt());
+    for (flag, says) in [(16, "contradicts"), (8, "contradicts"), (0, "contradicts")] {
+        let e = audit_gpt(&sd, Some(flag)).unwrap_err().to_string();
+        assert!(e.contains(says) && e.contains("n_head 4"), "{flag}: {e}");
+        assert!(inspect_state_dict(&sd, Some(flag)).is_err());
+    }
+    // without a config the flag decides; 0 is refused with the flag's name
+    let mut bare = sd.clone();
+    bare.config = None;
+    assert_eq!(audit_gpt(&bare, Some(16)).unwrap().0.n_head, 16);
+    let e = audit_gpt(&bare, Some(0)).unwrap_err().to_string();
+    assert!(e.contains("--n-head 0"), "{e}");
+}
+
 #[test]
 fn arch_golden_tiny_vqvae_detected_and_audited() {
     let sd = checkpoint::load(&model("tiny_vqvae.pt")).unwrap();

@@ -56,18 +56,28 @@ fn cli_inspect_gpt_json() {
     assert!(ignored
         .iter()
         .any(|k| k == "gpt_base.pos_emb.pos_emb_1.linear1.weight"));
-    // the flag overrides the config
-    let (ok, out, err) = danceba(&[
-        "inspect",
-        model("tiny_gpt.pt").to_str().unwrap(),
-        "--json",
-        "--n-head",
-        "8",
-    ]);
+    // a flag that agrees with the config is taken; one that contradicts it is refused (it
+    // would change every attention layer), by inspect and convert alike
+    let tiny = model("tiny_gpt.pt");
+    let (ok, out, err) = danceba(&["inspect", tiny.to_str().unwrap(), "--json", "--n-head", "4"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["architecture"]["n_head"], 8);
+    assert_eq!(v["architecture"]["n_head"], 4);
     assert_eq!(v["n_head_source"], "flag");
+    let (ok, _, err) = danceba(&["inspect", tiny.to_str().unwrap(), "--n-head", "8"]);
+    assert!(!ok && err.contains("contradicts"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, err) = danceba(&[
+        "convert",
+        "--gpt",
+        tiny.to_str().unwrap(),
+        "-o",
+        dir.path().to_str().unwrap(),
+        "--n-head",
+        "16",
+    ]);
+    assert!(!ok && err.contains("contradicts"), "{err}");
+    assert!(!dir.path().join("gpt.safetensors").exists());
 }
 
 #[test]

@@ -41,7 +41,8 @@ pub struct Args {
     /// Floating-point type of the written tensors.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
-    /// Attention heads of the GPT if its config does not say (default 12).
+    /// Attention heads of the GPT if its config does not say (default 12); one that contradicts
+    /// the config is refused.
     #[arg(long)]
     pub n_head: Option<usize>,
     /// Overwrite existing output files.

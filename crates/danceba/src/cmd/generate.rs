@@ -55,7 +55,8 @@ pub struct Args {
     /// choice changes the rest of the dance.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Attention heads of the GPT, overriding the checkpoint's config.
+    /// Attention heads of the GPT, for a checkpoint that does not state them (default 12); one
+    /// that contradicts the checkpoint is refused.
     #[arg(long)]
     pub n_head: Option<usize>,
     /// Start tokens as UP,DOWN (default: the official 423,12).

@@ -40,7 +40,8 @@ pub struct Args {
     /// Print one JSON object instead of the text report.
     #[arg(long)]
     pub json: bool,
-    /// Attention heads (not visible in the weights). Default: the checkpoint's config, else 12.
+    /// Attention heads (not visible in the weights) for a checkpoint that does not state them
+    /// (default 12); one that contradicts the checkpoint is refused.
     #[arg(long)]
     pub n_head: Option<usize>,
 }
