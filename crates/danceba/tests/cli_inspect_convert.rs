@@ -186,3 +186,57 @@ fn cli_convert_single_and_wrong_kind() {
     let (ok, _, err) = danceba(&["convert", "-o", out]);
     assert!(!ok && err.contains("nothing to convert"), "{err}");
 }
+
+/// A conversion of both files in which the second fails leaves the directory as it was (with
+/// --force too): never a new GPT beside the old VQ-VAE, and no temporary files.
+#[test]
+fn cli_convert_failure_leaves_the_pair_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let gpt = dir.path().join("gpt.safetensors");
+    let vqvae = dir.path().join("vqvae.safetensors");
+    std::fs::write(&gpt, b"old gpt").unwrap();
+    std::fs::write(&vqvae, b"old vqvae").unwrap();
+    let garbage = dir.path().join("garbage.pt");
+    std::fs::write(&garbage, b"PK\x03\x04 not a checkpoint").unwrap();
+    let (ok, _, err) = danceba(&[
+        "convert",
+        "--gpt",
+        model("tiny_gpt.pt").to_str().unwrap(),
+        "--vqvae",
+        garbage.to_str().unwrap(),
+        "-o",
+        out,
+        "--force",
+    ]);
+    assert!(!ok && err.contains("garbage.pt"), "{err}");
+    assert_eq!(std::fs::read(&gpt).unwrap(), b"old gpt");
+    assert_eq!(std::fs::read(&vqvae).unwrap(), b"old vqvae");
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["garbage.pt", "gpt.safetensors", "vqvae.safetensors"]
+    );
+    // both good: both replaced, and reported under their real names
+    let (ok, stdout, err) = danceba(&[
+        "convert",
+        "--gpt",
+        model("tiny_gpt.pt").to_str().unwrap(),
+        "--vqvae",
+        model("tiny_vqvae.pt").to_str().unwrap(),
+        "-o",
+        out,
+        "--force",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("gpt.safetensors") && !stdout.contains(".danceba-"),
+        "{stdout}"
+    );
+    assert_ne!(std::fs::read(&gpt).unwrap(), b"old gpt");
+    assert_ne!(std::fs::read(&vqvae).unwrap(), b"old vqvae");
+}

@@ -71,18 +71,48 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
-    for (src, kind, name) in jobs {
-        let Some(src) = src else { continue };
-        let dst = args.out.join(name);
-        let report = convert_checkpoint(
-            src,
-            &dst,
-            Some(kind),
-            args.dtype.into(),
-            args.n_head,
-            args.force,
-        )
-        .with_context(|| format!("converting {} to {}", src.display(), dst.display()))?;
+    // Each file is converted to a temporary name beside its destination, and they are moved
+    // into place only once every conversion has succeeded: a failure leaves the directory as it
+    // was, never a new GPT beside an old VQ-VAE.
+    let mut done: Vec<(PathBuf, PathBuf, ConvertReport)> = Vec::new();
+    let outcome = (|| -> anyhow::Result<()> {
+        for (src, kind, name) in jobs {
+            let Some(src) = src else { continue };
+            let dst = args.out.join(name);
+            let tmp = args
+                .out
+                .join(format!(".danceba-{}.{name}.tmp", std::process::id()));
+            // (written atomically: nothing is left at `tmp` when it fails)
+            let report =
+                convert_checkpoint(src, &tmp, Some(kind), args.dtype.into(), args.n_head, true)
+                    .with_context(|| {
+                        format!("converting {} to {}", src.display(), dst.display())
+                    })?;
+            done.push((tmp, dst, report));
+        }
+        if let Some((_, dst, _)) = done.iter().find(|(_, d, _)| !args.force && d.exists()) {
+            bail!(
+                "{} appeared during the conversion; pass --force to overwrite",
+                dst.display()
+            );
+        }
+        Ok(())
+    })();
+    if let Err(e) = outcome {
+        for (tmp, _, _) in &done {
+            let _ = std::fs::remove_file(tmp);
+        }
+        return Err(e);
+    }
+    let mut left = done.into_iter();
+    while let Some((tmp, dst, mut report)) = left.next() {
+        if let Err(e) = std::fs::rename(&tmp, &dst) {
+            for (tmp, _, _) in std::iter::once((tmp, dst.clone(), report)).chain(left) {
+                let _ = std::fs::remove_file(tmp);
+            }
+            return Err(anyhow::Error::new(e).context(format!("cannot write {}", dst.display())));
+        }
+        report.output = dst;
         print_report(&report);
     }
     Ok(())
