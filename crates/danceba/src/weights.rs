@@ -19,7 +19,6 @@ use std::time::Duration;
 use candle_core::DType;
 use danceba_model::arch::ModelKind;
 use danceba_model::checkpoint::{convert_checkpoint, ConvertError};
-use sha2::{Digest, Sha256};
 
 use crate::ModelFiles;
 
@@ -150,6 +149,13 @@ pub fn converted_cache_dir() -> Option<PathBuf> {
     env_path("DANCEBA_CACHE")
         .or_else(|| xdg_cache().map(|c| c.join("danceba")))
         .map(|d| d.join("weights"))
+}
+
+/// Whether `path` lies in a cache that `danceba download` fills (the converted weights or the
+/// hub cache's copy of the repository): a damaged file there is mended by `download --force`.
+pub fn is_downloaded(path: &Path) -> bool {
+    converted_cache_dir().is_some_and(|d| path.starts_with(d))
+        || HubConfig::from_env().is_ok_and(|c| path.starts_with(c.repo_cache()))
 }
 
 /// Where and how to reach the hub.
@@ -497,17 +503,11 @@ pub fn list_dir(cfg: &HubConfig, dir: &str) -> Result<Vec<RemoteFile>, WeightsEr
 pub type ProgressFn<'a> = &'a mut dyn FnMut(&str, u64, Option<u64>);
 
 fn sha256_of(path: &Path) -> Result<String, WeightsError> {
-    let mut f = std::fs::File::open(path).map_err(io_err(path))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io_err(path))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    use danceba_model::checkpoint::CheckpointError;
+    danceba_model::checkpoint::sha256_file(path).map_err(|e| match e {
+        CheckpointError::Io { path, source } => WeightsError::Io { path, source },
+        other => ConvertError::from(other).into(),
+    })
 }
 
 fn header_u64(r: &ureq::Response, name: &str) -> Option<u64> {
@@ -764,11 +764,17 @@ pub fn download(
     let mut reused = Vec::new();
     for remote in [&gpt_remote, &vq_remote] {
         let dest = snapshot.join(&remote.path);
+        // a file already there is kept if its size and (where the hub gives it) its SHA-256
+        // are the hub's; a damaged one is fetched again
         if dest.is_file()
             && !opts.force
             && remote
                 .size
                 .is_none_or(|s| dest.metadata().is_ok_and(|m| m.len() == s))
+            && match &remote.sha256 {
+                Some(want) => sha256_of(&dest)?.eq_ignore_ascii_case(want),
+                None => true,
+            }
         {
             reused.push(dest);
             continue;
@@ -835,8 +841,9 @@ pub fn audit(path: &Path, kind: ModelKind) -> Result<(), WeightsError> {
 }
 
 /// Audits the two official checkpoints and converts them into `dir` (`gpt.safetensors`,
-/// `vqvae.safetensors`, f32), replacing older conversions when `replace`; existing complete
-/// conversions are kept otherwise.
+/// `vqvae.safetensors`, f32), replacing older conversions when `replace`. Otherwise an existing
+/// file is kept only if it is this checkpoint's conversion (its metadata names the kind and the
+/// source's SHA-256, see [`is_conversion_of`]); anything else there is converted over.
 pub fn convert_into(
     official: &ModelFiles,
     dir: &Path,
@@ -848,12 +855,49 @@ pub fn convert_into(
         (&official.gpt, &out.gpt, ModelKind::Gpt),
         (&official.vqvae, &out.vqvae, ModelKind::Vqvae),
     ] {
-        if dst.is_file() && !replace {
+        if !replace && is_conversion_of(dst, src, kind)? {
             continue;
         }
         convert_checkpoint(src, dst, Some(kind), DType::F32, None, true)?;
     }
     Ok(out)
+}
+
+/// Whether `converted` is a safetensors file that [`convert_checkpoint`] wrote from `source`
+/// as a `kind` checkpoint: its metadata's `kind` and `source_sha256` (hashing `source`, about
+/// 2 s per GB). A missing or unreadable file, or one from another source, is not.
+pub fn is_conversion_of(
+    converted: &Path,
+    source: &Path,
+    kind: ModelKind,
+) -> Result<bool, WeightsError> {
+    let Some(meta) = safetensors_metadata(converted) else {
+        return Ok(false);
+    };
+    let field = |k: &str| meta.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    if field("kind") != Some(kind.to_string()) {
+        return Ok(false);
+    }
+    let Some(recorded) = field("source_sha256") else {
+        return Ok(false);
+    };
+    Ok(sha256_of(source)?.eq_ignore_ascii_case(&recorded))
+}
+
+/// The `__metadata__` object of a safetensors file's header, if it is one.
+fn safetensors_metadata(path: &Path) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let len = u64::from_le_bytes(len);
+    // the format caps the header at 100 MB
+    if len == 0 || len > 100_000_000 {
+        return None;
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    v.get("__metadata__")?.as_object().cloned()
 }
 
 fn move_tree(from: &Path, to: &Path) -> Result<(), WeightsError> {

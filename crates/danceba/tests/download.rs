@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use danceba::weights::{self, DownloadOptions, HubConfig, GPT_DIR, VQVAE_PATH};
+use danceba_model::arch::ModelKind;
 use sha2::{Digest, Sha256};
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -392,6 +393,50 @@ fn download_resumes_after_a_cut_connection_then_converts() {
     assert!(hub.requests()[before..]
         .iter()
         .all(|r| !r.path.starts_with("/cdn/")));
+
+    // Damage is repaired, not reported as ready: a converted file that is not this checkpoint's
+    // conversion is converted again, and a cached official file of the right size whose SHA-256
+    // is not the hub's is fetched again.
+    let is_gpt_conversion =
+        || weights::is_conversion_of(&converted.gpt, &report.official.gpt, ModelKind::Gpt).unwrap();
+    assert!(is_gpt_conversion());
+    std::fs::write(&converted.gpt, b"junk").unwrap();
+    assert!(!is_gpt_conversion());
+    let vq_len = files[VQVAE_PATH].len();
+    std::fs::write(&report.official.vqvae, vec![b'x'; vq_len]).unwrap();
+    let before = hub.requests().len();
+    let repaired = weights::download(
+        &cfg,
+        &DownloadOptions {
+            converted_dir: Some(conv.clone()),
+            ..Default::default()
+        },
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    assert_eq!(repaired.reused, std::slice::from_ref(&report.official.gpt));
+    assert_eq!(
+        std::fs::read(&report.official.vqvae).unwrap(),
+        files[VQVAE_PATH]
+    );
+    assert!(hub.requests()[before..]
+        .iter()
+        .any(|r| r.path.starts_with(&format!("/cdn/{VQVAE_PATH}"))));
+    assert!(is_gpt_conversion());
+    // a conversion of another checkpoint (here the VQ-VAE's, put in the GPT's place) is not
+    // taken for this one's either
+    std::fs::copy(&converted.vqvae, &converted.gpt).unwrap();
+    assert!(!is_gpt_conversion());
+    weights::download(
+        &cfg,
+        &DownloadOptions {
+            converted_dir: Some(conv.clone()),
+            ..Default::default()
+        },
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    assert!(is_gpt_conversion());
 }
 
 #[test]
@@ -558,6 +603,25 @@ fn the_cli_downloads_with_the_environment_and_states_the_license() {
         .join(COMMIT)
         .join(VQVAE_PATH)
         .is_file());
+    // a damaged downloaded file: `generate` says how to mend it
+    std::fs::write(home.path().join("danceba/weights/gpt.safetensors"), b"junk").unwrap();
+    let song = golden().join("audio/mono22k_mutilated_mime_12s.wav");
+    let out = std::process::Command::new(bin)
+        .arg("generate")
+        .arg(&song)
+        .arg("-o")
+        .arg(home.path().join("out"))
+        .env("HF_HOME", home.path().join("hf"))
+        .env("DANCEBA_CACHE", home.path().join("danceba"))
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("DANCEBA_WEIGHTS")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("danceba download --force"),
+        "{err}"
+    );
     // `download --help` states the license.
     let help = std::process::Command::new(bin)
         .args(["download", "--help"])

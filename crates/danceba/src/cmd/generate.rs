@@ -277,7 +277,14 @@ pub fn run(args: Args) -> Result<()> {
     let files = model_files(&args)?;
     // A missing or non-checkpoint weights file is reported now, not after the music is read.
     for path in [&files.gpt, &files.vqvae] {
-        danceba_model::checkpoint::sniff_file(path).context("could not load the model")?;
+        danceba_model::checkpoint::sniff_file(path).with_context(|| {
+            if danceba::weights::is_downloaded(path) {
+                "could not load the downloaded model (damaged or incomplete): run `danceba \
+                 download --force` to fetch and convert it again"
+            } else {
+                "could not load the model"
+            }
+        })?;
     }
 
     // Music features.
