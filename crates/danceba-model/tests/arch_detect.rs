@@ -293,3 +293,49 @@ fn arch_parameter_counts_match_reference_table() {
     assert_eq!(v.parameters, 65_068_619);
     assert_eq!(v.buffer_values, 524_288);
 }
+
+/// A needed tensor with NaN/infinite values or integer data fails the audit, naming the key
+/// (it used to pass, and the model then gave the same token at every step).
+#[test]
+fn arch_unusable_values_fail_the_audit_naming_the_tensor() {
+    use candle_core::{DType, Tensor};
+    let sd = checkpoint::load(&model("tiny_gpt.pt")).unwrap();
+    let key = "gpt_base.blocks.0.attn.key.weight";
+    let w = sd.tensors[key].clone();
+    let n = w.elem_count();
+    for (what, bad, says) in [
+        ("NaN", f32::NAN, "NaN or infinite"),
+        ("+inf", f32::INFINITY, "NaN or infinite"),
+        ("-inf", f32::NEG_INFINITY, "NaN or infinite"),
+    ] {
+        let mut v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[n - 1] = bad; // the last value: a scan that stops early misses it
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let mut damaged = sd.clone();
+            let t = Tensor::from_vec(v.clone(), w.shape(), &candle_core::Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            damaged.tensors.insert(key.to_string(), t);
+            let e = audit_gpt(&damaged, None).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(says), "{what} {dtype:?}: {e}");
+            let (_, _, audit) = inspect_state_dict(&damaged, None).unwrap();
+            assert!(!audit.is_ok() && audit.bad_values.len() == 1, "{what}");
+        }
+    }
+    // a non-contiguous view is checked too (through the device path)
+    let mut v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    v[0] = f32::NAN;
+    let t = Tensor::from_vec(v, w.shape(), &candle_core::Device::Cpu).unwrap();
+    assert!(checkpoint::has_non_finite(&t.t().unwrap()).unwrap());
+    assert!(!checkpoint::has_non_finite(&w.t().unwrap()).unwrap());
+    // integer data where a weight is expected
+    let mut damaged = sd.clone();
+    damaged
+        .tensors
+        .insert(key.to_string(), w.to_dtype(DType::I64).unwrap());
+    let e = audit_gpt(&damaged, None).unwrap_err().to_string();
+    assert!(e.contains(key) && e.contains("I64"), "{e}");
+    // the untouched checkpoint passes
+    assert!(audit_gpt(&sd, None).unwrap().1.bad_values.is_empty());
+}

@@ -89,6 +89,40 @@ pub struct StateDict {
     pub source: PathBuf,
 }
 
+/// Whether a floating-point tensor holds a NaN or an infinity (false for other dtypes). On the
+/// CPU it scans the values in place; elsewhere it reduces `t − t` (NaN exactly where `t` is not
+/// finite) on the device.
+pub fn has_non_finite(t: &Tensor) -> candle_core::Result<bool> {
+    use candle_core::{CpuStorage, Storage};
+    use rayon::prelude::*;
+    fn any_in<T: Copy + Sync>(v: &[T], bad: impl Fn(T) -> bool + Sync) -> bool {
+        v.par_chunks(1 << 16).any(|c| c.iter().any(|&x| bad(x)))
+    }
+    if !t.dtype().is_float() {
+        return Ok(false);
+    }
+    if t.device().is_cpu() && t.is_contiguous() {
+        let (storage, layout) = t.storage_and_layout();
+        let range = layout.start_offset()..layout.start_offset() + t.elem_count();
+        if let Storage::Cpu(cpu) = &*storage {
+            return Ok(match cpu {
+                CpuStorage::F32(v) => any_in(&v[range], |x| !x.is_finite()),
+                CpuStorage::F16(v) => any_in(&v[range], |x| !x.is_finite()),
+                CpuStorage::BF16(v) => any_in(&v[range], |x| !x.is_finite()),
+                CpuStorage::F64(v) => any_in(&v[range], |x| !x.is_finite()),
+                _ => false,
+            });
+        }
+    }
+    let sum = t
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .broadcast_sub(&t.flatten_all()?.to_dtype(DType::F32)?)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    Ok(sum.is_nan())
+}
+
 /// Which container a file is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FileFormat {

@@ -125,6 +125,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "mis_shaped": audit.mis_shaped,
             "unexpected": audit.unexpected,
             "ignored": audit.ignored_known,
+            "bad_values": audit.bad_values,
             "metadata": sd.metadata,
         });
         outln!(out, "{}", serde_json::to_string_pretty(&obj)?);
@@ -205,10 +206,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             outln!(out, "audit:         skipped (unknown kind)");
         } else {
             outln!(out,
-                "audit:         {} - {} missing, {} mis-shaped, {} unexpected, {} ignored (known legacy LPE linear1/bn1)",
+                "audit:         {} - {} missing, {} mis-shaped, {} with unusable values, {} unexpected, {} ignored (known legacy LPE linear1/bn1)",
                 if audit.is_ok() { "ok" } else { "FAILED" },
                 audit.missing.len(),
                 audit.mis_shaped.len(),
+                audit.bad_values.len(),
                 audit.unexpected.len(),
                 audit.ignored_known.len()
             );
@@ -224,6 +226,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 m.found,
                 m.expected
             );
+        }
+        for b in &audit.bad_values {
+            outln!(out, "  bad values  {} {}", b.key, b.problem);
         }
         for k in &audit.unexpected {
             outln!(out, "  unexpected  {k}");
