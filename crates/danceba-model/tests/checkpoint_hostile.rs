@@ -590,3 +590,39 @@ fn checkpoint_pickle_memory_bombs_are_refused() {
         );
     }
 }
+
+/// One flipped bit in a tensor's data is caught by the zip CRC-32, naming the entry (the values
+/// themselves can look plausible, so no other check sees it); a CRC recorded as 0 (torch.save
+/// with `set_crc32_options(False)`) is taken as "not computed" and the file loads.
+#[test]
+fn checkpoint_damaged_data_fails_its_crc() {
+    let src = tiny_gpt_path();
+    let bytes = std::fs::read(&src).unwrap();
+    let archive = Archive::parse(&bytes).unwrap();
+    let entry = archive
+        .entries
+        .iter()
+        .find(|e| e.name.ends_with("/data/64"))
+        .unwrap();
+    let range = Archive::data_range(&bytes, entry).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    let mut flipped = bytes.clone();
+    flipped[range.start + 8] ^= 0x40;
+    let p = dir.path().join("flipped.pt");
+    std::fs::write(&p, &flipped).unwrap();
+    let e = load_err(&p);
+    assert!(e.contains("data/64") && e.contains("CRC-32"), "{e}");
+
+    // the same file with every CRC in the central directory zeroed: loads, data unchecked
+    let mut no_crc = flipped.clone();
+    let mut at = 0;
+    while let Some(i) = no_crc[at..].windows(4).position(|w| w == b"PK\x01\x02") {
+        let p = at + i;
+        no_crc[p + 16..p + 20].fill(0);
+        at = p + 4;
+    }
+    let p = dir.path().join("no_crc.pt");
+    std::fs::write(&p, &no_crc).unwrap();
+    checkpoint::load(&p).expect("an archive without checksums loads");
+}

@@ -17,6 +17,28 @@ pub enum ZipError {
     Method { name: String, method: u16 },
 }
 
+/// CRC-32 of `bytes`; large ones in parallel chunks whose checksums are combined.
+fn crc32(bytes: &[u8]) -> u32 {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 20;
+    if bytes.len() <= 4 * CHUNK {
+        return crc32fast::hash(bytes);
+    }
+    let parts: Vec<crc32fast::Hasher> = bytes
+        .par_chunks(CHUNK)
+        .map(|c| {
+            let mut h = crc32fast::Hasher::new();
+            h.update(c);
+            h
+        })
+        .collect();
+    let mut whole = crc32fast::Hasher::new();
+    for p in &parts {
+        whole.combine(p);
+    }
+    whole.finalize()
+}
+
 /// One entry of the archive.
 #[derive(Clone, Debug)]
 pub struct Entry {
@@ -25,6 +47,8 @@ pub struct Entry {
     pub compressed_size: u64,
     pub size: u64,
     pub local_header_offset: u64,
+    /// The CRC-32 the central directory records for the entry's data.
+    pub crc32: u32,
 }
 
 /// The central directory of an archive.
@@ -110,6 +134,7 @@ impl Archive {
                 )));
             }
             let method = u16_at(data, p + 10)?;
+            let crc32 = u32_at(data, p + 16)?;
             let mut csize = u32_at(data, p + 20)? as u64;
             let mut usize_ = u32_at(data, p + 24)? as u64;
             let name_len = u16_at(data, p + 28)? as u64;
@@ -150,6 +175,7 @@ impl Archive {
                 compressed_size: csize,
                 size: usize_,
                 local_header_offset: lho,
+                crc32,
             });
             p = e_end + comment_len;
         }
@@ -185,7 +211,10 @@ impl Archive {
         Ok(start as usize..end as usize)
     }
 
-    /// The bytes of an entry: borrowed for stored entries, inflated for deflated ones.
+    /// The bytes of an entry: borrowed for stored entries, inflated for deflated ones. Their
+    /// CRC-32 must be the one the archive records (the zip crate checks inflated entries); a
+    /// recorded 0 is taken as "not computed" (`torch.serialization.set_crc32_options(False)`
+    /// writes no checksums), so such entries are read unchecked.
     pub fn read<'a>(data: &'a [u8], e: &Entry) -> Result<std::borrow::Cow<'a, [u8]>, ZipError> {
         let r = Self::data_range(data, e)?;
         match e.method {
@@ -196,7 +225,18 @@ impl Archive {
                         e.name
                     )));
                 }
-                Ok(std::borrow::Cow::Borrowed(&data[r]))
+                let bytes = &data[r];
+                if e.crc32 != 0 {
+                    let found = crc32(bytes);
+                    if found != e.crc32 {
+                        return Err(ZipError::Corrupt(format!(
+                            "entry {} is damaged: its CRC-32 is {found:08x}, the archive \
+                             records {:08x} (download or copy the file again)",
+                            e.name, e.crc32
+                        )));
+                    }
+                }
+                Ok(std::borrow::Cow::Borrowed(bytes))
             }
             8 => {
                 // bounded inflate: deflate cannot expand more than ~1032x
