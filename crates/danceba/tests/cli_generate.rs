@@ -456,6 +456,33 @@ fn user_errors_say_what_to_do() {
         assert!(!err.contains("loading"), "{err}");
     }
 
+    // A seed without sampling would do nothing: said, before the model is loaded.
+    let err = run_err(generate(&song, &tiny(), "npy", dir.path()).args(["--seed", "7"]));
+    assert!(
+        err.contains("--seed 7") && err.contains("--temperature"),
+        "{err}"
+    );
+    assert!(!err.contains("loading"), "{err}");
+    // Temperature 0 is the greedy choice whatever top-k says, and is recorded as greedy.
+    let t0 = dir.path().join("t0");
+    run_ok(generate(&song, &tiny(), "json", &t0).args([
+        "--temperature",
+        "0",
+        "--top-k",
+        "5",
+        "--max-seconds",
+        "2",
+        "--quiet",
+    ]));
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(t0.join("mono22k_mutilated_mime_12s.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        json["sampling"]["strategy"], "greedy",
+        "{}",
+        json["sampling"]
+    );
+
     // Unknown format.
     let err = run_err(&mut generate(&song, &tiny(), "npy,fbx", dir.path()));
     assert!(err.contains("fbx") && err.contains("glb"), "{err}");

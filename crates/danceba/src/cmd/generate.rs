@@ -74,9 +74,10 @@ pub struct Args {
     /// Sample only among the most likely tokens whose probabilities add up to P.
     #[arg(long, value_name = "P", allow_negative_numbers = true)]
     pub top_p: Option<f32>,
-    /// Random seed for sampling (same seed, same dance).
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Random seed for sampling (same seed, same dance; default 0). Only with sampling
+    /// (--temperature, --top-k or --top-p).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Dance only the first SECONDS of each song.
     #[arg(long, value_name = "SECONDS")]
     pub max_seconds: Option<f32>,
@@ -123,28 +124,44 @@ fn parse_start(s: &str) -> Result<(u32, u32)> {
     }
 }
 
+/// The sampling policy the flags ask for, and how the output files record it. With no
+/// sampling flag, or at temperature 0 (where the sampler takes the argmax whatever top-k/top-p
+/// say), it is the official greedy choice, and is recorded as such.
 fn policy(args: &Args) -> Result<(SamplingPolicy, SamplingMeta)> {
     let sampling = args.temperature.is_some() || args.top_k.is_some() || args.top_p.is_some();
-    if !sampling {
-        return Ok((
+    let greedy = || {
+        (
             SamplingPolicy::Greedy,
             SamplingMeta {
                 strategy: "greedy".into(),
                 ..Default::default()
             },
-        ));
+        )
+    };
+    if !sampling {
+        if let Some(seed) = args.seed {
+            bail!(
+                "--seed {seed} has no effect on the official greedy choice: add --temperature T \
+                 (or --top-k/--top-p) to sample, or leave --seed out"
+            );
+        }
+        return Ok(greedy());
     }
     let temperature = args.temperature.unwrap_or(1.0);
+    let seed = args.seed.unwrap_or(0);
     let policy = SamplingPolicy::Sample {
         temperature,
         top_k: args.top_k,
         top_p: args.top_p,
-        seed: args.seed,
+        seed,
     };
     // the model's own check, now rather than after the model and the music are loaded
     match policy.check() {
         Err(GptError::Input(m)) => bail!("bad sampling setting: {m}"),
         other => other?,
+    }
+    if temperature == 0.0 {
+        return Ok(greedy());
     }
     Ok((
         policy,
@@ -153,7 +170,7 @@ fn policy(args: &Args) -> Result<(SamplingPolicy, SamplingMeta)> {
             temperature: Some(temperature),
             top_k: args.top_k,
             top_p: args.top_p,
-            seed: Some(args.seed),
+            seed: Some(seed),
         },
     ))
 }
