@@ -16,7 +16,11 @@ pub enum MotionError {
         joint: usize,
         value: f32,
     },
-    #[error("frame rate must be a positive finite number, got {0}")]
+    #[error(
+        "frame rate must be between {min} and {max} frames per second, got {0}",
+        min = Motion::MIN_FPS,
+        max = Motion::MAX_FPS
+    )]
     BadFps(f32),
 }
 
@@ -87,8 +91,13 @@ pub struct Motion {
 
 impl Motion {
     /// Wraps absolute positions, checking the shape and that every value is finite.
+    /// The frame rates a motion may have: far beyond what any player or exporter uses (the
+    /// model's is 60), so that a frame rate that is surely a typo or damage is refused.
+    pub const MIN_FPS: f32 = 1.0;
+    pub const MAX_FPS: f32 = 1000.0;
+
     pub fn new(positions: Vec<f32>, fps: f32) -> Result<Self, MotionError> {
-        if !(fps.is_finite() && fps > 0.0) {
+        if !(Self::MIN_FPS..=Self::MAX_FPS).contains(&fps) {
             return Err(MotionError::BadFps(fps));
         }
         check_layout(&positions)?;

@@ -248,6 +248,13 @@ fn json_reader_rejects_bad_files() {
         ),
         (good.replace("\"head\"", "\"skull\""), "skeleton"),
         (good.replace("\"fps\":60.0", "\"fps\":-1.0"), "frame rate"),
+        (good.replace("\"fps\":60.0", "\"fps\":1e9"), "frame rate"),
+        (good.replace("\"fps\":60.0", "\"fps\":0.001"), "frame rate"),
+        (good.replace("\"metres\"", "\"feet\""), "units"),
+        (
+            good.replace("\"up_axis\":\"y\"", "\"up_axis\":\"z\""),
+            "up_axis",
+        ),
         (good.replace("danceba-motion", "other"), "format"),
         ("{}".into(), "not a danceba motion"),
         ("\u{0}\u{1}".into(), "not a danceba motion"),

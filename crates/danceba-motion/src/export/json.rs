@@ -169,6 +169,25 @@ fn parse_json(bytes: &[u8]) -> Result<(Motion, MotionMeta), Err1> {
             file.version
         )));
     }
+    // what the file says of its units and axes must be what its numbers are read as
+    if let Some(u) = file
+        .units
+        .as_deref()
+        .filter(|u| !matches!(*u, "metres" | "meters" | "m"))
+    {
+        return Err(Err1::Format(format!(
+            "\"units\" is {u:?}: positions must be in metres (\"metres\")"
+        )));
+    }
+    if let Some(a) = file
+        .up_axis
+        .as_deref()
+        .filter(|a| !a.eq_ignore_ascii_case("y"))
+    {
+        return Err(Err1::Format(format!(
+            "\"up_axis\" is {a:?}: positions must have y up (\"y\")"
+        )));
+    }
     let names_ok = file.joint_names.len() == NUM_JOINTS
         && file
             .joint_names

@@ -77,8 +77,13 @@ pub fn run(args: Args) -> Result<()> {
     // Check everything that can be checked before writing anything.
     let outputs = parse_formats(&args.formats)?;
     let style = parse_style(&args.style)?;
-    if !(args.fps.is_finite() && args.fps > 0.0) {
-        bail!("--fps must be a positive number, got {}", args.fps);
+    if !(danceba_motion::Motion::MIN_FPS..=danceba_motion::Motion::MAX_FPS).contains(&args.fps) {
+        bail!(
+            "--fps must be between {} and {} frames per second, got {}",
+            danceba_motion::Motion::MIN_FPS,
+            danceba_motion::Motion::MAX_FPS,
+            args.fps
+        );
     }
     if let Some(a) = &args.audio {
         super::check_input_file(a, "--audio")?;
