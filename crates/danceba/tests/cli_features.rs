@@ -232,4 +232,34 @@ fn clear_errors_for_bad_inputs() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected 438"));
+
+    // what generate cannot use fails the check (it printed a warning and succeeded): no rows,
+    // and a non-finite value (an .npy of 2 × 438 float32 with one NaN)
+    let empty = dir.path().join("empty.json");
+    std::fs::write(&empty, r#"{"id": "x", "music_array": []}"#).unwrap();
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    let mut header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 438), }".to_string();
+    while !(10 + header.len() + 1).is_multiple_of(64) {
+        header.push(' ');
+    }
+    header.push('\n');
+    npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    npy.extend_from_slice(header.as_bytes());
+    for i in 0..2 * 438 {
+        let v = if i == 500 { f32::NAN } else { 0.25 };
+        npy.extend_from_slice(&v.to_le_bytes());
+    }
+    let nan = dir.path().join("nan.npy");
+    std::fs::write(&nan, &npy).unwrap();
+    for (file, says) in [(&empty, "no rows"), (&nan, "NaN or infinite")] {
+        let out = danceba()
+            .arg("features")
+            .arg(file)
+            .arg("--check")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{err}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("NaN"));
+    }
 }

@@ -58,6 +58,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         let f = read_feature_file(&args.input)?;
         print!("{}", check_report(&args.input, &f));
+        // the verdict: what `generate` would refuse
+        if f.rows == 0 {
+            bail!(
+                "{}: the feature matrix has no rows; generate cannot use it",
+                args.input.display()
+            );
+        }
+        let non_finite = f.data.iter().filter(|v| !v.is_finite()).count();
+        if non_finite > 0 {
+            bail!(
+                "{}: {non_finite} values are NaN or infinite; generate cannot use it",
+                args.input.display()
+            );
+        }
         return Ok(());
     }
     let Some(out) = args.output.as_ref() else {
@@ -158,6 +172,9 @@ pub fn check_report(path: &Path, f: &MusicFeatures) -> String {
     let non_finite = f.data.iter().filter(|v| !v.is_finite()).count();
     if non_finite > 0 {
         s.push_str(&format!("WARNING: {non_finite} non-finite values\n"));
+    }
+    if l == 0 {
+        return s;
     }
     s.push_str(&format!(
         "{:<16} {:>9} {:>12} {:>12} {:>12} {:>12} {:>9}\n",
