@@ -266,7 +266,14 @@ fn json_reader_rejects_bad_files() {
     }
     std::fs::write(&p, &good).unwrap();
     assert_eq!(export::read_motion(&p, 60.0).unwrap().0, m);
-    let e = export::read_motion(&dir.path().join("x.txt"), 60.0).unwrap_err();
+    // a file of another type, a missing file and a directory, each said as what it is
+    let txt = dir.path().join("x.txt");
+    let e = export::read_motion(&txt, 60.0).unwrap_err();
+    assert!(e.to_string().contains("No such file"), "{e}");
+    let e = export::read_motion(dir.path(), 60.0).unwrap_err();
+    assert!(e.to_string().contains("is a directory"), "{e}");
+    std::fs::write(&txt, b"frames").unwrap();
+    let e = export::read_motion(&txt, 60.0).unwrap_err();
     assert!(e.to_string().contains(".npy or .json"), "{e}");
 }
 

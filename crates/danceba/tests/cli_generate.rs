@@ -514,6 +514,63 @@ fn user_errors_say_what_to_do() {
     assert_ne!(std::fs::read(&target).unwrap(), b"keep me");
 }
 
+/// `--start-tokens` and `--seed-motion` set the first token pair: given, and encoded from a
+/// saved dance (the dance's own first pair, which the VQ-VAE round-trips); a missing seed file
+/// or a malformed pair is said before the model is loaded.
+#[test]
+fn start_tokens_and_seed_motion() {
+    let dir = tempfile::tempdir().unwrap();
+    let song = golden().join("audio/mono22k_mutilated_mime_12s.wav");
+    let start_of = |json: &Path| {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
+        (
+            v["start_tokens"]["up"].clone(),
+            v["start_tokens"]["down"].clone(),
+        )
+    };
+    let a = dir.path().join("a");
+    run_ok(generate(&song, &tiny(), "json,npy", &a).args([
+        "--start-tokens",
+        "7,300",
+        "--max-seconds",
+        "3",
+        "--quiet",
+    ]));
+    let a_json = a.join("mono22k_mutilated_mime_12s.json");
+    assert_eq!(start_of(&a_json), (7.into(), 300.into()));
+    let (up, down) = json_tokens(&a_json);
+    assert_eq!((up[0], down[0]), (7, 300));
+
+    // seeded from that dance: its start pair is the one the encoder gives the dance's first
+    // frames, the same from the .json and the .npy
+    let mut seeded = Vec::new();
+    for seed in [
+        "mono22k_mutilated_mime_12s.json",
+        "mono22k_mutilated_mime_12s.npy",
+    ] {
+        let out = dir.path().join(format!("from_{seed}"));
+        run_ok(
+            generate(&song, &tiny(), "json", &out)
+                .args(["--max-seconds", "3", "--quiet", "--seed-motion"])
+                .arg(a.join(seed)),
+        );
+        seeded.push(start_of(&out.join("mono22k_mutilated_mime_12s.json")));
+    }
+    assert_eq!(seeded[0], seeded[1]);
+    assert!(seeded[0].0.as_u64().unwrap() < 512 && seeded[0].1.as_u64().unwrap() < 512);
+
+    for (flag, value, says) in [
+        ("--seed-motion", "/nonexistent/dance.json", "No such file"),
+        ("--seed-motion", "/", "is a directory"),
+        ("--start-tokens", "7", "UP,DOWN"),
+        ("--start-tokens", "7,x", "\"x\" is not a token id"),
+    ] {
+        let err = run_err(generate(&song, &tiny(), "json", dir.path()).args([flag, value]));
+        assert!(err.contains(says), "{flag} {value}: {err}");
+        assert!(!err.contains("loading"), "{flag} {value}: {err}");
+    }
+}
+
 #[test]
 fn ctrl_c_during_rendering_leaves_no_file() {
     if Command::new("ffmpeg").arg("-version").output().is_err() {

@@ -178,6 +178,22 @@ pub(crate) fn format_err(path: &Path, message: impl Into<String>) -> ExportError
 /// float64, or the official `.pkl.npy`) or our `.json`. A `.npy` carries no frame rate:
 /// `npy_fps` is used (60 for DanceBa).
 pub fn read_motion(path: &Path, npy_fps: f32) -> Result<(crate::Motion, MotionMeta), ExportError> {
+    // what is at the path first: "no such file" says more than "unknown type" for a typo
+    match std::fs::metadata(path) {
+        Err(source) => {
+            return Err(ExportError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Ok(m) if m.is_dir() => {
+            return Err(format_err(
+                path,
+                "is a directory: give a .npy or .json motion file written by danceba",
+            ))
+        }
+        Ok(_) => {}
+    }
     let lower = path.to_string_lossy().to_ascii_lowercase();
     if lower.ends_with(".json") {
         json::read_json(path)

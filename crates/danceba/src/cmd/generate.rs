@@ -247,6 +247,15 @@ pub fn run(args: Args) -> Result<()> {
     for input in &args.inputs {
         super::check_input_file(input, "")?;
     }
+    let start_tokens = args.start_tokens.as_deref().map(parse_start).transpose()?;
+    let seed_motion = match &args.seed_motion {
+        Some(path) => {
+            let (seed, _) = export::read_motion(path, danceba::MOTION_FPS)
+                .with_context(|| format!("cannot read the seed motion {}", path.display()))?;
+            Some((path, seed))
+        }
+        None => None,
+    };
     super::create_output_dir(&args.output)?;
     let mut stems: BTreeMap<String, &Path> = BTreeMap::new();
     for input in &args.inputs {
@@ -351,16 +360,12 @@ pub fn run(args: Args) -> Result<()> {
     .context("could not load the model")?;
     let load_s = t_load.elapsed().as_secs_f64();
 
-    // Start tokens.
-    let start = match (&args.start_tokens, &args.seed_motion) {
-        (Some(s), _) => parse_start(s)?,
-        (None, Some(path)) => {
-            let (seed, _) = export::read_motion(path, danceba::MOTION_FPS)
-                .with_context(|| format!("cannot read the seed motion {}", path.display()))?;
-            pipeline
-                .start_tokens_from_motion(&seed)
-                .with_context(|| format!("cannot encode the seed motion {}", path.display()))?
-        }
+    // Start tokens (the flags were read before any work, above).
+    let start = match (start_tokens, &seed_motion) {
+        (Some(s), _) => s,
+        (None, Some((path, seed))) => pipeline
+            .start_tokens_from_motion(seed)
+            .with_context(|| format!("cannot encode the seed motion {}", path.display()))?,
         (None, None) => DEFAULT_START,
     };
 
