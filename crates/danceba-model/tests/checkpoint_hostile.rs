@@ -177,6 +177,20 @@ fn checkpoint_corrupt_pickle() {
         let e = load_err(&p);
         assert!(e.contains("pickle"), "{name}: {e}");
     }
+    // a well-formed pickle of something other than a dict: named in Python's terms
+    // (protocol 2: PROTO 2, then the object, then STOP)
+    for (body, says) in [
+        (&b"N"[..], "None"),
+        (&b"]"[..], "a list"),
+        (&b"K\x07"[..], "an int"),
+    ] {
+        let p = dir.path().join("not_a_dict.pt");
+        with_pickle(&tiny_gpt_path(), &p, |_| {
+            [&b"\x80\x02"[..], body, b"."].concat()
+        });
+        let e = load_err(&p);
+        assert!(e.contains(&format!("is {says}, not a dict")), "{says}: {e}");
+    }
 }
 
 #[test]

@@ -603,6 +603,20 @@ fn the_cli_downloads_with_the_environment_and_states_the_license() {
         .join(COMMIT)
         .join(VQVAE_PATH)
         .is_file());
+    // an --out that is a file is said before anything is fetched
+    let blocker = home.path().join("blocker");
+    std::fs::write(&blocker, b"x").unwrap();
+    let before = hub.requests().len();
+    let out = std::process::Command::new(bin)
+        .args(["download", "--quiet", "--out"])
+        .arg(&blocker)
+        .env("HF_ENDPOINT", hub.endpoint())
+        .env("HF_HOME", home.path().join("hf"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is a file"), "{err}");
+    assert_eq!(hub.requests().len(), before);
     // a damaged downloaded file: `generate` says how to mend it
     std::fs::write(home.path().join("danceba/weights/gpt.safetensors"), b"junk").unwrap();
     let song = golden().join("audio/mono22k_mutilated_mime_12s.wav");

@@ -143,7 +143,19 @@ fn find_state_dict<'a>(
                 "the pickled object is {}, not a dict",
                 match root {
                     PyValue::Object { class, .. } => class.clone(),
-                    other => format!("{:?}", std::mem::discriminant(other)),
+                    PyValue::None => "None".into(),
+                    PyValue::Bool(_) => "a bool".into(),
+                    PyValue::Int(_) | PyValue::BigInt(_) => "an int".into(),
+                    PyValue::Float(_) => "a float".into(),
+                    PyValue::Str(_) => "a str".into(),
+                    PyValue::Bytes(_) => "bytes".into(),
+                    PyValue::List(_) => "a list".into(),
+                    PyValue::Tuple(_) => "a tuple".into(),
+                    PyValue::Set(_) => "a set".into(),
+                    PyValue::Global { module, name } => format!("the global {module}.{name}"),
+                    PyValue::Storage { .. } => "a storage".into(),
+                    PyValue::Tensor(_) => "a single tensor".into(),
+                    PyValue::Dict(_) => "an unusable dict".into(),
                 }
             ),
         });
