@@ -257,6 +257,10 @@ fn json_reader_rejects_bad_files() {
         ),
         (good.replace("danceba-motion", "other"), "format"),
         ("{}".into(), "not a danceba motion"),
+        (
+            r#"{"id": "x", "music_array": [[0.5]]}"#.into(),
+            "music-feature file",
+        ),
         ("\u{0}\u{1}".into(), "not a danceba motion"),
     ];
     for (text, needle) in cases {

@@ -409,6 +409,7 @@ fn user_errors_say_what_to_do() {
         ("--temperature", "-1", "temperature"),
         ("--top-p", "1.5", "top-p"),
         ("--top-k", "0", "top-k"),
+        ("--max-seconds", "-1", "max-seconds"),
     ] {
         let mut cmd = generate(&song, &tiny(), "npy", dir.path());
         let out = cmd.args([flag, value]).output().unwrap();
@@ -454,6 +455,19 @@ fn user_errors_say_what_to_do() {
             "{err}"
         );
         assert!(!err.contains("loading"), "{err}");
+    }
+
+    // A device given as a checkpoint is said to be one (its size reads 0: not "empty")
+    #[cfg(target_os = "linux")]
+    {
+        let mut cmd = bin();
+        cmd.arg("generate").arg(&song).arg("--gpt").arg("/dev/zero");
+        cmd.arg("--vqvae")
+            .arg(golden().join("model/tiny_vqvae.pt"))
+            .arg("-o")
+            .arg(dir.path());
+        let err = run_err(&mut cmd);
+        assert!(err.contains("not a regular file"), "{err}");
     }
 
     // A seed without sampling would do nothing: said, before the model is loaded.

@@ -221,6 +221,12 @@ pub fn sniff_file(path: &Path) -> Result<FileFormat, CheckpointError> {
         path: path.to_path_buf(),
         source,
     };
+    // a device or a pipe is neither a checkpoint nor "empty" (its size reads 0)
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        return Err(io(std::io::Error::other(
+            "is not a regular file (a device or a pipe?): give a checkpoint file",
+        )));
+    }
     let mut head = Vec::with_capacity(16);
     std::fs::File::open(path)
         .map_err(io)?

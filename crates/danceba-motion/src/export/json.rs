@@ -155,8 +155,18 @@ enum Err1 {
 }
 
 fn parse_json(bytes: &[u8]) -> Result<(Motion, MotionMeta), Err1> {
-    let file: JsonFile = serde_json::from_slice(bytes)
-        .map_err(|e| Err1::Format(format!("not a danceba motion .json: {e}")))?;
+    let file: JsonFile = serde_json::from_slice(bytes).map_err(|e| {
+        // a music-feature file (the official layout) is a common mix-up: say what it is
+        let features = serde_json::from_slice::<serde_json::Value>(bytes)
+            .is_ok_and(|v| v.get("music_array").is_some());
+        Err1::Format(if features {
+            "this is a music-feature file (\"music_array\"), not a dance: give it to `danceba \
+             generate` to dance to it"
+                .into()
+        } else {
+            format!("not a danceba motion .json: {e}")
+        })
+    })?;
     if file.format != FORMAT {
         return Err(Err1::Format(format!(
             "\"format\" is {:?}, expected {FORMAT:?}",

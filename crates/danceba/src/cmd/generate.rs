@@ -79,7 +79,7 @@ pub struct Args {
     #[arg(long)]
     pub seed: Option<u64>,
     /// Dance only the first SECONDS of each song.
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     pub max_seconds: Option<f32>,
     /// Output formats, comma-separated: npy, pkl.npy (official), json, bvh, glb, mp4, html.
     #[arg(
