@@ -501,6 +501,23 @@ fn decode_into(
     Ok((spec, frames))
 }
 
+/// Checks that `path` is audio this crate decodes: a known container and codec, a supported
+/// sample rate, and at least one packet of samples (decoding only that far).
+pub fn check_audio_file(path: &Path) -> Result<(), AudioError> {
+    let mut dec = Decoder::open(path)?;
+    loop {
+        match dec.next()? {
+            Some(_) if dec.samples().is_empty() => continue,
+            Some(_) => return Ok(()),
+            None => {
+                return Err(AudioError::NoAudio {
+                    path: path.to_path_buf(),
+                })
+            }
+        }
+    }
+}
+
 /// Decode a whole file to interleaved f32 PCM at its native rate.
 pub fn decode_file(path: &Path) -> Result<Pcm, AudioError> {
     let mut dec = Decoder::open(path)?;

@@ -19,7 +19,9 @@ pub mod rhythm;
 pub mod stft;
 pub mod util;
 
-pub use decode::{decode_file, load_mono_3840, resample_to_3840, Pcm, SUPPORTED_FORMATS};
+pub use decode::{
+    check_audio_file, decode_file, load_mono_3840, resample_to_3840, Pcm, SUPPORTED_FORMATS,
+};
 pub use error::AudioError;
 pub use features::{
     extract_features, features_from_file, frame_count, stages_from_file, Condition, FeatureStages,

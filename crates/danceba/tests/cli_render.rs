@@ -164,4 +164,21 @@ fn render_rejects_bad_input_clearly() {
         .arg("-o")
         .arg(file_as_dir.join("sub")));
     assert!(!ok && err.contains("output directory"), "{err}");
+    // --audio that is not audio is refused before anything is written (the page embedded it
+    // as it was, "audio/mpeg" of a text file)
+    let text = dir.path().join("notes.mp3");
+    std::fs::write(&text, b"hello, this is not audio").unwrap();
+    let out2 = dir.path().join("out2");
+    let (ok, err) = run(danceba()
+        .arg("render")
+        .arg(&good)
+        .args(["--formats", "html", "--audio"])
+        .arg(&text)
+        .arg("-o")
+        .arg(&out2));
+    assert!(
+        !ok && err.contains("--audio") && err.contains("notes.mp3"),
+        "{err}"
+    );
+    assert!(!out2.exists(), "nothing may be created for a bad --audio");
 }

@@ -87,6 +87,8 @@ pub fn run(args: Args) -> Result<()> {
     }
     if let Some(a) = &args.audio {
         super::check_input_file(a, "--audio")?;
+        // the page embeds the file as it is and the video muxes it: it must be audio
+        danceba_audio::check_audio_file(a).context("--audio")?;
     }
     let (motion, meta): (_, MotionMeta) = export::read_motion(&args.input, args.fps)
         .with_context(|| format!("cannot read the motion {}", args.input.display()))?;
