@@ -222,6 +222,25 @@ fn clear_errors_for_bad_inputs() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("-o"));
 
+    // an output that is a directory, or in a directory that does not exist: said before the
+    // features are computed
+    let as_dir = dir.path().join("d.npy");
+    std::fs::create_dir(&as_dir).unwrap();
+    for (out, says) in [
+        (as_dir.clone(), "is a directory"),
+        (dir.path().join("no/such/f.npy"), "does not exist"),
+    ] {
+        let o = danceba()
+            .arg("features")
+            .arg(&wav)
+            .arg("-o")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{err}");
+    }
+
     let bad_json = dir.path().join("bad.json");
     std::fs::write(&bad_json, r#"{"id": "x", "music_array": [[1, 2, 3]]}"#).unwrap();
     let out = danceba()

@@ -81,6 +81,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     };
     let fmt = out_format(out)?;
+    if out.is_dir() {
+        bail!(
+            "{} is a directory: give the output file's name, e.g. {}",
+            out.display(),
+            out.join("song.npy").display()
+        );
+    }
+    // the directory is checked now, not after the features are computed
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        bail!(
+            "cannot write {}: the directory {} does not exist",
+            out.display(),
+            parent.display()
+        );
+    }
     if out.exists() && !args.force {
         bail!(
             "{} already exists; pass --force to overwrite it",
