@@ -379,16 +379,19 @@ fn download_resumes_after_a_cut_connection_then_converts() {
     assert_eq!(weights::from_hub_cache(&cfg).unwrap(), report.official);
 
     // A second run reuses everything and downloads nothing.
+    let download_again = || {
+        weights::download(
+            &cfg,
+            &DownloadOptions {
+                converted_dir: Some(conv.clone()),
+                ..Default::default()
+            },
+            &mut |_, _, _| {},
+        )
+        .unwrap()
+    };
     let before = hub.requests().len();
-    let again = weights::download(
-        &cfg,
-        &DownloadOptions {
-            converted_dir: Some(conv.clone()),
-            ..Default::default()
-        },
-        &mut |_, _, _| {},
-    )
-    .unwrap();
+    let again = download_again();
     assert_eq!(again.reused.len(), 2);
     assert!(hub.requests()[before..]
         .iter()
@@ -405,15 +408,7 @@ fn download_resumes_after_a_cut_connection_then_converts() {
     let vq_len = files[VQVAE_PATH].len();
     std::fs::write(&report.official.vqvae, vec![b'x'; vq_len]).unwrap();
     let before = hub.requests().len();
-    let repaired = weights::download(
-        &cfg,
-        &DownloadOptions {
-            converted_dir: Some(conv.clone()),
-            ..Default::default()
-        },
-        &mut |_, _, _| {},
-    )
-    .unwrap();
+    let repaired = download_again();
     assert_eq!(repaired.reused, std::slice::from_ref(&report.official.gpt));
     assert_eq!(
         std::fs::read(&report.official.vqvae).unwrap(),
@@ -427,15 +422,7 @@ fn download_resumes_after_a_cut_connection_then_converts() {
     // taken for this one's either
     std::fs::copy(&converted.vqvae, &converted.gpt).unwrap();
     assert!(!is_gpt_conversion());
-    weights::download(
-        &cfg,
-        &DownloadOptions {
-            converted_dir: Some(conv.clone()),
-            ..Default::default()
-        },
-        &mut |_, _, _| {},
-    )
-    .unwrap();
+    download_again();
     assert!(is_gpt_conversion());
 }
 
