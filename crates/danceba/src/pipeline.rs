@@ -441,6 +441,40 @@ mod tests {
             .join(name)
     }
 
+    /// The library's one-call entry point, `Pipeline::dance`, on a golden clip's WAV: the
+    /// official greedy tokens and the official absolute motion.
+    #[test]
+    fn dance_of_a_golden_song_is_the_official_dance() {
+        let files = ModelFiles::new(golden_model("tiny_gpt.pt"), golden_model("tiny_vqvae.pt"));
+        let p = Pipeline::load(&files, &PipelineOptions::default()).unwrap();
+        let clip = "mono22k_mutilated_mime_12s";
+        let wav = golden_model("..").join(format!("audio/{clip}.wav"));
+        let dance = p.dance(&wav, &GenerateOptions::default()).unwrap();
+        let bytes = std::fs::read(golden_model(&format!("{clip}.pipeline.safetensors"))).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let tensor = |k: &str| st.tensor(k).unwrap().data().to_vec();
+        let tokens = |k: &str| -> Vec<u32> {
+            tensor(k)
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+                .collect()
+        };
+        assert_eq!(dance.tokens.up, tokens("tokens_up"));
+        assert_eq!(dance.tokens.down, tokens("tokens_down"));
+        let want: Vec<f32> = tensor("pose_absolute")
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(dance.motion.positions.len(), want.len());
+        let err = dance
+            .motion
+            .positions
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err < 1e-4, "motion {err} m from the official one");
+    }
+
     #[test]
     fn decoders_only_pipeline_still_encodes_seed_motions_like_the_full_vqvae() {
         let files = ModelFiles::new(golden_model("tiny_gpt.pt"), golden_model("tiny_vqvae.pt"));
