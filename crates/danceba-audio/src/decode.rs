@@ -129,6 +129,8 @@ struct Decoder {
     track_id: u32,
     sample_buf: Option<SampleBuffer<f32>>,
     rate: Option<u32>,
+    /// Frames the container's header declares, if it does.
+    declared_frames: Option<u64>,
     channels: Option<usize>,
     /// Frames still to drop at the start (MP4 edit list priming, as FFmpeg does).
     skip_frames: u64,
@@ -216,6 +218,7 @@ impl Decoder {
             track_id,
             sample_buf: None,
             rate,
+            declared_frames: codec_params.n_frames,
             channels: codec_params.channels.map(|c| c.count()),
             skip_frames: mp4_priming_frames(path, rate).unwrap_or(0),
             view_start: 0,
@@ -499,6 +502,15 @@ fn decode_into(
         b.copy_interleaved_ref(decoded);
     }
     Ok((spec, frames))
+}
+
+/// The duration in seconds that the file's header declares (frames over rate), if it declares
+/// both; `None` for streams that do not say. Opens the file only: nothing is decoded. A decode
+/// that yields much less than this means the file is truncated or damaged (the decoder ends at
+/// the damage, as FFmpeg does).
+pub fn declared_seconds(path: &Path) -> Option<f64> {
+    let dec = Decoder::open(path).ok()?;
+    Some(dec.declared_frames? as f64 / f64::from(dec.rate.filter(|&r| r > 0)?))
 }
 
 /// Checks that `path` is audio this crate decodes: a known container and codec, a supported

@@ -20,7 +20,8 @@ pub mod stft;
 pub mod util;
 
 pub use decode::{
-    check_audio_file, decode_file, load_mono_3840, resample_to_3840, Pcm, SUPPORTED_FORMATS,
+    check_audio_file, declared_seconds, decode_file, load_mono_3840, resample_to_3840, Pcm,
+    SUPPORTED_FORMATS,
 };
 pub use error::AudioError;
 pub use features::{

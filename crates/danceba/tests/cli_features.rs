@@ -1,6 +1,6 @@
 //! `danceba features` end to end through the binary.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn golden_dir() -> PathBuf {
@@ -281,4 +281,64 @@ fn clear_errors_for_bad_inputs() {
         assert!(!out.status.success() && err.contains(says), "{err}");
         assert!(!String::from_utf8_lossy(&out.stdout).contains("NaN"));
     }
+}
+
+/// A file that decodes to clearly less than its header declares (truncated or damaged) gets a
+/// note, in WAV, MP3 and FLAC alike, from `features` and `generate`; the intact golden clips
+/// (whose MP3/Ogg/FLAC headers declare their length too) get none.
+#[test]
+fn truncated_audio_is_noted() {
+    let dir = tempfile::tempdir().unwrap();
+    let audio = golden_dir().join("audio");
+    let out = dir.path().join("f.npy");
+    let features_stderr = |input: &Path| {
+        let o = danceba()
+            .arg("features")
+            .arg(input)
+            .arg("-o")
+            .arg(&out)
+            .arg("--force")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    for entry in std::fs::read_dir(&audio).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e != "md") {
+            let err = features_stderr(&p);
+            assert!(!err.contains("note:"), "{}: {err}", p.display());
+        }
+    }
+    for name in [
+        "rock_armygeddon_20s.wav",
+        "synth_machine_wars_20s.mp3",
+        "flac48k_feelings_20s.flac",
+    ] {
+        let bytes = std::fs::read(audio.join(name)).unwrap();
+        let cut = dir.path().join(format!("cut_{name}"));
+        std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+        let err = features_stderr(&cut);
+        assert!(
+            err.contains("header declares 20.0 s") && err.contains("truncated or damaged"),
+            "{name}: {err}"
+        );
+    }
+    let model = golden_dir().join("model");
+    let o = danceba()
+        .arg("generate")
+        .arg(dir.path().join("cut_rock_armygeddon_20s.wav"))
+        .arg("--gpt")
+        .arg(model.join("tiny_gpt.pt"))
+        .arg("--vqvae")
+        .arg(model.join("tiny_vqvae.pt"))
+        .args(["--formats", "npy", "-o"])
+        .arg(dir.path().join("dance"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && err.contains("truncated or damaged"),
+        "{err}"
+    );
 }

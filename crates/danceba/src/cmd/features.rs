@@ -110,6 +110,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let stages = danceba_audio::stages_from_file(&args.input)
         .with_context(|| format!("computing features of {}", args.input.display()))?;
     let elapsed = t0.elapsed();
+    if let Some(note) =
+        super::truncation_note(&args.input, stages.audio_3840hz.len() as f64 / 3840.0)
+    {
+        eprintln!("{note}");
+    }
     let f = &stages.features;
     let id = args
         .input

@@ -326,6 +326,12 @@ pub fn run(args: Args) -> Result<()> {
         pb.set_message(input.display().to_string());
         let mut features = read_features(input)
             .with_context(|| format!("{}: cannot read the music", input.display()))?;
+        if InputKind::of(input) == InputKind::Audio {
+            let decoded = features.rows as f64 / f64::from(FEATURE_FPS);
+            if let Some(note) = super::truncation_note(input, decoded) {
+                pb.suspend(|| say(&note));
+            }
+        }
         if let Some(s) = args.max_seconds {
             let keep = ((s * FEATURE_FPS).floor() as usize).max(1);
             if keep < features.rows {

@@ -61,6 +61,20 @@ pub fn create_output_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A note for an audio file that decoded to clearly less than its header declares (`decoded`
+/// seconds against the header's, more than 1 s and 5 % short): the file is truncated or damaged,
+/// and only what could be decoded is used.
+pub fn truncation_note(audio: &Path, decoded: f64) -> Option<String> {
+    let declared = danceba_audio::declared_seconds(audio)?;
+    (declared - decoded > f64::max(1.0, 0.05 * declared)).then(|| {
+        format!(
+            "note: {} decoded to {decoded:.1} s of audio, but its header declares {declared:.1} s: \
+             the file is truncated or damaged, and only what was decoded is used",
+            audio.display()
+        )
+    })
+}
+
 /// The message of an error and its causes, `outer: cause: …`, leaving out a cause whose text
 /// an outer message already holds (many of ours include their source in their own text, as
 /// `{path}: {source}`, so `{:#}` would print it twice), and an outer message that its cause
