@@ -32,6 +32,13 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // with --json, a failure is one JSON object on stdout too, for the scripts that read it
+    let json = match &cli.command {
+        Command::Generate(a) => a.json,
+        Command::Inspect(a) => a.json,
+        Command::Bench(a) => a.json,
+        _ => false,
+    };
     let result = match cli.command {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Features(a) => cmd::features::run(a),
@@ -44,7 +51,11 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", cmd::error_message(&e));
+            let message = cmd::error_message(&e);
+            eprintln!("error: {message}");
+            if json && e.downcast_ref::<cmd::Reported>().is_none() {
+                println!("{}", serde_json::json!({ "error": message }));
+            }
             std::process::ExitCode::from(1)
         }
     }

@@ -393,6 +393,14 @@ fn user_errors_say_what_to_do() {
     let err = run_err(&mut generate(&bogus, &tiny(), "npy", dir.path()));
     assert!(err.contains("notes.mp3"), "{err}");
     assert!(!dir.path().join("notes.npy").exists());
+    // with --json the failure is also one JSON object on stdout
+    let out = generate(&bogus, &tiny(), "npy", dir.path())
+        .arg("--json")
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert!(!out.status.success());
+    assert!(v["error"].as_str().unwrap().contains("notes.mp3"), "{v}");
 
     // An output directory that cannot be created (a file is in the way).
     let blocker = dir.path().join("blocker");

@@ -157,6 +157,26 @@ fn cli_convert_then_inspect() {
         .collect();
     names.sort();
     assert_eq!(names, vec!["gpt.safetensors", "vqvae.safetensors"]);
+
+    // a NaN in a weight of the converted file: the audit fails, and with --json stdout is still
+    // one JSON object (the report, saying so), with exit code 1
+    let path = out.join("gpt.safetensors");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let key = "gpt_base.blocks.0.attn.key.weight";
+    let start = 8 + n + header[key]["data_offsets"][0].as_u64().unwrap() as usize;
+    bytes[start..start + 2].copy_from_slice(&[0xc0, 0x7f]); // bf16 NaN
+    std::fs::write(&path, &bytes).unwrap();
+    let (ok, out_json, err) = danceba(&["inspect", path.to_str().unwrap(), "--json"]);
+    assert!(!ok && err.contains(key) && err.contains("NaN"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out_json).expect("one JSON object");
+    assert_eq!(v["audit_ok"], false);
+    assert_eq!(v["bad_values"][0]["key"], key);
+    // a failure before any report: one JSON object with the error
+    let (ok, out_json, _) = danceba(&["inspect", out.to_str().unwrap(), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out_json).expect("one JSON object");
+    assert!(!ok && v["error"].is_string(), "{v}");
 }
 
 #[test]

@@ -92,7 +92,7 @@ pub struct Args {
     seed: u64,
     /// Print one JSON object instead of text.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 /// Peak resident set size in MiB (Linux: VmHWM), if known.

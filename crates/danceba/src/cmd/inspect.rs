@@ -246,10 +246,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     emit(&out)?;
     if !audit.is_ok() {
-        anyhow::bail!(
+        let message = format!(
             "{} does not match the {kind} model: {audit}",
             path.display()
         );
+        // with --json the report above already says so ("audit_ok": false)
+        return Err(if args.json {
+            super::Reported(message).into()
+        } else {
+            anyhow::anyhow!(message)
+        });
     }
     Ok(())
 }

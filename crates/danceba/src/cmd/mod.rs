@@ -75,6 +75,12 @@ pub fn truncation_note(audio: &Path, decoded: f64) -> Option<String> {
     })
 }
 
+/// A failure whose JSON report a `--json` command already printed on stdout: `main` then says
+/// it on stderr only, so that stdout stays one JSON object.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Reported(pub String);
+
 /// The message of an error and its causes, `outer: cause: …`, leaving out a cause whose text
 /// an outer message already holds (many of ours include their source in their own text, as
 /// `{path}: {source}`, so `{:#}` would print it twice), and an outer message that its cause
