@@ -808,10 +808,13 @@ pub fn download(
             Some(d) => d.clone(),
             None => converted_cache_dir().ok_or(WeightsError::NoHome)?,
         };
+        // both files' SHA-256 are the hub's where it gives them: kept files were checked
+        // against it, fetched ones by `download_file`
         Some(convert_into(
             &official,
             &dir,
             opts.force || reused.len() < 2,
+            [gpt_remote.sha256.as_deref(), vq_remote.sha256.as_deref()],
         )?)
     };
     Ok(DownloadReport {
@@ -844,18 +847,23 @@ pub fn audit(path: &Path, kind: ModelKind) -> Result<(), WeightsError> {
 /// `vqvae.safetensors`, f32), replacing older conversions when `replace`. Otherwise an existing
 /// file is kept only if it is this checkpoint's conversion (its metadata names the kind and the
 /// source's SHA-256, see [`is_conversion_of`]); anything else there is converted over.
+/// `known_sha256` holds the two sources' SHA-256 (GPT, VQ-VAE) where the caller knows them.
 pub fn convert_into(
     official: &ModelFiles,
     dir: &Path,
     replace: bool,
+    known_sha256: [Option<&str>; 2],
 ) -> Result<ModelFiles, WeightsError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let out = ModelFiles::new(dir.join(CONVERTED_GPT), dir.join(CONVERTED_VQVAE));
-    for (src, dst, kind) in [
+    for ((src, dst, kind), sha) in [
         (&official.gpt, &out.gpt, ModelKind::Gpt),
         (&official.vqvae, &out.vqvae, ModelKind::Vqvae),
-    ] {
-        if !replace && is_conversion_of(dst, src, kind)? {
+    ]
+    .into_iter()
+    .zip(known_sha256)
+    {
+        if !replace && is_conversion_of(dst, src, kind, sha)? {
             continue;
         }
         convert_checkpoint(src, dst, Some(kind), DType::F32, None, true)?;
@@ -864,12 +872,14 @@ pub fn convert_into(
 }
 
 /// Whether `converted` is a safetensors file that [`convert_checkpoint`] wrote from `source`
-/// as a `kind` checkpoint: its metadata's `kind` and `source_sha256` (hashing `source`, about
-/// 2 s per GB). A missing or unreadable file, or one from another source, is not.
+/// as a `kind` checkpoint: its metadata's `kind` and `source_sha256`, compared with
+/// `source_sha256` if the caller knows it, else with a hash of `source` (about 2 s per GB). A
+/// missing or unreadable file, or one from another source, is not.
 pub fn is_conversion_of(
     converted: &Path,
     source: &Path,
     kind: ModelKind,
+    source_sha256: Option<&str>,
 ) -> Result<bool, WeightsError> {
     let Some(meta) = safetensors_metadata(converted) else {
         return Ok(false);
@@ -881,7 +891,10 @@ pub fn is_conversion_of(
     let Some(recorded) = field("source_sha256") else {
         return Ok(false);
     };
-    Ok(sha256_of(source)?.eq_ignore_ascii_case(&recorded))
+    Ok(match source_sha256 {
+        Some(sha) => sha.eq_ignore_ascii_case(&recorded),
+        None => sha256_of(source)?.eq_ignore_ascii_case(&recorded),
+    })
 }
 
 /// The `__metadata__` object of a safetensors file's header, if it is one.

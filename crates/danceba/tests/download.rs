@@ -400,8 +400,10 @@ fn download_resumes_after_a_cut_connection_then_converts() {
     // Damage is repaired, not reported as ready: a converted file that is not this checkpoint's
     // conversion is converted again, and a cached official file of the right size whose SHA-256
     // is not the hub's is fetched again.
-    let is_gpt_conversion =
-        || weights::is_conversion_of(&converted.gpt, &report.official.gpt, ModelKind::Gpt).unwrap();
+    let is_gpt_conversion = || {
+        weights::is_conversion_of(&converted.gpt, &report.official.gpt, ModelKind::Gpt, None)
+            .unwrap()
+    };
     assert!(is_gpt_conversion());
     std::fs::write(&converted.gpt, b"junk").unwrap();
     assert!(!is_gpt_conversion());
