@@ -275,8 +275,8 @@ impl GptArch {
             let (stated, source) = resolve_n_head_for(sd, None);
             if source != NHeadSource::Default && stated != flag {
                 let whence = match source {
-                    NHeadSource::Metadata => "its metadata",
-                    _ => "its config",
+                    NHeadSource::Metadata => "metadata",
+                    _ => "config",
                 };
                 return Err(ArchError::Inconsistent(format!(
                     "the checkpoint's {whence} says n_head {stated}, and --n-head {flag} \

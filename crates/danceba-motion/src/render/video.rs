@@ -321,20 +321,20 @@ fn render_mp4(
 ) -> Result<VideoOutcome, RenderError> {
     check_overwrite(out, opts.force)?;
     let motion_secs = motion.seconds() as f64;
-    let audio_secs = match audio {
-        Some(a) => {
-            if !a.is_file() {
-                return Err(RenderError::ReadAudio {
-                    path: a.to_path_buf(),
-                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-                });
-            }
-            Some(probe_duration(ffmpeg, a)?)
+    if let Some(a) = audio {
+        if !a.is_file() {
+            return Err(RenderError::ReadAudio {
+                path: a.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            });
         }
-        None => None,
-    };
-    let secs = audio_secs.map_or(motion_secs, |a| a.min(motion_secs));
-    let total = ((secs * opts.fps as f64).round() as u64).max(1);
+        // a readable audio file, said now rather than as ffmpeg's failure after the frames
+        probe_duration(ffmpeg, a)?;
+    }
+    // The video is the whole dance, as every other output is: a song that ends first (the
+    // motion is 8 frames per token, a little longer than the song; much longer for the shortest
+    // clips) is padded with silence, one that goes on is cut at the dance's end.
+    let total = ((motion_secs * opts.fps as f64).round() as u64).max(1);
     let encoder = if has_libx264(ffmpeg)? {
         "libx264"
     } else {
@@ -352,12 +352,10 @@ fn render_mp4(
         .args(["-s", &format!("{w}x{h}"), "-r", &format!("{}", opts.fps)])
         .args(["-i", "pipe:0"]);
     if let Some(a) = audio {
-        cmd.args(["-t", &format!("{:.6}", total as f64 / opts.fps as f64)])
-            .arg("-i")
-            .arg(a)
-            .args([
-                "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "192k",
-            ]);
+        cmd.arg("-i").arg(a).args([
+            "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "192k", "-af", "apad",
+        ]);
+        cmd.args(["-t", &format!("{:.6}", total as f64 / opts.fps as f64)]);
     }
     cmd.args(["-c:v", encoder]);
     if encoder == "libx264" {
