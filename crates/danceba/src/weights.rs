@@ -899,6 +899,34 @@ pub fn is_conversion_of(
 
 /// The `__metadata__` object of a safetensors file's header, if it is one.
 fn safetensors_metadata(path: &Path) -> Option<serde_json::Map<String, serde_json::Value>> {
+    safetensors_header(path)?
+        .get("__metadata__")?
+        .as_object()
+        .cloned()
+}
+
+/// The half-precision type (`"f16"`, `"bf16"`) a safetensors checkpoint stores its weights in,
+/// from its header; `None` for full precision, or for a file that is not safetensors (the
+/// official `.pt` files are f32).
+pub fn stored_half_dtype(path: &Path) -> Option<&'static str> {
+    let header = safetensors_header(path)?;
+    let dtypes: Vec<&str> = header
+        .as_object()?
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .filter_map(|(_, v)| v.get("dtype")?.as_str())
+        .collect();
+    if dtypes.contains(&"BF16") {
+        Some("bf16")
+    } else if dtypes.contains(&"F16") {
+        Some("f16")
+    } else {
+        None
+    }
+}
+
+/// A safetensors file's JSON header, if it is one.
+fn safetensors_header(path: &Path) -> Option<serde_json::Value> {
     let mut f = std::fs::File::open(path).ok()?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len).ok()?;
@@ -909,8 +937,7 @@ fn safetensors_metadata(path: &Path) -> Option<serde_json::Map<String, serde_jso
     }
     let mut header = vec![0u8; len as usize];
     f.read_exact(&mut header).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&header).ok()?;
-    v.get("__metadata__")?.as_object().cloned()
+    serde_json::from_slice(&header).ok()
 }
 
 fn move_tree(from: &Path, to: &Path) -> Result<(), WeightsError> {

@@ -150,6 +150,10 @@ fn cli_convert_then_inspect() {
     let g = inspect_json(&out.join("gpt.safetensors"));
     assert_eq!(g["metadata"]["dtype"], "bf16");
     assert!(g["dtypes"]["bfloat16"].as_u64().unwrap() > 0);
+    // the VQ-VAE stays f32 (it always decodes in f32): no rounded weights in it
+    let v = inspect_json(&out.join("vqvae.safetensors"));
+    assert_eq!(v["metadata"]["dtype"], "f32");
+    assert!(v["dtypes"].get("bfloat16").is_none(), "{}", v["dtypes"]);
     // only the two outputs, no temporary leftovers
     let mut names: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
@@ -259,4 +263,84 @@ fn cli_convert_failure_leaves_the_pair_as_it_was() {
     );
     assert_ne!(std::fs::read(&gpt).unwrap(), b"old gpt");
     assert_ne!(std::fs::read(&vqvae).unwrap(), b"old vqvae");
+}
+
+/// Half-precision files are said for what they are when generating: a GPT stored in f16 but
+/// computed in f32 (without --dtype), and a VQ-VAE stored in half precision (written by an
+/// earlier `convert --dtype f16`, whose rounding moves the joints).
+#[test]
+fn generate_notes_half_precision_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let (ok, _, err) = danceba(&[
+        "convert",
+        "--gpt",
+        model("tiny_gpt.pt").to_str().unwrap(),
+        "-o",
+        out,
+        "--dtype",
+        "f16",
+    ]);
+    assert!(ok, "{err}");
+    danceba_model::checkpoint::convert_checkpoint(
+        &model("tiny_vqvae.pt"),
+        &dir.path().join("vqvae.safetensors"),
+        Some(danceba_model::arch::ModelKind::Vqvae),
+        candle_core::DType::F16,
+        None,
+        false,
+    )
+    .unwrap();
+    let song = golden().join("audio/mono22k_mutilated_mime_12s.wav");
+    let dance = dir.path().join("dance");
+    let (ok, stdout, err) = danceba(&[
+        "generate",
+        song.to_str().unwrap(),
+        "--weights",
+        out,
+        "--formats",
+        "npy",
+        "--max-seconds",
+        "2",
+        "-o",
+        dance.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["gpt_stored_half"], "f16");
+    // --json is quiet: run again without it to read the notes
+    let (ok, _, err) = danceba(&[
+        "generate",
+        song.to_str().unwrap(),
+        "--weights",
+        out,
+        "--formats",
+        "npy",
+        "--max-seconds",
+        "2",
+        "--force",
+        "-o",
+        dance.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("holds f16 weights, computed in f32"), "{err}");
+    assert!(err.contains("the VQ-VAE decodes in f32"), "{err}");
+    // with --dtype f16 the GPT's note has nothing to say
+    let (ok, _, err) = danceba(&[
+        "generate",
+        song.to_str().unwrap(),
+        "--weights",
+        out,
+        "--formats",
+        "npy",
+        "--max-seconds",
+        "2",
+        "--force",
+        "--dtype",
+        "f16",
+        "-o",
+        dance.to_str().unwrap(),
+    ]);
+    assert!(ok && !err.contains("computed in f32"), "{err}");
 }

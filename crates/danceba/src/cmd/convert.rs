@@ -38,7 +38,9 @@ pub struct Args {
     /// Output directory (created if needed).
     #[arg(short = 'o', long = "out")]
     pub out: PathBuf,
-    /// Floating-point type of the written tensors.
+    /// Floating-point type of the written GPT tensors. The VQ-VAE is always written in f32: it
+    /// decodes in f32 whatever `generate --dtype` says (rounding its weights to half precision
+    /// moved joints by centimetres).
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
     /// Attention heads of the GPT if its config does not say (default 12); one that contradicts
@@ -82,12 +84,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let tmp = args
                 .out
                 .join(format!(".danceba-{}.{name}.tmp", std::process::id()));
+            let dtype = match kind {
+                ModelKind::Vqvae => DType::F32,
+                _ => args.dtype.into(),
+            };
             // (written atomically: nothing is left at `tmp` when it fails)
-            let report =
-                convert_checkpoint(src, &tmp, Some(kind), args.dtype.into(), args.n_head, true)
-                    .with_context(|| {
-                        format!("converting {} to {}", src.display(), dst.display())
-                    })?;
+            let report = convert_checkpoint(src, &tmp, Some(kind), dtype, args.n_head, true)
+                .with_context(|| format!("converting {} to {}", src.display(), dst.display()))?;
             done.push((tmp, dst, report));
         }
         if let Some((_, dst, _)) = done.iter().find(|(_, d, _)| !args.force && d.exists()) {
@@ -103,6 +106,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let _ = std::fs::remove_file(tmp);
         }
         return Err(e);
+    }
+    if args.vqvae.is_some() && args.dtype != DtypeArg::F32 {
+        eprintln!(
+            "note: the VQ-VAE was written in f32 (it always decodes in f32); --dtype applies to \
+             the GPT"
+        );
     }
     let mut left = done.into_iter();
     while let Some((tmp, dst, mut report)) = left.next() {

@@ -365,6 +365,23 @@ pub fn run(args: Args) -> Result<()> {
     )
     .context("could not load the model")?;
     let load_s = t_load.elapsed().as_secs_f64();
+    // Weights stored in half precision: what that means here, said once.
+    let gpt_stored = danceba::weights::stored_half_dtype(&files.gpt);
+    if let (Some(half), DType::F32) = (gpt_stored, dtype) {
+        say(&format!(
+            "note: {} holds {half} weights, computed in f32 here (the dance is that of the \
+             rounded weights either way): pass --dtype {half} to use half the memory",
+            files.gpt.display()
+        ));
+    }
+    if let Some(half) = danceba::weights::stored_half_dtype(&files.vqvae) {
+        say(&format!(
+            "note: {} holds {half} weights: the VQ-VAE decodes in f32, but its rounded weights \
+             move joints by centimetres; convert it again in f32 (danceba convert --vqvae \
+             epoch_500.pt -o DIR)",
+            files.vqvae.display()
+        ));
+    }
 
     // Start tokens (the flags were read before any work, above).
     let start = match (start_tokens, &seed_motion) {
@@ -499,6 +516,7 @@ pub fn run(args: Args) -> Result<()> {
         let out = serde_json::json!({
             "device": danceba_model::device::describe(pipeline.device()),
             "dtype": args.dtype,
+            "gpt_stored_half": gpt_stored,
             "gpt": files.gpt,
             "vqvae": files.vqvae,
             "start_tokens": [start.0, start.1],
