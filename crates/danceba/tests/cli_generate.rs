@@ -402,6 +402,10 @@ fn user_errors_say_what_to_do() {
     let err = run_err(&mut generate(&bogus, &tiny(), "npy", dir.path()));
     assert!(err.contains("notes.mp3"), "{err}");
     assert!(!dir.path().join("notes.npy").exists());
+    // a failed run leaves no empty output directory behind
+    let fresh = dir.path().join("fresh/out");
+    run_err(&mut generate(&bogus, &tiny(), "npy", &fresh));
+    assert!(!fresh.exists());
     // with --json the failure is also one JSON object on stdout
     let out = generate(&bogus, &tiny(), "npy", dir.path())
         .arg("--json")
@@ -456,7 +460,7 @@ fn user_errors_say_what_to_do() {
         err.contains("would both write") && err.contains("a.pkl.npy"),
         "{err}"
     );
-    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+    assert!(!out.exists(), "nothing written, not even the directory");
 
     // An output directory where no file can be created (even as root): said before the work.
     #[cfg(target_os = "linux")]
@@ -650,9 +654,10 @@ fn ctrl_c_during_rendering_leaves_no_file() {
     );
     let err = String::from_utf8_lossy(&result.stderr);
     assert!(!err.contains("panicked"), "{err}");
+    // nothing left, the directory it made included
     let left: Vec<_> = std::fs::read_dir(&out)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
     assert!(left.is_empty(), "files left behind: {left:?}");
+    assert!(!out.exists(), "the empty output directory was left behind");
 }

@@ -56,7 +56,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.gpt.is_none() && args.vqvae.is_none() {
         bail!("nothing to convert: give --gpt GPT.pt and/or --vqvae VQVAE.pt");
     }
-    super::create_output_dir(&args.out)?;
+    let _out_dir = super::create_output_dir(&args.out)?;
     let jobs = [
         (args.gpt.as_ref(), ModelKind::Gpt, "gpt.safetensors"),
         (args.vqvae.as_ref(), ModelKind::Vqvae, "vqvae.safetensors"),

@@ -59,10 +59,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             anyhow::bail!("--gpt-file takes a file name (e.g. epoch_0.pt), got {name:?}");
         }
     }
-    if let Some(out) = &args.out {
-        // before a gigabyte is downloaded, not after
-        super::create_output_dir(out)?;
-    }
+    // before a gigabyte is downloaded, not after
+    let _out_dir = args
+        .out
+        .as_deref()
+        .map(super::create_output_dir)
+        .transpose()?;
     let mut cfg = HubConfig::from_env()?;
     cfg.revision = args.revision.clone();
     if !args.quiet {

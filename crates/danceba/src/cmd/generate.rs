@@ -256,7 +256,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         None => None,
     };
-    super::create_output_dir(&args.output)?;
+    let _out_dir = super::create_output_dir(&args.output)?;
     let mut stems: BTreeMap<String, &Path> = BTreeMap::new();
     for input in &args.inputs {
         if let Some(prev) = stems.insert(stem(input), input) {

@@ -32,11 +32,28 @@ pub fn check_input_file(path: &Path, what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An output directory [`create_output_dir`] made: removed again when dropped if it is still
+/// empty, so that a command that fails leaves no empty directory behind (one it did not make,
+/// or that holds anything, is left alone).
+#[must_use = "bind it for the command's whole run: dropping it removes the directory if empty"]
+#[derive(Debug)]
+pub struct OutputDir(Option<std::path::PathBuf>);
+
+impl Drop for OutputDir {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            // fails, harmlessly, unless the directory is empty
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
 /// Creates the output directory `dir` (and its parents) if needed; an existing non-directory
 /// there is refused with a message that says so (not the OS's "File exists"). Then checks that
 /// files can be created in it (by creating and removing an empty one), so that a read-only
 /// directory is reported before the work, not after it.
-pub fn create_output_dir(dir: &Path) -> anyhow::Result<()> {
+pub fn create_output_dir(dir: &Path) -> anyhow::Result<OutputDir> {
+    let created = !dir.exists();
     if dir.exists() && !dir.is_dir() {
         anyhow::bail!(
             "the output directory {} is a file: choose another with -o, or remove it",
@@ -58,7 +75,7 @@ pub fn create_output_dir(dir: &Path) -> anyhow::Result<()> {
             )
         })?;
     let _ = std::fs::remove_file(&probe);
-    Ok(())
+    Ok(OutputDir(created.then(|| dir.to_path_buf())))
 }
 
 /// A note for an audio file that decoded to clearly less than its header declares (`decoded`
@@ -155,7 +172,20 @@ mod tests {
         let e = create_output_dir(&file).unwrap_err().to_string();
         assert!(e.contains("is a file"), "{e}");
         let nested = dir.path().join("a/b");
-        create_output_dir(&nested).unwrap();
+        let made = create_output_dir(&nested).unwrap();
         assert!(nested.is_dir());
+        // a directory it made is removed when its guard goes while still empty (a failed
+        // command leaves no empty directory), and kept once it holds something
+        drop(made);
+        assert!(!nested.exists());
+        let made = create_output_dir(&nested).unwrap();
+        std::fs::write(nested.join("song.npy"), b"x").unwrap();
+        drop(made);
+        assert!(nested.join("song.npy").is_file());
+        // one that was there before is never removed
+        let there = dir.path().join("there");
+        std::fs::create_dir(&there).unwrap();
+        drop(create_output_dir(&there).unwrap());
+        assert!(there.is_dir());
     }
 }

@@ -106,7 +106,7 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     }
-    super::create_output_dir(&args.output)?;
+    let _out_dir = super::create_output_dir(&args.output)?;
 
     // The music: --audio, else the .json's source audio when it sits beside the motion.
     let audio: Option<PathBuf> = args.audio.clone().or_else(|| {
