@@ -293,54 +293,33 @@ fn generate_notes_half_precision_files() {
     .unwrap();
     let song = golden().join("audio/mono22k_mutilated_mime_12s.wav");
     let dance = dir.path().join("dance");
-    let (ok, stdout, err) = danceba(&[
-        "generate",
-        song.to_str().unwrap(),
-        "--weights",
-        out,
-        "--formats",
-        "npy",
-        "--max-seconds",
-        "2",
-        "-o",
-        dance.to_str().unwrap(),
-        "--json",
-    ]);
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            song.to_str().unwrap(),
+            "--weights",
+            out,
+            "--formats",
+            "npy",
+            "--max-seconds",
+            "2",
+            "--force",
+            "-o",
+            dance.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        danceba(&args)
+    };
+    let (ok, stdout, err) = generate(&["--json"]);
     assert!(ok, "{err}");
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["gpt_stored_half"], "f16");
     // --json is quiet: run again without it to read the notes
-    let (ok, _, err) = danceba(&[
-        "generate",
-        song.to_str().unwrap(),
-        "--weights",
-        out,
-        "--formats",
-        "npy",
-        "--max-seconds",
-        "2",
-        "--force",
-        "-o",
-        dance.to_str().unwrap(),
-    ]);
+    let (ok, _, err) = generate(&[]);
     assert!(ok, "{err}");
     assert!(err.contains("holds f16 weights, computed in f32"), "{err}");
     assert!(err.contains("the VQ-VAE decodes in f32"), "{err}");
     // with --dtype f16 the GPT's note has nothing to say
-    let (ok, _, err) = danceba(&[
-        "generate",
-        song.to_str().unwrap(),
-        "--weights",
-        out,
-        "--formats",
-        "npy",
-        "--max-seconds",
-        "2",
-        "--force",
-        "--dtype",
-        "f16",
-        "-o",
-        dance.to_str().unwrap(),
-    ]);
+    let (ok, _, err) = generate(&["--dtype", "f16"]);
     assert!(ok && !err.contains("computed in f32"), "{err}");
 }
