@@ -164,6 +164,39 @@ fn render_rejects_bad_input_clearly() {
         .arg("-o")
         .arg(file_as_dir.join("sub")));
     assert!(!ok && err.contains("output directory"), "{err}");
+    // --fps for a .json, which carries its own rate: refused (it was silently ignored), unless
+    // it is that rate; for a .npy it is the rate
+    let good_json = dir.path().join("good.json");
+    export::export(
+        &motion(),
+        &MotionMeta::default(),
+        Format::Json,
+        &good_json,
+        false,
+    )
+    .unwrap();
+    let fps_out = dir.path().join("fps");
+    let (ok, err) = run(danceba()
+        .arg("render")
+        .arg(&good_json)
+        .args(["--formats", "json", "--fps", "30", "-o"])
+        .arg(&fps_out));
+    assert!(!ok && err.contains("carries its own frame rate"), "{err}");
+    assert!(!fps_out.exists());
+    for input in [&good_json, &good] {
+        let rate = if input == &good { "30" } else { "60" };
+        let (ok, err) = run(danceba()
+            .arg("render")
+            .arg(input)
+            .args(["--formats", "json", "--fps", rate, "--force", "-o"])
+            .arg(&fps_out));
+        assert!(ok, "{err}");
+        let stem = input.file_stem().unwrap().to_string_lossy();
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fps_out.join(format!("{stem}.json"))).unwrap())
+                .unwrap();
+        assert_eq!(v["fps"].as_f64().unwrap().to_string(), rate);
+    }
     // --audio that is not audio is refused before anything is written (the page embedded it
     // as it was, "audio/mpeg" of a text file)
     let text = dir.path().join("notes.mp3");

@@ -35,9 +35,9 @@ pub struct Args {
     /// to the motion file.
     #[arg(long)]
     pub audio: Option<PathBuf>,
-    /// Frame rate of a .npy input (a .json carries its own).
-    #[arg(long, default_value_t = danceba::MOTION_FPS)]
-    pub fps: f32,
+    /// Frame rate of a .npy input (default 60; a .json carries its own).
+    #[arg(long)]
+    pub fps: Option<f32>,
     /// Video style: 3d (our skeleton view) or openpose (the official 2D drawing).
     #[arg(long, default_value = "3d")]
     pub style: String,
@@ -77,12 +77,12 @@ pub fn run(args: Args) -> Result<()> {
     // Check everything that can be checked before writing anything.
     let outputs = parse_formats(&args.formats)?;
     let style = parse_style(&args.style)?;
-    if !(danceba_motion::Motion::MIN_FPS..=danceba_motion::Motion::MAX_FPS).contains(&args.fps) {
+    let fps = args.fps.unwrap_or(danceba::MOTION_FPS);
+    if !(danceba_motion::Motion::MIN_FPS..=danceba_motion::Motion::MAX_FPS).contains(&fps) {
         bail!(
-            "--fps must be between {} and {} frames per second, got {}",
+            "--fps must be between {} and {} frames per second, got {fps}",
             danceba_motion::Motion::MIN_FPS,
             danceba_motion::Motion::MAX_FPS,
-            args.fps
         );
     }
     if let Some(a) = &args.audio {
@@ -90,8 +90,17 @@ pub fn run(args: Args) -> Result<()> {
         // the page embeds the file as it is and the video muxes it: it must be audio
         danceba_audio::check_audio_file(a).context("--audio")?;
     }
-    let (motion, meta): (_, MotionMeta) = export::read_motion(&args.input, args.fps)
+    let (motion, meta): (_, MotionMeta) = export::read_motion(&args.input, fps)
         .with_context(|| format!("cannot read the motion {}", args.input.display()))?;
+    if let Some(f) = args.fps.filter(|&f| f != motion.fps) {
+        // a .json's own rate wins: asking for another would silently give it
+        bail!(
+            "--fps {f}: {} carries its own frame rate ({} fps); --fps applies to .npy inputs \
+             (render its .npy, or leave --fps out)",
+            args.input.display(),
+            motion.fps
+        );
+    }
 
     let stem = stem(&args.input);
     let paths: Vec<(Output, PathBuf)> = outputs
