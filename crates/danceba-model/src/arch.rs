@@ -271,9 +271,10 @@ impl GptArch {
     /// converted file's metadata) is an error: the flag is for checkpoints that do not say, and
     /// overriding a stated count silently changes every attention layer.
     pub fn from_state_dict(sd: &StateDict, n_head: Option<usize>) -> Result<GptArch, ArchError> {
-        if let Some(flag) = n_head {
-            let (stated, source) = resolve_n_head_for(sd, None);
-            if source != NHeadSource::Default && stated != flag {
+        let (stated, source) = resolve_n_head_for(sd, None);
+        let n = match n_head {
+            None => stated,
+            Some(flag) if source != NHeadSource::Default && stated != flag => {
                 let whence = match source {
                     NHeadSource::Metadata => "metadata",
                     _ => "config",
@@ -283,13 +284,13 @@ impl GptArch {
                      contradicts it: leave --n-head out (it is for checkpoints that do not say)"
                 )));
             }
-        }
-        let (n, source) = resolve_n_head_for(sd, n_head);
-        if n == 0 && source == NHeadSource::Flag {
-            return Err(ArchError::Inconsistent(
-                "--n-head 0: the head count must be at least 1".into(),
-            ));
-        }
+            Some(0) => {
+                return Err(ArchError::Inconsistent(
+                    "--n-head 0: the head count must be at least 1".into(),
+                ))
+            }
+            Some(flag) => flag,
+        };
         GptArch::detect(&sd.shapes(), sd.config.as_ref(), Some(n))
     }
 }
@@ -705,6 +706,13 @@ pub fn check_values(sd: &StateDict, expected: &[(String, Vec<usize>)], a: &mut A
     a.bad_values.extend(found);
 }
 
+/// [`audit`] of `sd`'s keys against `expected`, then [`check_values`] of its tensors.
+fn audit_all(sd: &StateDict, expected: &[(String, Vec<usize>)], shapes: &ShapeMap) -> Audit {
+    let mut a = audit(expected, shapes, &sd.ignored);
+    check_values(sd, expected, &mut a);
+    a
+}
+
 /// A detected architecture of either kind.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -724,16 +732,12 @@ pub fn inspect_state_dict(
     match kind {
         ModelKind::Gpt => {
             let arch = GptArch::from_state_dict(sd, n_head)?;
-            let expected = expected_gpt_keys(&arch);
-            let mut audit = audit(&expected, &shapes, &sd.ignored);
-            check_values(sd, &expected, &mut audit);
+            let audit = audit_all(sd, &expected_gpt_keys(&arch), &shapes);
             Ok((kind, Some(DetectedArch::Gpt(arch)), audit))
         }
         ModelKind::Vqvae => {
             let arch = VqVaeArch::detect(&shapes, sd.config.as_ref())?;
-            let expected = expected_vqvae_keys(&arch);
-            let mut audit = audit(&expected, &shapes, &sd.ignored);
-            check_values(sd, &expected, &mut audit);
+            let audit = audit_all(sd, &expected_vqvae_keys(&arch), &shapes);
             Ok((kind, Some(DetectedArch::Vqvae(arch)), audit))
         }
         ModelKind::Unknown => Ok((kind, None, Audit::default())),
@@ -751,10 +755,8 @@ pub fn audit_gpt(sd: &StateDict, n_head: Option<usize>) -> Result<(GptArch, Audi
     }
     let shapes = sd.shapes();
     let arch = GptArch::from_state_dict(sd, n_head)?;
-    let expected = expected_gpt_keys(&arch);
-    let mut audit = audit(&expected, &shapes, &sd.ignored);
-    check_values(sd, &expected, &mut audit);
-    Ok((arch, audit.into_result()?))
+    let audit = audit_all(sd, &expected_gpt_keys(&arch), &shapes).into_result()?;
+    Ok((arch, audit))
 }
 
 /// Detects the VQ-VAE and audits it; a missing or mis-shaped key is an error naming it.
@@ -768,10 +770,8 @@ pub fn audit_vqvae(sd: &StateDict) -> Result<(VqVaeArch, Audit), ArchError> {
     }
     let shapes = sd.shapes();
     let arch = VqVaeArch::detect(&shapes, sd.config.as_ref())?;
-    let expected = expected_vqvae_keys(&arch);
-    let mut audit = audit(&expected, &shapes, &sd.ignored);
-    check_values(sd, &expected, &mut audit);
-    Ok((arch, audit.into_result()?))
+    let audit = audit_all(sd, &expected_vqvae_keys(&arch), &shapes).into_result()?;
+    Ok((arch, audit))
 }
 
 /// Whether a key is a buffer rather than a trainable parameter (attention masks, BatchNorm

@@ -116,13 +116,9 @@ pub fn has_non_finite(t: &Tensor) -> candle_core::Result<bool> {
             });
         }
     }
-    let sum = t
-        .flatten_all()?
-        .to_dtype(DType::F32)?
-        .broadcast_sub(&t.flatten_all()?.to_dtype(DType::F32)?)?
-        .sum_all()?
-        .to_scalar::<f32>()?;
-    Ok(sum.is_nan())
+    let v = t.flatten_all()?.to_dtype(DType::F32)?;
+    // `x − x` is NaN exactly where x is not finite
+    Ok(v.broadcast_sub(&v)?.sum_all()?.to_scalar::<f32>()?.is_nan())
 }
 
 /// Which container a file is.
