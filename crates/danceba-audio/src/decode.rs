@@ -513,6 +513,17 @@ pub fn declared_seconds(path: &Path) -> Option<f64> {
     Some(dec.declared_frames? as f64 / f64::from(dec.rate.filter(|&r| r > 0)?))
 }
 
+/// The short name symphonia gives the codec of `path`'s audio track ("mp3", "aac", "alac",
+/// "flac", "vorbis", "pcm_s16le", …): what a browser needs in order to play the file, which
+/// the container does not say (an `.m4a` holds AAC or Apple Lossless). Opens the file only.
+pub fn codec_name(path: &Path) -> Result<&'static str, AudioError> {
+    let dec = Decoder::open(path)?;
+    let codec = dec.decoder.codec_params().codec;
+    Ok(symphonia::default::get_codecs()
+        .get_codec(codec)
+        .map_or("unknown", |d| d.short_name))
+}
+
 /// Checks that `path` is audio this crate decodes: a known container and codec, a supported
 /// sample rate, and at least one packet of samples (decoding only that far).
 pub fn check_audio_file(path: &Path) -> Result<(), AudioError> {

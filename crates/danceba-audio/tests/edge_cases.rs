@@ -361,3 +361,24 @@ fn garbage_never_panics() {
         let _ = load_mono_3840(&p);
     }
 }
+
+/// The codec names the html page's music is chosen by (`danceba::page_audio`).
+#[test]
+fn codec_names_of_the_golden_clips() {
+    let a = golden_dir().join("audio");
+    for (file, codec) in [
+        ("synth_machine_wars_20s.mp3", "mp3"),
+        ("electronic_motion_20s.ogg", "vorbis"),
+        ("flac48k_feelings_20s.flac", "flac"),
+        ("rock_armygeddon_20s.wav", "pcm_s16le"),
+    ] {
+        assert_eq!(
+            danceba_audio::decode::codec_name(&a.join(file)).unwrap(),
+            codec,
+            "{file}"
+        );
+    }
+    let not_audio = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(not_audio.path(), b"hello, this is not audio at all").unwrap();
+    assert!(danceba_audio::decode::codec_name(not_audio.path()).is_err());
+}

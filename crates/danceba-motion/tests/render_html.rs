@@ -145,3 +145,26 @@ fn html_viewer_shows_the_tiny_golden_models_dance() {
     let audio = golden().join("audio/rock_armygeddon_20s.wav");
     check_viewer_with(motion, Some(&audio));
 }
+
+/// The music `danceba` embeds for WAV, FLAC and AIFF songs where ffmpeg is installed: AAC at
+/// 192 kb/s in MP4 (made here by ffmpeg as `danceba::page_audio` makes it).
+#[test]
+fn html_viewer_plays_aac_music_in_headless_chromium() {
+    let Some(ffmpeg) = danceba_motion::render::video::find_ffmpeg() else {
+        eprintln!("SKIPPED: ffmpeg not installed (it makes the AAC copy)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let m4a = dir.path().join("music.m4a");
+    let ok = Command::new(ffmpeg)
+        .args(["-nostdin", "-loglevel", "error", "-y", "-i"])
+        .arg(golden().join("audio/rock_armygeddon_20s.wav"))
+        .args(["-map", "0:a:0", "-vn", "-c:a", "aac", "-b:a", "192k"])
+        .args(["-movflags", "+faststart", "-f", "mp4"])
+        .arg(&m4a)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "ffmpeg could not make the AAC copy");
+    check_viewer(Some(&m4a));
+}

@@ -1,5 +1,6 @@
 //! danceba: music in, 3D dance out. The `Pipeline` facade over the audio, model and motion crates.
 
+pub mod page_audio;
 pub mod pipeline;
 pub mod weights;
 

@@ -6,6 +6,8 @@ use std::process::{Command, Output};
 
 use safetensors::SafeTensors;
 
+mod common;
+
 fn golden() -> PathBuf {
     match std::env::var_os("DANCEBA_GOLDEN") {
         Some(p) => PathBuf::from(p),
@@ -660,4 +662,28 @@ fn ctrl_c_during_rendering_leaves_no_file() {
         .unwrap_or_default();
     assert!(left.is_empty(), "files left behind: {left:?}");
     assert!(!out.exists(), "the empty output directory was left behind");
+}
+
+/// An AIFF song (the Mac's uncompressed format, which only Safari plays): the dance is the one
+/// of the same samples as a WAV, and the page carries music every browser plays (AAC by
+/// ffmpeg, else a WAV copy).
+#[test]
+fn generate_from_an_aiff_song() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = common::tones(4.0, 44_100);
+    let aiff = dir.path().join("song.aiff");
+    std::fs::write(&aiff, common::aiff16(&samples, 44_100)).unwrap();
+    let wav = dir.path().join("song.wav");
+    std::fs::write(&wav, common::wav16(&samples, 44_100)).unwrap();
+    let (a, w) = (dir.path().join("a"), dir.path().join("w"));
+    run_ok(&mut generate(&aiff, &tiny(), "npy,html", &a));
+    run_ok(&mut generate(&wav, &tiny(), "npy", &w));
+    let dance = std::fs::read(a.join("song.npy")).unwrap();
+    assert!(
+        dance == std::fs::read(w.join("song.npy")).unwrap(),
+        "the AIFF's dance differs from the WAV's"
+    );
+    let (mime, music) = common::page_music(&a.join("song.html"));
+    assert!(mime == "audio/mp4" || mime == "audio/wav", "{mime}");
+    assert!(music.len() > 1000, "{} bytes of music", music.len());
 }

@@ -7,6 +7,9 @@ use danceba_motion::export::json::TokenStreams;
 use danceba_motion::export::{self, Format, MotionMeta};
 use danceba_motion::Motion;
 
+mod common;
+use common::{aiff16, page_music, tones, wav16};
+
 fn golden_dir() -> PathBuf {
     match std::env::var_os("DANCEBA_GOLDEN") {
         Some(p) => PathBuf::from(p),
@@ -214,4 +217,166 @@ fn render_rejects_bad_input_clearly() {
         "{err}"
     );
     assert!(!out2.exists(), "nothing may be created for a bad --audio");
+}
+
+/// A directory for PATH with an `ffmpeg` that fails as one without the AAC encoder would.
+fn failing_ffmpeg(dir: &std::path::Path) -> PathBuf {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let ff = bin.join("ffmpeg");
+    std::fs::write(
+        &ff,
+        "#!/bin/sh\necho \"Unknown encoder 'aac'\" >&2\nexit 1\n",
+    )
+    .unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&ff, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    bin
+}
+
+/// Renders `d.html` of the short motion with `music` into a new directory under `dir`, with
+/// PATH set to `path` (None: as it is); returns the directory and stderr.
+fn render_page(
+    dir: &std::path::Path,
+    name: &str,
+    music: &std::path::Path,
+    path: Option<&std::path::Path>,
+) -> (PathBuf, String) {
+    let input = dir.join("d.npy");
+    if !input.exists() {
+        export::export(
+            &motion(),
+            &MotionMeta::default(),
+            Format::Npy,
+            &input,
+            false,
+        )
+        .unwrap();
+    }
+    let out = dir.join(name);
+    let mut cmd = danceba();
+    cmd.arg("render")
+        .arg(&input)
+        .arg("-o")
+        .arg(&out)
+        .args(["--formats", "html", "--audio"])
+        .arg(music);
+    if let Some(p) = path {
+        cmd.env("PATH", p);
+    }
+    let (ok, err) = run(&mut cmd);
+    assert!(ok, "{name}: {err}");
+    // the page only: no temporary copy of the music is left
+    let names: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["d.html"], "{name}");
+    (out, err)
+}
+
+/// AIFF and Apple Lossless (which only Safari plays) reach the page as AAC made by ffmpeg, or
+/// without ffmpeg as a WAV of the same samples; a WAV is made compact by ffmpeg and is embedded
+/// as it is without.
+#[test]
+fn html_pages_embed_music_every_browser_plays() {
+    let dir = tempfile::tempdir().unwrap();
+    let rate = 44_100;
+    let samples = tones(3.0, rate);
+    let aiff = dir.path().join("song.aiff");
+    std::fs::write(&aiff, aiff16(&samples, rate)).unwrap();
+    let wav = dir.path().join("song.wav");
+    let wav_bytes = wav16(&samples, rate);
+    std::fs::write(&wav, &wav_bytes).unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+
+    // no ffmpeg: the AIFF decoded to a 16-bit WAV of exactly its samples
+    let (out, _) = render_page(dir.path(), "aiff-plain", &aiff, Some(&empty));
+    let (mime, bytes) = page_music(&out.join("d.html"));
+    assert_eq!(mime, "audio/wav");
+    assert_eq!(&bytes[..4], b"RIFF");
+    assert_eq!(u32::from_le_bytes(bytes[24..28].try_into().unwrap()), rate);
+    assert_eq!(u16::from_le_bytes(bytes[22..24].try_into().unwrap()), 2);
+    let got: Vec<i16> = bytes[44..]
+        .chunks_exact(2)
+        .map(|c| i16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    assert!(
+        got == samples,
+        "the WAV copy's samples differ from the AIFF's"
+    );
+
+    // no ffmpeg: a WAV as it is
+    let (out, _) = render_page(dir.path(), "wav-plain", &wav, Some(&empty));
+    assert_eq!(
+        page_music(&out.join("d.html")),
+        ("audio/wav".into(), wav_bytes.clone())
+    );
+
+    // an ffmpeg that fails: said, and the page still has music
+    let bin = failing_ffmpeg(dir.path());
+    let (out, err) = render_page(dir.path(), "aiff-failing", &aiff, Some(&bin));
+    assert!(err.contains("could not make an AAC copy"), "{err}");
+    assert!(err.contains("Unknown encoder 'aac'"), "{err}");
+    assert_eq!(page_music(&out.join("d.html")).0, "audio/wav");
+
+    let Some(ffmpeg) = danceba_motion::render::video::find_ffmpeg() else {
+        eprintln!(
+            "SKIPPED: ffmpeg not installed; the AAC copies and Apple Lossless are not tested"
+        );
+        return;
+    };
+    // Apple Lossless in .m4a (the Music app's lossless files; Safari only): decoded to a WAV
+    // without ffmpeg although its container is the one AAC comes in
+    let alac = dir.path().join("song-alac.m4a");
+    let made = std::process::Command::new(&ffmpeg)
+        .args(["-nostdin", "-loglevel", "error", "-y", "-i"])
+        .arg(&wav)
+        .args(["-c:a", "alac"])
+        .arg(&alac)
+        .status()
+        .unwrap();
+    assert!(made.success(), "ffmpeg could not make an ALAC file");
+    let (out, _) = render_page(dir.path(), "alac-plain", &alac, Some(&empty));
+    let (mime, bytes) = page_music(&out.join("d.html"));
+    assert_eq!(mime, "audio/wav");
+    let got: Vec<i16> = bytes[44..]
+        .chunks_exact(2)
+        .map(|c| i16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    assert!(
+        got == samples,
+        "the WAV copy's samples differ from the ALAC's"
+    );
+
+    for (name, music) in [("aiff-aac", &aiff), ("wav-aac", &wav), ("alac-aac", &alac)] {
+        let (out, _) = render_page(dir.path(), name, music, None);
+        let page = out.join("d.html");
+        let (mime, bytes) = page_music(&page);
+        assert_eq!(mime, "audio/mp4", "{name}");
+        // 192 kb/s against 1411 kb/s
+        assert!(
+            std::fs::metadata(&page).unwrap().len() < wav_bytes.len() as u64 / 3,
+            "{name}: the page is not smaller"
+        );
+        let m4a = dir.path().join(format!("{name}.m4a"));
+        std::fs::write(&m4a, &bytes).unwrap();
+        assert_eq!(
+            danceba_audio::decode::codec_name(&m4a).unwrap(),
+            "aac",
+            "{name}"
+        );
+        let pcm = danceba_audio::decode::decode_file(&m4a).unwrap();
+        assert_eq!((pcm.channels, pcm.sample_rate), (2, rate), "{name}");
+        let seconds = pcm.frames() as f64 / f64::from(rate);
+        // (the decoder keeps the encoder's priming and padding, up to ~0.05 s)
+        assert!(
+            (seconds - 3.0).abs() < 0.1,
+            "{name}: {seconds} s of AAC for 3 s of music"
+        );
+    }
 }

@@ -8,14 +8,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use super::outputs::{parse_formats, parse_style, Output};
+use super::outputs::{parse_formats, parse_style, write_page, Output};
 use candle_core::DType;
 use danceba::{read_features, InputKind, ModelFiles, Pipeline, PipelineOptions};
 use danceba_model::device::DeviceChoice;
 use danceba_model::gpt::{GenerateOptions, GptError, SamplingPolicy, DEFAULT_START};
 use danceba_motion::export::json::{SamplingMeta, StartTokens, TokenStreams};
 use danceba_motion::export::{self, MotionMeta};
-use danceba_motion::render::html::write_html;
 use danceba_motion::render::video::{render_video, VideoOptions, VideoOutcome};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -464,8 +463,7 @@ pub fn run(args: Args) -> Result<()> {
                     written.push(path);
                 }
                 Output::Html => {
-                    write_html(&motion, audio, &stem(input), &path, args.force)
-                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    write_page(&motion, audio, &stem(input), &path, args.force, &say)?;
                     written.push(path);
                 }
                 Output::Video => {

@@ -1,8 +1,13 @@
 //! The output formats and video styles that `generate` and `render` share.
 
-use anyhow::{anyhow, bail, Result};
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use danceba::page_audio::page_audio;
 use danceba_motion::export::Format;
-use danceba_motion::render::video::Style;
+use danceba_motion::render::html::write_html;
+use danceba_motion::render::video::{find_ffmpeg, Style};
+use danceba_motion::Motion;
 
 const FORMAT_NAMES: &str = "npy, pkl.npy, json, bvh, glb, mp4, html";
 
@@ -49,6 +54,39 @@ pub fn parse_formats(names: &[String]) -> Result<Vec<Output>> {
         bail!("--formats is empty; choose from {FORMAT_NAMES}");
     }
     Ok(outputs)
+}
+
+/// Writes the html page `path` of `motion` titled `title`, with `audio`'s music as
+/// [`danceba::page_audio`] prepares it (an AAC copy by an ffmpeg on PATH where the source is
+/// WAV, FLAC, AIFF or another format that is large or not played by every browser); `note`
+/// says where ffmpeg failed.
+pub fn write_page(
+    motion: &Motion,
+    audio: Option<&Path>,
+    title: &str,
+    path: &Path,
+    force: bool,
+    note: &dyn Fn(&str),
+) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let music = match audio {
+        Some(a) => Some(
+            page_audio(a, find_ffmpeg().as_deref(), dir)
+                .with_context(|| format!("cannot prepare the music of {}", path.display()))?,
+        ),
+        None => None,
+    };
+    if let Some(why) = music.as_ref().and_then(|m| m.ffmpeg_failed.as_deref()) {
+        note(&format!(
+            "note: {why}; {} embeds the music uncompressed instead",
+            path.display()
+        ));
+    }
+    write_html(motion, music.as_ref().map(|m| m.path()), title, path, force)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Parses `--style`.

@@ -6,9 +6,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
-use super::outputs::{parse_formats, parse_style, Output};
+use super::outputs::{parse_formats, parse_style, write_page, Output};
 use danceba_motion::export::{self, MotionMeta};
-use danceba_motion::render::html::write_html;
 use danceba_motion::render::video::{render_video, VideoOptions, VideoOutcome};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -161,8 +160,7 @@ pub fn run(args: Args) -> Result<()> {
                 written.push(path);
             }
             Output::Html => {
-                write_html(&motion, audio.as_deref(), &stem, &path, args.force)
-                    .with_context(|| format!("cannot write {}", path.display()))?;
+                write_page(&motion, audio.as_deref(), &stem, &path, args.force, &say)?;
                 written.push(path);
             }
             Output::Video => {
