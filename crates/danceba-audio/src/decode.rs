@@ -1,7 +1,8 @@
 //! Decoding (symphonia) and essentia `MonoLoader` semantics: channel mean, then libsamplerate
 //! `SRC_SINC_MEDIUM_QUALITY` at the float32-rounded ratio, fed in 4096-sample chunks like
 //! essentia's streaming `Resample` (reference §1.1). Everything is streamed: the native-rate
-//! PCM of a file is never held whole.
+//! PCM of a file is never held whole. Files symphonia cannot read (Opus, WMA, …) are decoded by
+//! a found `ffmpeg` to a temporary float WAV first ([`ffmpeg_copy`]).
 
 use std::fs::File;
 use std::path::Path;
@@ -18,7 +19,8 @@ use crate::AudioError;
 
 /// Human-readable list of what [`decode_file`] accepts.
 pub const SUPPORTED_FORMATS: &str = "WAV (PCM 8/16/24/32-bit integer, 32/64-bit float), FLAC, \
-MP3, Ogg Vorbis, AAC/ALAC in M4A/MP4, AIFF, CAF, MKV/WebM (Vorbis/FLAC/PCM)";
+MP3, Ogg Vorbis, AAC/ALAC in M4A/MP4, AIFF, CAF, MKV/WebM (Vorbis/FLAC/PCM), and with ffmpeg on \
+PATH whatever it decodes (Opus, WMA, …)";
 
 /// Lowest and highest accepted input sample rates (the feature rate up to 384 kHz; 8–192 kHz
 /// is the tested range).
@@ -121,6 +123,43 @@ fn wav_header_rate(path: &Path) -> Option<u32> {
     None
 }
 
+/// `path`'s first audio stream as a 32-bit float WAV at its own rate and channels, made by the
+/// `ffmpeg` on PATH in a temporary file, for the codecs and containers symphonia lacks (Opus,
+/// WMA, …). The official code reads its audio through FFmpeg too (essentia's `AudioLoader`),
+/// so these samples are the ones it would see. Err: why not, for the error message.
+fn ffmpeg_copy(path: &Path) -> Result<tempfile::TempPath, String> {
+    let copy = tempfile::Builder::new()
+        .prefix("danceba-decoded-")
+        .suffix(".wav")
+        .tempfile()
+        .map_err(|e| format!("no temporary file for ffmpeg to decode into: {e}"))?
+        .into_temp_path();
+    let out = std::process::Command::new("ffmpeg")
+        .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-i"])
+        .arg(path)
+        .args(["-map", "0:a:0", "-vn", "-c:a", "pcm_f32le", "-f", "wav"])
+        .arg(&*copy)
+        .stdin(std::process::Stdio::null())
+        .output();
+    match out {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(
+            "install ffmpeg, through which danceba decodes Opus, WMA and more, or convert the \
+             file to WAV or FLAC"
+                .into(),
+        ),
+        Err(e) => Err(format!("ffmpeg could not be run: {e}")),
+        Ok(o) if !o.status.success() => {
+            let err = String::from_utf8_lossy(&o.stderr);
+            let last = err.lines().rev().find(|l| !l.trim().is_empty());
+            Err(format!(
+                "ffmpeg could not decode it either: {}",
+                last.unwrap_or("no message")
+            ))
+        }
+        Ok(_) => Ok(copy),
+    }
+}
+
 /// A streaming packet decoder over one file.
 struct Decoder {
     path: std::path::PathBuf,
@@ -136,10 +175,52 @@ struct Decoder {
     skip_frames: u64,
     /// Offset (in samples) of the first kept sample in the current buffer.
     view_start: usize,
+    /// The WAV that ffmpeg made of the file, where symphonia could not read it (removed on drop).
+    _ffmpeg_copy: Option<tempfile::TempPath>,
 }
 
 impl Decoder {
+    /// Opens `path` with symphonia, or where symphonia has no reader or decoder for it, through
+    /// an `ffmpeg` on PATH (see [`ffmpeg_copy`]).
     fn open(path: &Path) -> Result<Self, AudioError> {
+        Self::open_with(path, true)
+    }
+
+    /// [`Decoder::open`], trying ffmpeg only if `ffmpeg` (it decodes the whole file at once,
+    /// which a look at the header does not need).
+    fn open_with(path: &Path, ffmpeg: bool) -> Result<Self, AudioError> {
+        let err = match Self::open_native(path) {
+            Err(
+                e @ (AudioError::UnsupportedCodec { .. } | AudioError::UnsupportedFormat { .. }),
+            ) => e,
+            other => return other,
+        };
+        if !ffmpeg {
+            return Err(err);
+        }
+        match ffmpeg_copy(path) {
+            Ok(copy) => {
+                let mut dec = Self::open_native(&copy).map_err(|_| err)?;
+                dec.path = path.to_path_buf();
+                dec._ffmpeg_copy = Some(copy);
+                Ok(dec)
+            }
+            Err(why) => Err(match err {
+                AudioError::UnsupportedCodec { path, detail } => AudioError::UnsupportedCodec {
+                    path,
+                    detail: format!("{detail}; {why}"),
+                },
+                AudioError::UnsupportedFormat { path, detail } => AudioError::UnsupportedFormat {
+                    path,
+                    detail: format!("{detail}; {why}"),
+                },
+                e => e,
+            }),
+        }
+    }
+
+    /// Opens `path` with symphonia.
+    fn open_native(path: &Path) -> Result<Self, AudioError> {
         let pb = path.to_path_buf();
         let meta = std::fs::metadata(path).map_err(|source| AudioError::Io {
             path: pb.clone(),
@@ -222,6 +303,7 @@ impl Decoder {
             channels: codec_params.channels.map(|c| c.count()),
             skip_frames: mp4_priming_frames(path, rate).unwrap_or(0),
             view_start: 0,
+            _ffmpeg_copy: None,
         })
     }
 
@@ -509,7 +591,7 @@ fn decode_into(
 /// that yields much less than this means the file is truncated or damaged (the decoder ends at
 /// the damage, as FFmpeg does).
 pub fn declared_seconds(path: &Path) -> Option<f64> {
-    let dec = Decoder::open(path).ok()?;
+    let dec = Decoder::open_with(path, false).ok()?;
     Some(dec.declared_frames? as f64 / f64::from(dec.rate.filter(|&r| r > 0)?))
 }
 
@@ -517,7 +599,7 @@ pub fn declared_seconds(path: &Path) -> Option<f64> {
 /// "flac", "vorbis", "pcm_s16le", …): what a browser needs in order to play the file, which
 /// the container does not say (an `.m4a` holds AAC or Apple Lossless). Opens the file only.
 pub fn codec_name(path: &Path) -> Result<&'static str, AudioError> {
-    let dec = Decoder::open(path)?;
+    let dec = Decoder::open_with(path, false)?;
     let codec = dec.decoder.codec_params().codec;
     Ok(symphonia::default::get_codecs()
         .get_codec(codec)

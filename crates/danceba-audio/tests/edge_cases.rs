@@ -270,7 +270,8 @@ fn non_audio_empty_and_unsupported_files_are_clear_errors() {
     assert!(matches!(e, AudioError::EmptyFile { .. }), "{e}");
     assert!(e.to_string().contains("empty"));
 
-    // A WAV whose codec (format tag 0x0161, WMA) is not supported.
+    // A WAV whose codec (format tag 0x7a21, none known) is not supported, by symphonia or by
+    // ffmpeg where one is installed (ffmpeg would decode a known one, WMA's 0x0161 say).
     let wma = dir.path().join("wma.wav");
     write_wav(
         &wma,
@@ -280,7 +281,7 @@ fn non_audio_empty_and_unsupported_files_are_clear_errors() {
         &tone(4410, 44100, 440.0, 660.0),
     );
     let mut b = std::fs::read(&wma).unwrap();
-    b[20..22].copy_from_slice(&0x0161u16.to_le_bytes());
+    b[20..22].copy_from_slice(&0x7a21u16.to_le_bytes());
     std::fs::write(&wma, b).unwrap();
     let e = load_mono_3840(&wma).unwrap_err();
     assert!(e.to_string().contains("Supported formats"), "{e}");
@@ -381,4 +382,63 @@ fn codec_names_of_the_golden_clips() {
     let not_audio = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(not_audio.path(), b"hello, this is not audio at all").unwrap();
     assert!(danceba_audio::decode::codec_name(not_audio.path()).is_err());
+}
+
+/// Runs ffmpeg with `args`; false where it is not installed.
+fn ffmpeg(args: &[&std::ffi::OsStr]) -> bool {
+    match std::process::Command::new("ffmpeg")
+        .args(["-nostdin", "-loglevel", "error", "-y"])
+        .args(args)
+        .status()
+    {
+        Ok(s) => {
+            assert!(s.success(), "ffmpeg {args:?} failed");
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Opus (what `yt-dlp -x` gives, and WebM audio) has no symphonia decoder: it is decoded
+/// through ffmpeg, to exactly the samples ffmpeg's own float WAV of it holds (the official code
+/// reads audio through FFmpeg too), and the features follow.
+#[test]
+fn opus_is_decoded_through_ffmpeg() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = golden_dir().join("audio/rock_armygeddon_20s.wav");
+    let opus = dir.path().join("song.opus");
+    let reference = dir.path().join("reference.wav");
+    let o = |p: &std::path::Path| p.as_os_str().to_owned();
+    let made = ffmpeg(&[
+        "-i".as_ref(),
+        o(&src).as_ref(),
+        "-t".as_ref(),
+        "6".as_ref(),
+        "-c:a".as_ref(),
+        "libopus".as_ref(),
+        o(&opus).as_ref(),
+    ]);
+    if !made {
+        eprintln!("SKIPPED: ffmpeg not installed");
+        return;
+    }
+    assert!(ffmpeg(&[
+        "-i".as_ref(),
+        o(&opus).as_ref(),
+        "-c:a".as_ref(),
+        "pcm_f32le".as_ref(),
+        o(&reference).as_ref(),
+    ]));
+    let ours = decode_file(&opus).unwrap();
+    let want = decode_file(&reference).unwrap();
+    assert_eq!((ours.channels, ours.sample_rate), (2, 48_000));
+    assert!(ours == want, "the Opus decode differs from ffmpeg's own");
+    assert_eq!(
+        features_from_file(&opus).unwrap().data,
+        features_from_file(&reference).unwrap().data
+    );
+    danceba_audio::decode::check_audio_file(&opus).unwrap();
+    // a look at the header does not decode the whole file through ffmpeg
+    assert!(danceba_audio::decode::codec_name(&opus).is_err());
+    assert_eq!(danceba_audio::decode::declared_seconds(&opus), None);
 }

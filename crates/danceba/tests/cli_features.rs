@@ -342,3 +342,71 @@ fn truncated_audio_is_noted() {
         "{err}"
     );
 }
+
+/// Without ffmpeg an Opus file gets an error that says what to do; with an ffmpeg that fails,
+/// what it said.
+#[test]
+fn opus_without_a_working_ffmpeg_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let opus = dir.path().join("song.opus");
+    let made = Command::new("ffmpeg")
+        .args(["-nostdin", "-loglevel", "error", "-y", "-i"])
+        .arg(golden_dir().join("audio/rock_armygeddon_20s.wav"))
+        .args(["-t", "4", "-c:a", "libopus"])
+        .arg(&opus)
+        .status();
+    if !made.is_ok_and(|s| s.success()) {
+        eprintln!("SKIPPED: ffmpeg (with libopus) not installed; the Opus file cannot be made");
+        return;
+    }
+    let out = dir.path().join("f.json");
+    let ok = danceba()
+        .arg("features")
+        .arg(&opus)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    std::fs::remove_file(&out).unwrap();
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let fake = bin.join("ffmpeg");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'Decoder (codec opus) not found' >&2\nexit 1\n",
+    )
+    .unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    for (path, says) in [
+        (&empty, "install ffmpeg"),
+        (
+            &bin,
+            "ffmpeg could not decode it either: Decoder (codec opus) not found",
+        ),
+    ] {
+        let r = danceba()
+            .env("PATH", path)
+            .arg("features")
+            .arg(&opus)
+            .arg("-o")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(!r.status.success());
+        assert!(err.contains(says), "{err}");
+        assert!(!out.exists());
+    }
+}
