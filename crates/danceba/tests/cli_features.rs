@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
 fn golden_dir() -> PathBuf {
     match std::env::var_os("DANCEBA_GOLDEN") {
         Some(p) => PathBuf::from(p),
@@ -376,19 +378,7 @@ fn opus_without_a_working_ffmpeg_is_explained() {
 
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
-    let bin = dir.path().join("bin");
-    std::fs::create_dir(&bin).unwrap();
-    let fake = bin.join("ffmpeg");
-    std::fs::write(
-        &fake,
-        "#!/bin/sh\necho 'Decoder (codec opus) not found' >&2\nexit 1\n",
-    )
-    .unwrap();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
+    let bin = common::failing_ffmpeg(dir.path(), "Decoder (codec opus) not found");
     for (path, says) in [
         (&empty, "install ffmpeg"),
         (

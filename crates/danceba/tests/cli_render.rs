@@ -8,7 +8,7 @@ use danceba_motion::export::{self, Format, MotionMeta};
 use danceba_motion::Motion;
 
 mod common;
-use common::{aiff16, page_music, tones, wav16};
+use common::{aiff16, failing_ffmpeg, page_music, tones, wav16};
 
 fn golden_dir() -> PathBuf {
     match std::env::var_os("DANCEBA_GOLDEN") {
@@ -219,24 +219,6 @@ fn render_rejects_bad_input_clearly() {
     assert!(!out2.exists(), "nothing may be created for a bad --audio");
 }
 
-/// A directory for PATH with an `ffmpeg` that fails as one without the AAC encoder would.
-fn failing_ffmpeg(dir: &std::path::Path) -> PathBuf {
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let ff = bin.join("ffmpeg");
-    std::fs::write(
-        &ff,
-        "#!/bin/sh\necho \"Unknown encoder 'aac'\" >&2\nexit 1\n",
-    )
-    .unwrap();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&ff, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    bin
-}
-
 /// Renders `d.html` of the short motion with `music` into a new directory under `dir`, with
 /// PATH set to `path` (None: as it is); returns the directory and stderr.
 fn render_page(
@@ -318,7 +300,7 @@ fn html_pages_embed_music_every_browser_plays() {
     );
 
     // an ffmpeg that fails: said, and the page still has music
-    let bin = failing_ffmpeg(dir.path());
+    let bin = failing_ffmpeg(dir.path(), "Unknown encoder 'aac'");
     let (out, err) = render_page(dir.path(), "aiff-failing", &aiff, Some(&bin));
     assert!(err.contains("could not make an AAC copy"), "{err}");
     assert!(err.contains("Unknown encoder 'aac'"), "{err}");

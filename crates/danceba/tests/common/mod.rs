@@ -90,3 +90,17 @@ pub fn base64_decode(s: &str) -> Vec<u8> {
     }
     out
 }
+
+/// A directory for PATH whose `ffmpeg` fails, printing `message` as ffmpeg prints an error.
+pub fn failing_ffmpeg(dir: &std::path::Path, message: &str) -> std::path::PathBuf {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let ff = bin.join("ffmpeg");
+    std::fs::write(&ff, format!("#!/bin/sh\necho \"{message}\" >&2\nexit 1\n")).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&ff, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    bin
+}
