@@ -81,7 +81,7 @@ pub fn write_page(
     };
     if let Some(why) = music.as_ref().and_then(|m| m.ffmpeg_failed.as_deref()) {
         note(&format!(
-            "note: {why}; {} embeds the music uncompressed instead",
+            "note: {why}; {} embeds the music as WAV or FLAC instead (a larger page)",
             path.display()
         ));
     }
