@@ -19,27 +19,15 @@ use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use danceba_motion::render::html::audio_mime;
+use danceba_motion::render::video::AAC_AUDIO;
 
-/// The audio file to embed in a page.
+/// The audio file to embed in a page: the source, or the copy made of it.
 #[derive(Debug)]
 pub struct PageAudio {
     source: PathBuf,
     copy: Option<tempfile::TempPath>,
-    /// What the page gets.
-    pub embedded: Embedded,
     /// Where an ffmpeg was found and could not make the AAC copy: why (the caller says it).
     pub ffmpeg_failed: Option<String>,
-}
-
-/// What a page embeds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Embedded {
-    /// The source file as it is.
-    Source,
-    /// AAC at 192 kb/s in MP4, made by ffmpeg.
-    Aac,
-    /// 16-bit PCM WAV, decoded by danceba-audio.
-    Wav,
 }
 
 impl PageAudio {
@@ -74,27 +62,26 @@ fn compact(source: &Path, mime: Option<&str>) -> bool {
 /// to use (None: none), `dir` where a copy goes.
 pub fn page_audio(source: &Path, ffmpeg: Option<&Path>, dir: &Path) -> Result<PageAudio> {
     let mime = sniff(source)?;
-    let made = |copy, embedded, ffmpeg_failed| PageAudio {
+    let made = |copy, ffmpeg_failed| PageAudio {
         source: source.to_path_buf(),
         copy,
-        embedded,
         ffmpeg_failed,
     };
     if compact(source, mime) {
-        return Ok(made(None, Embedded::Source, None));
+        return Ok(made(None, None));
     }
     let mut ffmpeg_failed = None;
     if let Some(ff) = ffmpeg {
         match transcode_aac(ff, source, dir) {
-            Ok(file) => return Ok(made(Some(file), Embedded::Aac, None)),
+            Ok(file) => return Ok(made(Some(file), None)),
             Err(e) => ffmpeg_failed = Some(format!("{e:#}")),
         }
     }
     if matches!(mime, Some("audio/wav" | "audio/flac")) {
-        return Ok(made(None, Embedded::Source, ffmpeg_failed));
+        return Ok(made(None, ffmpeg_failed));
     }
     let file = decode_to_wav(source, dir)?;
-    Ok(made(Some(file), Embedded::Wav, ffmpeg_failed))
+    Ok(made(Some(file), ffmpeg_failed))
 }
 
 /// A hidden temporary file in `dir` with `suffix`.
@@ -112,7 +99,8 @@ fn transcode_aac(ffmpeg: &Path, source: &Path, dir: &Path) -> Result<tempfile::T
     let out = Command::new(ffmpeg)
         .args(["-nostdin", "-hide_banner", "-loglevel", "error", "-y", "-i"])
         .arg(source)
-        .args(["-map", "0:a:0", "-vn", "-c:a", "aac", "-b:a", "192k"])
+        .args(["-map", "0:a:0", "-vn"])
+        .args(AAC_AUDIO)
         .args(["-movflags", "+faststart", "-f", "mp4"])
         .arg(&*file)
         .stdin(Stdio::null())

@@ -129,6 +129,10 @@ impl VideoOutcome {
     }
 }
 
+/// ffmpeg's arguments for the music of an mp4 (and of the html page where the song is made
+/// compact, `danceba::page_audio`): AAC at 192 kb/s.
+pub const AAC_AUDIO: [&str; 4] = ["-c:a", "aac", "-b:a", "192k"];
+
 /// The first `ffmpeg` executable on PATH.
 pub fn find_ffmpeg() -> Option<PathBuf> {
     find_on_path("ffmpeg")
@@ -352,9 +356,10 @@ fn render_mp4(
         .args(["-s", &format!("{w}x{h}"), "-r", &format!("{}", opts.fps)])
         .args(["-i", "pipe:0"]);
     if let Some(a) = audio {
-        cmd.arg("-i").arg(a).args([
-            "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "192k", "-af", "apad",
-        ]);
+        cmd.arg("-i")
+            .arg(a)
+            .args(["-map", "0:v:0", "-map", "1:a:0", "-af", "apad"]);
+        cmd.args(AAC_AUDIO);
         cmd.args(["-t", &format!("{:.6}", total as f64 / opts.fps as f64)]);
     }
     cmd.args(["-c:v", encoder]);
