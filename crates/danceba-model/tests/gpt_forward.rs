@@ -228,7 +228,9 @@ fn host_step_matches_the_candle_forward_on_odd_sizes() {
     for dtype in [DType::F32, DType::F16] {
         let gpt = random_gpt_on(&arch, 3, &Device::Cpu, dtype).unwrap();
         if !gpt.cpu_host_step() {
-            println!("SKIPPED: no CPU host step here (needs x86-64 with AVX2 or AVX-512)");
+            println!(
+                "SKIPPED: no CPU host step here (needs x86-64 with AVX2 or AVX-512, or AArch64)"
+            );
             return;
         }
         let nm = arch.n_music;

@@ -49,7 +49,9 @@ fn steady_cpu_steps_do_not_allocate() {
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let gpt = tiny_gpt_dtype(dtype);
         if !gpt.cpu_host_step() {
-            println!("SKIPPED: no CPU host step here (needs x86-64 with AVX2 or AVX-512)");
+            println!(
+                "SKIPPED: no CPU host step here (needs x86-64 with AVX2 or AVX-512, or AArch64)"
+            );
             return;
         }
         let nm = gpt.arch().n_music;

@@ -215,8 +215,8 @@ impl Lin {
         self.forward_candle(x)
     }
 
-    /// f32 activations and f16/bf16 weights on a CPU without our GEMM kernels (AArch64, or
-    /// `DANCEBA_CPU_GEMM=candle`): `x·Wᵀ + b` with the weights widened (exactly) for an f32
+    /// f32 activations and f16/bf16 weights on a CPU without our GEMM kernels (`accelerate`
+    /// builds, `DANCEBA_CPU_GEMM=candle`): `x·Wᵀ + b` with the weights widened (exactly) for an f32
     /// product, as our kernels do, one matrix at a time. candle's own f16 product would round
     /// the activations to f16 and, on AArch64 CPUs with FP16 arithmetic (every Apple M-series
     /// chip), accumulate in f16 (gemm-f16's NEON kernel). `None` where this does not apply.

@@ -15,9 +15,10 @@
 //! are those of f32 weights of the same values, bit for bit.
 //!
 //! Used on x86-64 CPUs with AVX-512F/BW/VL, or in an AVX2 + FMA + F16C version (3 × 4 blocks of
-//! 8 lanes) on those without AVX-512 (detected at run time, see [`kernel`]); everywhere else, and
-//! when `DANCEBA_CPU_GEMM=candle` is set (for comparisons), the linear layers use candle's
-//! matmul.
+//! 8 lanes) on those without AVX-512 (detected at run time, see [`kernel`]), and on AArch64
+//! (Apple Silicon, Arm servers) in a NEON version (4 × 4 blocks of 4 lanes); elsewhere, in
+//! builds with the `accelerate` feature (Apple's BLAS, unless `DANCEBA_CPU_GEMM=neon`), and when
+//! `DANCEBA_CPU_GEMM=candle` is set (for comparisons), the linear layers use candle's matmul.
 //! The summation order differs from candle's, so results agree to float rounding (tested).
 
 use rayon::prelude::*;
@@ -41,7 +42,10 @@ const MR: usize = 4;
 /// Rows of `x` per panel: a thread's weight columns pass over one panel of `x` at a time, so
 /// that the panel stays in cache with many rows (batches of songs); one song's window (≤ 84
 /// rows) is one panel.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 const PANEL: usize = 96;
 /// Length of the chunks of k of the AVX-512 kernel's 4 × 6 blocks (6 weight rows of 1024 f32 =
 /// 24 KiB stay in L1 across the row blocks of a panel).
@@ -55,6 +59,11 @@ const NR: usize = 6;
 const MR2: usize = 3;
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const NR2: usize = 4;
+/// Rows of `x` and of `W` per register block of the NEON kernel (16 accumulators of 32
+/// registers: enough independent fused multiply-adds to cover their latency on 4 pipes).
+#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+const MR3: usize = 4;
+const NR3: usize = 4;
 
 /// Which SIMD version of the kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,17 +72,23 @@ pub enum Kernel {
     Avx512,
     /// AVX2 + FMA + F16C (x86-64 CPUs without AVX-512): 3 × 4 blocks of 8-lane accumulators.
     Avx2,
+    /// NEON (every AArch64 CPU): 4 × 4 blocks of 4-lane accumulators.
+    Neon,
 }
 
 /// The kernel [`linear`] uses here: the widest this CPU supports, `None` where none does
 /// (then the linear layers use candle's matmul). `DANCEBA_CPU_GEMM=candle` switches the kernel
-/// off and `DANCEBA_CPU_GEMM=avx2` picks the AVX2 one on an AVX-512 CPU (for comparisons).
+/// off and `DANCEBA_CPU_GEMM=avx2` picks the AVX2 one on an AVX-512 CPU (for comparisons). A
+/// build with the `accelerate` feature leaves the products to candle's matmul, i.e. Apple's
+/// BLAS, which the build asked for, unless `DANCEBA_CPU_GEMM=neon`.
 pub fn kernel() -> Option<Kernel> {
     static ON: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
     *ON.get_or_init(|| match super::env_value("DANCEBA_CPU_GEMM").as_str() {
         "candle" => None,
         "avx2" => detected(Kernel::Avx2).then_some(Kernel::Avx2),
-        _ => [Kernel::Avx512, Kernel::Avx2]
+        "neon" => detected(Kernel::Neon).then_some(Kernel::Neon),
+        _ if cfg!(feature = "accelerate") => None,
+        _ => [Kernel::Avx512, Kernel::Avx2, Kernel::Neon]
             .into_iter()
             .find(|&k| detected(k)),
     })
@@ -85,6 +100,7 @@ impl Kernel {
         match self {
             Kernel::Avx512 => NR,
             Kernel::Avx2 => NR2,
+            Kernel::Neon => NR3,
         }
     }
 }
@@ -98,6 +114,7 @@ fn detected(kernel: Kernel) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         match kernel {
+            Kernel::Neon => false,
             // the AVX-512 kernel's epilogue and attention also run 8-lane AVX2+FMA functions
             // (GELU, the softmax): every AVX-512 CPU has them, checked all the same
             Kernel::Avx512 => {
@@ -113,7 +130,12 @@ fn detected(kernel: Kernel) -> bool {
             }
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    // NEON is part of the AArch64 baseline: nothing to detect
+    #[cfg(target_arch = "aarch64")]
+    {
+        kernel == Kernel::Neon
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         let _ = kernel;
         false
@@ -122,7 +144,10 @@ fn detected(kernel: Kernel) -> bool {
 
 /// A raw output pointer shared by the threads; each writes a disjoint set of columns.
 #[derive(Clone, Copy)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 struct OutPtr(*mut f32);
 // SAFETY: the threads write disjoint elements (different columns) and the buffer outlives the
 // parallel loop.
@@ -297,7 +322,10 @@ fn finish(v: f32, act: Act, g: Option<f32>, r: Option<f32>) -> f32 {
 ///
 /// # Safety
 /// `y` points to m × n writable f32 that no other thread touches in columns `n0..n1`.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
 unsafe fn epilogue_columns(
     ep: &Epilogue,
     kern: Kernel,
@@ -328,6 +356,7 @@ unsafe fn epilogue_columns(
                 (Act::GeluErf, _) => avx2::gelu_gate_residual(row, len, gate, residual),
                 (_, Kernel::Avx512) => avx512::silu_gate_residual(row, len, silu, gate, residual),
                 (_, Kernel::Avx2) => avx2::silu_gate_residual(row, len, silu, gate, residual),
+                (_, Kernel::Neon) => unreachable!("NEON is not an x86-64 kernel"),
             }
         }
     }
@@ -401,13 +430,20 @@ unsafe fn linear_raw<W: Weight>(
             match kern {
                 Kernel::Avx512 => avx512::columns(x, w, b, m, k, n, n0, n1, out),
                 Kernel::Avx2 => avx2::columns(x, w, b, m, k, n, n0, n1, out),
+                Kernel::Neon => unreachable!("NEON is not an x86-64 kernel"),
             }
             epilogue_columns(ep, kern, out, m, n, n0, n1);
         };
-        #[cfg(not(target_arch = "x86_64"))]
+        // SAFETY: as above (NEON is the only kernel `detected` on AArch64)
+        #[cfg(target_arch = "aarch64")]
+        unsafe {
+            neon::columns(x, w, b, m, k, n, n0, n1, out);
+            epilogue_columns(ep, kern, out, m, n, n0, n1);
+        };
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         {
             let _ = (x, w, b, m, k, n0, n1, out);
-            unreachable!("the CPU GEMM kernels run only on x86-64");
+            unreachable!("the CPU GEMM kernels run only on x86-64 and AArch64");
         }
     };
     if !parallel {
@@ -928,18 +964,198 @@ mod avx2 {
     }
 }
 
+/// The NEON kernel (AArch64: Apple Silicon, Arm servers): the AVX2 kernel's design with blocks of
+/// 4 rows of `x` × 4 weight rows, 16 accumulators of 4 lanes. f16 and bf16 weights are widened
+/// (exactly) block by block into an f32 buffer that the block's row blocks read, so the
+/// products are those of f32 weights of the same values, bit for bit. No prefetching: stable
+/// Rust has no AArch64 prefetch intrinsic, and these CPUs' prefetchers follow the row streams.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use super::{OutPtr, Weight, WeightKind, MR3, NR3, PANEL};
+    use half::slice::HalfFloatSliceExt;
+    use std::arch::aarch64::*;
+
+    /// The dot products of rows `x[i0..i0+R]` with rows `w[j0..j0+C]`, written into `y`.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn block<const R: usize, const C: usize>(
+        x: *const f32,
+        w: *const f32,
+        k: usize,
+        y: *mut f32,
+        ldy: usize,
+        bias: Option<*const f32>,
+    ) {
+        let mut acc = [[vdupq_n_f32(0.0); C]; R];
+        let full = k / 4 * 4;
+        let mut kk = 0;
+        while kk < full {
+            let mut xv = [vdupq_n_f32(0.0); R];
+            for (i, v) in xv.iter_mut().enumerate() {
+                *v = vld1q_f32(x.add(i * k + kk));
+            }
+            for j in 0..C {
+                let wv = vld1q_f32(w.add(j * k + kk));
+                for i in 0..R {
+                    acc[i][j] = vfmaq_f32(acc[i][j], xv[i], wv);
+                }
+            }
+            kk += 4;
+        }
+        for i in 0..R {
+            for j in 0..C {
+                let mut s = vaddvq_f32(acc[i][j]);
+                for t in full..k {
+                    s += *x.add(i * k + t) * *w.add(j * k + t);
+                }
+                if let Some(b) = bias {
+                    s += *b.add(j);
+                }
+                *y.add(i * ldy + j) = s;
+            }
+        }
+    }
+
+    thread_local! {
+        /// [`columns`]' buffer of widened f16/bf16 weight rows, per thread.
+        static WIDE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// Columns `n0..n1` of `y (m × n)` for all rows.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn columns<W: Weight>(
+        x: &[f32],
+        w: &[W],
+        b: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        n: usize,
+        n0: usize,
+        n1: usize,
+        out: OutPtr,
+    ) {
+        if W::KIND == WeightKind::F32 {
+            columns_from(x, w.as_ptr().cast(), b, m, k, n, n0, n1, out, None);
+            return;
+        }
+        // the thread's buffer (grown once, then reused: no allocation per call)
+        WIDE.with(|wide| {
+            let mut wide = wide.borrow_mut();
+            if wide.len() < NR3 * k {
+                wide.resize(NR3 * k, 0.0);
+            }
+            columns_from(
+                x,
+                w.as_ptr().cast(),
+                b,
+                m,
+                k,
+                n,
+                n0,
+                n1,
+                out,
+                Some((W::KIND, &mut wide)),
+            );
+        });
+    }
+
+    /// [`columns`] on the weights at `w` (f32, or of the kind given with the buffer `wide`,
+    /// room for NR3 × k values, into which each block of weight rows is widened).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn columns_from(
+        x: &[f32],
+        w: *const u8,
+        b: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        n: usize,
+        n0: usize,
+        n1: usize,
+        out: OutPtr,
+        mut wide: Option<(WeightKind, &mut Vec<f32>)>,
+    ) {
+        for p0 in (0..m).step_by(PANEL) {
+            let p1 = (p0 + PANEL).min(m);
+            let mut j0 = n0;
+            while j0 < n1 {
+                let c = (n1 - j0).min(NR3);
+                let bp = b.map(|b| b.as_ptr().add(j0));
+                let wp: *const f32 = match wide.as_mut() {
+                    None => w.cast::<f32>().add(j0 * k),
+                    Some((kind, buf)) => {
+                        let to = &mut buf[..c * k];
+                        match kind {
+                            WeightKind::F16 => {
+                                std::slice::from_raw_parts(w.cast::<half::f16>().add(j0 * k), c * k)
+                                    .convert_to_f32_slice(to)
+                            }
+                            _ => std::slice::from_raw_parts(
+                                w.cast::<half::bf16>().add(j0 * k),
+                                c * k,
+                            )
+                            .convert_to_f32_slice(to),
+                        }
+                        to.as_ptr()
+                    }
+                };
+                row_blocks(x, wp, k, n, p0, p1, c, j0, bp, out);
+                j0 += c;
+            }
+        }
+    }
+
+    /// Rows `p0..p1` of `x` against the f32 weight rows `j0..j0 + c` at `wp` (c ≤ NR3).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn row_blocks(
+        x: &[f32],
+        wp: *const f32,
+        k: usize,
+        n: usize,
+        p0: usize,
+        p1: usize,
+        c: usize,
+        j0: usize,
+        bp: Option<*const f32>,
+        out: OutPtr,
+    ) {
+        macro_rules! by_c {
+            ($r:literal, $c:expr, $($args:expr),*) => {
+                match $c {
+                    1 => block::<$r, 1>($($args),*),
+                    2 => block::<$r, 2>($($args),*),
+                    3 => block::<$r, 3>($($args),*),
+                    _ => block::<$r, NR3>($($args),*),
+                }
+            };
+        }
+        let mut i0 = p0;
+        while i0 < p1 {
+            let r = (p1 - i0).min(MR3);
+            let xp = x.as_ptr().add(i0 * k);
+            let yp = out.0.add(i0 * n + j0);
+            match r {
+                1 => by_c!(1, c, xp, wp, k, yp, n, bp),
+                2 => by_c!(2, c, xp, wp, k, yp, n, bp),
+                3 => by_c!(3, c, xp, wp, k, yp, n, bp),
+                _ => by_c!(4, c, xp, wp, k, yp, n, bp),
+            }
+            i0 += r;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// The kernels this CPU can run (the tests run each).
     fn kernels_here() -> Vec<Kernel> {
-        let k: Vec<Kernel> = [Kernel::Avx512, Kernel::Avx2]
+        let k: Vec<Kernel> = [Kernel::Avx512, Kernel::Avx2, Kernel::Neon]
             .into_iter()
             .filter(|&k| detected(k))
             .collect();
         if k.is_empty() {
-            eprintln!("no AVX-512 or AVX2 on this CPU: the kernels are not used here");
+            eprintln!("no AVX-512, AVX2 or NEON on this CPU: the kernels are not used here");
         }
         k
     }
@@ -991,6 +1207,7 @@ mod tests {
         let lanes = match kern {
             Kernel::Avx512 => 16,
             Kernel::Avx2 => 8,
+            Kernel::Neon => 4,
         };
         let mut seed = 7u64;
         for &(m, k, n) in &[
@@ -1099,6 +1316,14 @@ mod tests {
                         residual,
                     };
                     let y = linear_with(kern, &x, &w, m, k, n, &ep);
+                    if kern == Kernel::Neon {
+                        // the scalar epilogue: candle's separate ops, bit for bit
+                        for (i, (&got, &p)) in y.iter().zip(&plain).enumerate() {
+                            let e = finish(p, act, gate.map(|g| g[i]), residual.map(|r| r[i]));
+                            assert_eq!(got.to_bits(), e.to_bits(), "{act:?} at {i}");
+                        }
+                        continue;
+                    }
                     for (i, (&got, &p)) in y.iter().zip(&plain).enumerate() {
                         let mut e = f(p);
                         if let Some(g) = gate {

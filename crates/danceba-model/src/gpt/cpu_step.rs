@@ -5,7 +5,7 @@
 //! [`Workspace`] that the model keeps. After the first step of a (batch, window) shape the
 //! buffers have their size and a step allocates nothing (the thread pool's job queue aside:
 //! rayon allocates a block of its injector queue once per 63 steps). Used where our GEMM
-//! kernels run (x86-64 with AVX2 or AVX-512) with the fused Mamba; elsewhere, and with
+//! kernels run (x86-64 with AVX2 or AVX-512, AArch64) with the fused Mamba; elsewhere, and with
 //! `DANCEBA_CPU_STEP=candle` (for comparisons), the candle forward runs.
 //!
 //! The results equal the candle forward's to float rounding: the attention's products and
@@ -103,7 +103,7 @@ fn table_row(table: &Tensor, id: usize, out: &mut [f32]) -> bool {
 impl Gpt {
     /// Whether the sampler's steps ([`Gpt::last_logits_windows`] and the generation built on
     /// it) run as the CPU host step here: the CPU with our GEMM kernels (x86-64 with AVX2 or
-    /// AVX-512) and the fused Mamba, unless `DANCEBA_CPU_STEP=candle`. Otherwise they run the
+    /// AVX-512, AArch64) and the fused Mamba, unless `DANCEBA_CPU_STEP=candle`. Otherwise they run the
     /// candle forward.
     pub fn cpu_host_step(&self) -> bool {
         self.device.is_cpu()

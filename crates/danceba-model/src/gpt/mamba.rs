@@ -465,7 +465,7 @@ fn silu_gate_rows(h: &[f32], hid: usize, out: &mut [f32]) {
                 match kernel() {
                     Some(Kernel::Avx512) => return unsafe { avx512::silu_gate(v, g, o) },
                     Some(Kernel::Avx2) => return unsafe { avx2::silu_gate(v, g, o) },
-                    None => {}
+                    _ => {}
                 }
             }
             for ((o, &v), &g) in o.iter_mut().zip(v).zip(g) {

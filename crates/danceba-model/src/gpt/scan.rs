@@ -140,7 +140,7 @@ pub fn causal_conv_silu_into(
                     }
                 }
                 Some(Kernel::Avx2) => return unsafe { avx2::silu_in_place(o) },
-                None => {}
+                _ => {}
             }
         }
         #[cfg(target_arch = "aarch64")]
