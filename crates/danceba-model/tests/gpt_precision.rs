@@ -83,21 +83,17 @@ fn teacher_forced(gpt: &Gpt, p: &Golden) -> TeacherForced {
     // time: the same computation as one forward each (every window is an item of the batch),
     // in far fewer calls (this test runs under qemu in CI).
     const BATCH: usize = 32;
+    let bs = gpt.arch().block_size;
     let mut k = 0;
     while k < n {
-        let t = window(k, gpt.arch().block_size).1;
-        let mut ks = vec![k];
-        while ks.len() < BATCH {
-            let next = k + ks.len();
-            if next >= n || window(next, gpt.arch().block_size).1 != t {
-                break;
-            }
-            ks.push(next);
+        // steps k..end: the windows of k's length
+        let t = window(k, bs).1;
+        let mut end = k + 1;
+        while end < n && end - k < BATCH && window(end, bs).1 == t {
+            end += 1;
         }
-        let starts: Vec<usize> = ks
-            .iter()
-            .map(|&k| window(k, gpt.arch().block_size).0)
-            .collect();
+        let ks = k..end;
+        let starts: Vec<usize> = ks.clone().map(|j| window(j, bs).0).collect();
         let ids = |tokens: &[u32]| {
             let v: Vec<u32> = starts
                 .iter()
@@ -111,7 +107,7 @@ fn teacher_forced(gpt: &Gpt, p: &Golden) -> TeacherForced {
             .collect();
         let c = Tensor::stack(&windows, 0).unwrap();
         let (lu, ld) = gpt.forward(&ids(&p.up), &ids(&p.down), &c).unwrap();
-        for (i, &k) in ks.iter().enumerate() {
+        for (i, k) in ks.enumerate() {
             let (lu, ld) = (
                 lu.get(i).unwrap().get(t - 1).unwrap(),
                 ld.get(i).unwrap().get(t - 1).unwrap(),
@@ -131,7 +127,7 @@ fn teacher_forced(gpt: &Gpt, p: &Golden) -> TeacherForced {
             up.push(argmax(&lu));
             down.push(argmax(&ld));
         }
-        k += ks.len();
+        k = end;
     }
     assert_eq!(up.len(), p.up.len(), "{}: token count", p.name);
     TeacherForced {

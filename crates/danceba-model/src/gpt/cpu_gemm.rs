@@ -1035,8 +1035,7 @@ mod neon {
         out: OutPtr,
     ) {
         if W::KIND == WeightKind::F32 {
-            columns_from(x, w.as_ptr().cast(), b, m, k, n, n0, n1, out, None);
-            return;
+            return columns_from(x, w, b, m, k, n, n0, n1, out, None);
         }
         // the thread's buffer (grown once, then reused: no allocation per call)
         WIDE.with(|wide| {
@@ -1044,27 +1043,16 @@ mod neon {
             if wide.len() < NR3 * k {
                 wide.resize(NR3 * k, 0.0);
             }
-            columns_from(
-                x,
-                w.as_ptr().cast(),
-                b,
-                m,
-                k,
-                n,
-                n0,
-                n1,
-                out,
-                Some((W::KIND, &mut wide)),
-            );
+            columns_from(x, w, b, m, k, n, n0, n1, out, Some(&mut wide[..NR3 * k]));
         });
     }
 
-    /// [`columns`] on the weights at `w` (f32, or of the kind given with the buffer `wide`,
-    /// room for NR3 × k values, into which each block of weight rows is widened).
+    /// [`columns`] with `wide` (room for NR3 × k values; `None` for f32 weights, which are read
+    /// in place) the buffer into which each block of f16/bf16 weight rows is widened.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn columns_from(
+    unsafe fn columns_from<W: Weight>(
         x: &[f32],
-        w: *const u8,
+        w: &[W],
         b: Option<&[f32]>,
         m: usize,
         k: usize,
@@ -1072,7 +1060,7 @@ mod neon {
         n0: usize,
         n1: usize,
         out: OutPtr,
-        mut wide: Option<(WeightKind, &mut Vec<f32>)>,
+        mut wide: Option<&mut [f32]>,
     ) {
         for p0 in (0..m).step_by(PANEL) {
             let p1 = (p0 + PANEL).min(m);
@@ -1080,26 +1068,39 @@ mod neon {
             while j0 < n1 {
                 let c = (n1 - j0).min(NR3);
                 let bp = b.map(|b| b.as_ptr().add(j0));
-                let wp: *const f32 = match wide.as_mut() {
-                    None => w.cast::<f32>().add(j0 * k),
-                    Some((kind, buf)) => {
+                let rows = &w[j0 * k..(j0 + c) * k];
+                let wp: *const f32 = match wide.as_deref_mut() {
+                    // f32 weights (`columns`)
+                    None => rows.as_ptr().cast(),
+                    Some(buf) => {
                         let to = &mut buf[..c * k];
-                        match kind {
-                            WeightKind::F16 => {
-                                std::slice::from_raw_parts(w.cast::<half::f16>().add(j0 * k), c * k)
-                                    .convert_to_f32_slice(to)
-                            }
-                            _ => std::slice::from_raw_parts(
-                                w.cast::<half::bf16>().add(j0 * k),
-                                c * k,
-                            )
-                            .convert_to_f32_slice(to),
-                        }
+                        widen(rows, to);
                         to.as_ptr()
                     }
                 };
                 row_blocks(x, wp, k, n, p0, p1, c, j0, bp, out);
                 j0 += c;
+            }
+        }
+    }
+
+    /// `from` as f32 into `to` (as long), exactly; f16 through the `half` crate's slice
+    /// conversion (the CPU's FP16 conversions where it has them).
+    fn widen<W: Weight>(from: &[W], to: &mut [f32]) {
+        // SAFETY (both casts): `W::KIND` says what `W` is
+        match W::KIND {
+            WeightKind::F16 => {
+                unsafe { std::slice::from_raw_parts(from.as_ptr().cast::<half::f16>(), from.len()) }
+                    .convert_to_f32_slice(to)
+            }
+            WeightKind::Bf16 => unsafe {
+                std::slice::from_raw_parts(from.as_ptr().cast::<half::bf16>(), from.len())
+            }
+            .convert_to_f32_slice(to),
+            WeightKind::F32 => {
+                for (t, &v) in to.iter_mut().zip(from) {
+                    *t = v.to_f32();
+                }
             }
         }
     }
