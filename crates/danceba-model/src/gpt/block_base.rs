@@ -606,7 +606,9 @@ fn attention_host(
                 unsafe {
                     super::vmath::avx2::exp_shifted_in_place(srow, max)
                 };
-                #[cfg(not(target_arch = "x86_64"))]
+                #[cfg(target_arch = "aarch64")]
+                super::vmath::neon::exp_shifted_in_place(srow, max);
+                #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
                 for s in srow.iter_mut() {
                     *s = (*s - max).exp();
                 }

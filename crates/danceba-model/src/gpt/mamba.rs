@@ -468,6 +468,10 @@ fn silu_gate_rows(h: &[f32], hid: usize, out: &mut [f32]) {
                     _ => {}
                 }
             }
+            #[cfg(target_arch = "aarch64")]
+            if super::cpu_gemm::kernel() == Some(super::cpu_gemm::Kernel::Neon) {
+                return super::vmath::neon::silu_gate(v, g, o);
+            }
             for ((o, &v), &g) in o.iter_mut().zip(v).zip(g) {
                 *o = v * (g / (1.0 + (-g).exp()));
             }
