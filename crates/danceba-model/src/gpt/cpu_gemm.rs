@@ -343,18 +343,19 @@ unsafe fn epilogue_columns(
     }
     #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     let _ = kern;
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SiLU through the vector `exp` (≈1 ulp from libm's), 16 or 8 lanes; GELU through the
-        // 8-lane `gelu8` (a few ulp from the exact value) with either kernel: the kernel's CPU
-        // features are there (`kern`; `detected` checks AVX2 and FMA for both)
-        use super::vmath::{avx2, avx512};
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    for i in 0..m {
+        let at = i * n + n0;
+        let (row, len) = (y.0.add(at), n1 - n0);
+        let gate = ep.gate.map(|g| g[at..].as_ptr());
+        let residual = ep.residual.map(|r| r[at..].as_ptr());
         let silu = ep.act == Act::Silu;
-        for i in 0..m {
-            let at = i * n + n0;
-            let (row, len) = (y.0.add(at), n1 - n0);
-            let gate = ep.gate.map(|g| g[at..].as_ptr());
-            let residual = ep.residual.map(|r| r[at..].as_ptr());
+        // x86-64: SiLU through the vector `exp` (≈1 ulp from libm's), 16 or 8 lanes; GELU
+        // through the 8-lane `gelu8` (a few ulp from the exact value) with either kernel: the
+        // kernel's CPU features are there (`kern`; `detected` checks AVX2 and FMA for both)
+        #[cfg(target_arch = "x86_64")]
+        {
+            use super::vmath::{avx2, avx512};
             match (ep.act, kern) {
                 (Act::GeluErf, _) => avx2::gelu_gate_residual(row, len, gate, residual),
                 (_, Kernel::Avx512) => avx512::silu_gate_residual(row, len, silu, gate, residual),
@@ -362,20 +363,14 @@ unsafe fn epilogue_columns(
                 (_, Kernel::Neon) => unreachable!("NEON is not an x86-64 kernel"),
             }
         }
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        // SiLU and GELU through the 4-lane NEON functions (the same methods as x86-64's)
-        use super::vmath::neon;
-        debug_assert_eq!(kern, Kernel::Neon);
-        for i in 0..m {
-            let at = i * n + n0;
-            let (row, len) = (y.0.add(at), n1 - n0);
-            let gate = ep.gate.map(|g| g[at..].as_ptr());
-            let residual = ep.residual.map(|r| r[at..].as_ptr());
+        // AArch64: the 4-lane NEON functions (the same methods as x86-64's)
+        #[cfg(target_arch = "aarch64")]
+        {
+            use super::vmath::neon;
+            debug_assert_eq!(kern, Kernel::Neon);
             match ep.act {
                 Act::GeluErf => neon::gelu_gate_residual(row, len, gate, residual),
-                act => neon::silu_gate_residual(row, len, act == Act::Silu, gate, residual),
+                _ => neon::silu_gate_residual(row, len, silu, gate, residual),
             }
         }
     }

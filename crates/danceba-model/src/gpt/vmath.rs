@@ -335,7 +335,7 @@ pub(crate) mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn gelu8(x: __m256) -> __m256 {
-        const P: [f32; 10] = super::ERFC_POLY;
+        use super::ERFC_POLY as P;
         let sign = _mm256_set1_ps(-0.0);
         let z = _mm256_mul_ps(
             _mm256_andnot_ps(sign, x),
@@ -599,7 +599,7 @@ pub(crate) mod neon {
     /// x ≈ −13), the same operations in the same order.
     #[inline(always)]
     pub fn gelu4(x: float32x4_t) -> float32x4_t {
-        const P: [f32; 10] = super::ERFC_POLY;
+        use super::ERFC_POLY as P;
         // SAFETY: NEON is part of the AArch64 baseline; no memory is touched.
         unsafe {
             let z = vmulq_f32(vabsq_f32(x), vdupq_n_f32(std::f32::consts::FRAC_1_SQRT_2));
@@ -829,18 +829,13 @@ pub(crate) mod neon {
 
     /// `y[i] = f(y[i])` in place, 4 lanes at a time (the tail through a small buffer).
     fn map_in_place(y: &mut [f32], f: fn(float32x4_t) -> float32x4_t) {
-        let mut chunks = y.chunks_exact_mut(4);
-        for c in &mut chunks {
-            // SAFETY: `c` holds 4 values.
-            unsafe { vst1q_f32(c.as_mut_ptr(), f(vld1q_f32(c.as_ptr()))) };
-        }
-        let rest = chunks.into_remainder();
-        if !rest.is_empty() {
-            let mut buf = [0f32; 4];
-            buf[..rest.len()].copy_from_slice(rest);
-            // SAFETY: `buf` holds 4 values.
-            unsafe { vst1q_f32(buf.as_mut_ptr(), f(vld1q_f32(buf.as_ptr()))) };
-            rest.copy_from_slice(&buf[..rest.len()]);
+        for i in (0..y.len()).step_by(4) {
+            let cw = (y.len() - i).min(4);
+            // SAFETY: `cw` values at `i` are inside `y`.
+            unsafe {
+                let at = y.as_mut_ptr().add(i);
+                store_part(at, cw, f(load_part(at, cw)));
+            }
         }
     }
 
